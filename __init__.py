@@ -1,0 +1,27 @@
+"""dmlkd: two-stage knowledge distillation for deep metric learning.
+
+Stage 1 trains a teacher embedding (``dmlkd.teacher``); stage 2 transfers its embedding space to a compact
+student (``dmlkd.transfer``). This module stays cheap to import: torch is only loaded when a function that
+needs it is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load"]
+
+
+def load(path: str, device: str = "cpu") -> Any:
+    """Load a checkpoint or run folder and return the embedding model in eval mode.
+
+    Example:
+        >>> model = dmlkd.load("runs/cub-r50")          # doctest: +SKIP
+        >>> out = model(images)                          # images: (B, 3, H, W) RGB in [0, 1]
+        >>> out.embedding.shape                          # (B, D)
+    """
+    from dmlkd.checkpoints import load_model
+
+    return load_model(path, device=device)

@@ -1,0 +1,104 @@
+"""The dataset contract shared by every reader.
+
+A reader returns ``DatasetSplits``: image collections whose items are *untransformed* RGB PIL images with an
+integer label. Transforms (train views, eval crop) are applied by wrappers in ``dmlkd.data.transforms`` so the
+same collection serves training, evaluation and the teacher cache. ``identifiers`` are stable strings
+(relative paths, or ``glyphs:<char>:<face>:<k>``) used to key caches and to name bad files in errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dmlkd.errors import DataError
+
+
+class ImageCollection:
+    """A labelled, indexable set of images. Subclasses implement ``load``."""
+
+    def __init__(self, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        if len(identifiers) != len(labels):
+            raise ValueError("identifiers and labels differ in length")
+        self.identifiers = list(identifiers)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image at ``index``; a corrupt or unreadable file is a ``DataError`` naming it."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return int(len(np.unique(self.labels)))
+
+
+class FileImageCollection(ImageCollection):
+    """Images stored as files under ``root``; identifiers are paths relative to ``root``."""
+
+    def __init__(self, root: Path, relpaths: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        super().__init__(relpaths, labels)
+        self.root = Path(root)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.identifiers[index]
+
+    def load(self, index: int) -> Image.Image:
+        path = self.path(index)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image file {str(path)!r} does not exist") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot read image {str(path)!r}: {error}; fix or remove the file") from None
+
+
+class ArrayImageCollection(ImageCollection):
+    """Images held in memory as a ``(N, H, W)`` or ``(N, H, W, 3)`` uint8 array."""
+
+    def __init__(self, images: np.ndarray, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        super().__init__(identifiers, labels)
+        self.images = images
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+class Subset(ImageCollection):
+    """A view of another collection restricted to ``positions`` (e.g. after skipping bad files)."""
+
+    def __init__(self, base: ImageCollection, positions: Sequence[int]) -> None:
+        super().__init__([base.identifiers[i] for i in positions], base.labels[list(positions)])
+        self.base = base
+        self.positions = list(positions)
+
+    def load(self, index: int) -> Image.Image:
+        return self.base.load(self.positions[index])
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of one dataset.
+
+    ``train`` and ``test`` are always set; for a query/gallery protocol (In-shop, or a CSV with
+    ``is_query``/``is_gallery``) ``query`` and ``gallery`` are set as well and evaluation uses them instead of
+    leave-one-out retrieval on ``test``. ``recall_ks`` are the K values the field reports for this dataset.
+    ``defaults`` holds recommended transform settings (``image_size``, ``crop_scale``) for small datasets.
+    """
+
+    name: str
+    train: ImageCollection
+    test: ImageCollection
+    query: ImageCollection | None = None
+    gallery: ImageCollection | None = None
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    defaults: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad name, a missing folder, a corrupt file) is raised as a ``DmlkdError``
+whose message is one readable line naming the bad value and what would be valid. The CLI prints that line
+and exits with status 2 instead of showing a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class DmlkdError(Exception):
+    """Base class of errors caused by user input; ``str(error)`` is a complete one-line explanation."""
+
+
+class ConfigError(DmlkdError):
+    """An option, recipe or ``--set`` override is invalid."""
+
+
+class DataError(DmlkdError):
+    """A dataset folder, annotation file or image is missing, malformed or inconsistent."""
+
+
+class CheckpointError(DmlkdError):
+    """A checkpoint folder is missing, incomplete, tampered with or does not fit the model."""
+
+
+class ModelSpecError(DmlkdError):
+    """A model specification such as ``resnet50-512`` cannot be parsed or names an unknown architecture."""
+
+
+def choices(names: Iterable[str]) -> str:
+    """Format valid choices for an error message: ``a, b, c``."""
+    return ", ".join(sorted(names))
