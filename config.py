@@ -162,3 +162,140 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         else:
             result[key] = value
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections shared by several commands. Stage configs (teacher, transfer) build on these.
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which dataset to read and how.
+
+    ``name`` is a registered dataset (``dmlkd datasets`` lists them); ``root`` its folder (or CSV file);
+    ``options`` are passed to the reader (e.g. ``{"verify_counts": false}``); ``skip_bad_images`` drops
+    unreadable images (listing them) instead of stopping at the first one.
+    """
+
+    name: str = "glyphs"
+    root: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skip_bad_images: bool = False
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Retrieval evaluation settings (``dmlkd eval`` and evaluation during training)."""
+
+    metric: typing.Literal["cosine", "euclidean"] = "cosine"
+    ks: list[int] | None = None  # None: the dataset's customary K values
+    image_size: int | None = None  # None: the dataset's default (224 for the public datasets)
+    batch_size: int = 128
+    num_workers: int = 0
+    backend: typing.Literal["auto", "torch", "faiss"] = "auto"
+    nmi: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size <= 0:
+            raise ConfigError(f"eval.image_size must be a positive integer, got {self.image_size}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size must be a positive integer, got {self.batch_size}")
+        if self.ks is not None and (not self.ks or any(k <= 0 for k in self.ks)):
+            raise ConfigError(f"eval.ks must be a non-empty list of positive integers, got {self.ks}")
+
+
+@dataclasses.dataclass
+class EvalCommandConfig:
+    """Everything ``dmlkd eval`` needs."""
+
+    checkpoint: str = ""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    device: str = "auto"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimiser, schedule and the reference's warm-up / BN-freeze semantics (seed-spec §4, §5)."""
+
+    optimizer: typing.Literal["adamw", "sgd", "adam"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    backbone_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
+    loss_lr_mult: float | None = None  # None: the loss's own default (Proxy-Anchor proxies: 100)
+    clip_grad_value: float | None = 10.0
+    clip_grad_norm: float | None = None
+    scheduler: typing.Literal["step", "cosine", "none"] = "step"
+    lr_decay_step: int = 10
+    lr_decay_gamma: float = 0.5
+    warmup_epochs: int = 0
+    bn_freeze: bool = False
+    # The reference re-enables the BN affine parameters frozen by bn_freeze when warm-up ends (seed-spec §4).
+    # False gives the corrected behaviour: frozen BN parameters stay frozen.
+    warmup_unfreezes_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        for name in ("backbone_lr_mult", "head_lr_mult", "loss_lr_mult", "clip_grad_value", "clip_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {value}")
+        if self.lr_decay_step <= 0 or not 0 < self.lr_decay_gamma <= 1:
+            raise ConfigError(
+                f"optim.lr_decay_step must be > 0 and lr_decay_gamma in (0, 1], "
+                f"got {self.lr_decay_step} and {self.lr_decay_gamma}"
+            )
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Batching, length and run-control settings shared by the teacher and transfer stages.
+
+    The batch is global: ``batch_size`` distinct images per optimiser step (before views), drawn as
+    ``batch_size / ipc`` classes x ``ipc`` images when ``ipc`` is set, else uniformly at random.
+    """
+
+    epochs: int = 60
+    max_steps: int | None = None
+    batch_size: int = 180
+    ipc: int | None = None
+    views: int = 1
+    sampler_mode: typing.Literal["reference", "cover"] = "reference"
+    image_size: int | None = None  # None: the dataset's default (224 for the public datasets)
+    crop_scale: list[float] | None = None  # None: the dataset's default ((0.08, 1.0) = RandomResizedCrop)
+    seed: int = 1
+    mixed_precision: typing.Literal["no", "fp16", "bf16"] = "no"
+    num_workers: int = 0
+    eval_every: int = 1
+    save_every: int | None = None  # optimiser steps between resumable states (None: at each epoch end)
+    device: str = "auto"
+    progress: bool = True
+    eval_at_start: bool = False  # also evaluate the untrained network (epoch 0) for comparison
+    on_nonfinite: typing.Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the step
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "views": self.views,
+                    "eval_every": self.eval_every}
+        optional_positive = {"max_steps": self.max_steps, "ipc": self.ipc, "image_size": self.image_size,
+                             "save_every": self.save_every}
+        for name, value in {**positive, **optional_positive}.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num-workers must be >= 0, got {self.num_workers}")
+        if self.ipc is not None and self.batch_size % self.ipc:
+            raise ConfigError(
+                f"batch size {self.batch_size} is not a multiple of ipc {self.ipc}; "
+                f"a batch holds P classes x ipc images"
+            )
+        if self.crop_scale is not None and (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0]
+                                            <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")

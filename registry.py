@@ -35,8 +35,8 @@ class Registry(Generic[T]):
         return add
 
     def _populate(self) -> None:
-        if not self._items:
-            importlib.import_module(self._owner)
+        # Importing the owner module registers every built-in component (a no-op after the first time).
+        importlib.import_module(self._owner)
 
     def get(self, name: str) -> T:
         self._populate()
@@ -57,6 +57,6 @@ class Registry(Generic[T]):
 
 
 BACKBONES: Registry[Callable[..., Any]] = Registry("architecture", "dmlkd.models")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dmlkd.data")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dmlkd.data.catalog")
 TEACHER_LOSSES: Registry[Callable[..., Any]] = Registry("loss", "dmlkd.teacher")
 TRANSFER_METHODS: Registry[Callable[..., Any]] = Registry("transfer method", "dmlkd.transfer")

@@ -8,12 +8,19 @@ batch of RGB images in [0, 1]: every model converts its own input (see ``Embeddi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
-from dmlkd.errors import ModelSpecError, choices
+from dmlkd.errors import ConfigError, ModelSpecError, choices
 
-ARCHITECTURES: tuple[str, ...] = ("bn_inception", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101")
+ARCHITECTURES: tuple[str, ...] = (
+    "bn_inception",
+    "googlenet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,9 @@ class Preprocessing:
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # The Caffe-ported BN-Inception weights: BGR, 0-255, mean subtraction only (seed-spec §4).
-CAFFE_BGR = Preprocessing(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="BGR", value_range=255.0)
+CAFFE_BGR = Preprocessing(
+    mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="BGR", value_range=255.0
+)
 
 DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {
     "bn_inception": CAFFE_BGR,
@@ -67,7 +76,106 @@ def parse_spec(text: str) -> ModelSpec:
         )
     arch, dim = match["arch"], int(match["dim"])
     if arch not in ARCHITECTURES:
-        raise ModelSpecError(f"unknown architecture {arch!r} in model spec {text!r}; choose from: {choices(ARCHITECTURES)}")
+        raise ModelSpecError(
+            f"unknown architecture {arch!r} in model spec {text!r}; choose from: {choices(ARCHITECTURES)}"
+        )
     if dim <= 0:
-        raise ModelSpecError(f"embedding dimension must be a positive integer, got {dim} in model spec {text!r}")
+        raise ModelSpecError(
+            f"embedding dimension must be a positive integer, got {dim} in model spec {text!r}"
+        )
     return ModelSpec(arch, dim)
+
+
+HEAD_INITS: tuple[str, ...] = ("orthogonal", "kaiming")
+POOLINGS: tuple[str, ...] = ("avg+max", "avg", "max")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an ``EmbeddingNet``; JSON-round-trippable through ``dmlkd.config``.
+
+    Attributes:
+        arch: backbone name, one of ``ARCHITECTURES``.
+        embedding_dim: output dimension ``D`` of the linear embedding head.
+        l2_norm: L2-normalise the embedding inside the model (the reference teachers do, students do not).
+        head_init: ``orthogonal`` (LR students) or ``kaiming`` (normal, fan_out; PA teachers); bias 0.
+        pooling: global pooling of the last map; ``avg+max`` is GAP + GMP summed (seed-spec §4).
+        pretrained: start the backbone from ImageNet weights (torchvision / the Caffe BN-Inception port).
+        weights_path: a local backbone weight file (``.safetensors`` or ``.pth``); when set it is loaded
+            instead of downloading, whatever ``pretrained`` says.
+        bn_momentum: BatchNorm momentum in PyTorch semantics; None keeps the architecture default
+            (0.9 for bn_inception, as the Caffe port has; 0.1 for torchvision nets).
+        preprocessing: input convention; None means ``DEFAULT_PREPROCESSING[arch]``.
+    """
+
+    arch: str
+    embedding_dim: int
+    l2_norm: bool = False
+    head_init: Literal["orthogonal", "kaiming"] = "orthogonal"
+    pooling: Literal["avg+max", "avg", "max"] = "avg+max"
+    pretrained: bool = False
+    weights_path: str | None = None
+    bn_momentum: float | None = None
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ModelSpecError(f"unknown architecture {self.arch!r}; choose from: {choices(ARCHITECTURES)}")
+        if (
+            isinstance(self.embedding_dim, bool)
+            or not isinstance(self.embedding_dim, int)
+            or self.embedding_dim <= 0
+        ):
+            raise ModelSpecError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(
+                f"model.head_init {self.head_init!r} is not valid; choose from: {choices(HEAD_INITS)}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ConfigError(
+                f"model.pooling {self.pooling!r} is not valid; choose from: {choices(POOLINGS)}"
+            )
+        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
+            raise ConfigError(
+                f"model.bn_momentum must lie in [0, 1] (PyTorch semantics), got {self.bn_momentum!r}"
+            )
+        if self.preprocessing is not None:
+            _check_preprocessing(self.preprocessing)
+
+    @classmethod
+    def from_spec(cls, text: str, **overrides: Any) -> ModelConfig:
+        """``ModelConfig.from_spec("resnet50-512", l2_norm=True)``; unknown options are a ``ConfigError``."""
+        spec = parse_spec(text)
+        allowed = {field.name for field in fields(cls)} - {"arch", "embedding_dim"}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown model option {unknown[0]!r}; valid options: {choices(allowed)}")
+        return cls(arch=spec.arch, embedding_dim=spec.dim, **overrides)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The ``ARCH-DIM`` spec of this model."""
+        return ModelSpec(self.arch, self.embedding_dim)
+
+    def resolved_preprocessing(self) -> Preprocessing:
+        """The preprocessing the model applies: the explicit one, else the architecture default."""
+        return self.preprocessing if self.preprocessing is not None else DEFAULT_PREPROCESSING[self.arch]
+
+    def weights_source(self) -> bool | str:
+        """What the backbone builder gets as ``pretrained``: the local path if given, else the flag."""
+        return self.weights_path if self.weights_path is not None else self.pretrained
+
+
+def _check_preprocessing(prep: Preprocessing) -> None:
+    if len(prep.mean) != 3 or len(prep.std) != 3:
+        raise ConfigError(
+            f"model.preprocessing needs 3 mean and 3 std values, got {prep.mean!r} and {prep.std!r}"
+        )
+    if any(value <= 0 for value in prep.std):
+        raise ConfigError(f"model.preprocessing.std must be positive, got {prep.std!r}")
+    if prep.color_order not in ("RGB", "BGR"):
+        raise ConfigError(
+            f"model.preprocessing.color_order {prep.color_order!r} is not valid; choose from: BGR, RGB"
+        )
+    if prep.value_range <= 0:
+        raise ConfigError(f"model.preprocessing.value_range must be positive, got {prep.value_range!r}")

@@ -1,0 +1,258 @@
+"""Checkpoint folders: ``config.json`` + ``model.safetensors`` (+ optional tensor files).
+
+Layout of a checkpoint folder::
+
+    config.json          format, versions, model config, file digests, training config, metrics, provenance
+    model.safetensors    the embedding network's state dict
+    <name>.safetensors   optional extra tensors, e.g. ``loss.safetensors`` with a Proxy-Anchor loss's proxies
+
+Writes are atomic: the folder is assembled under a temporary name next to the target and renamed into place,
+so a crash leaves either the old checkpoint or the new one, never a mix. Loads are strict: ``config.json`` is
+validated as data before any tensor is read, every file's SHA-256 must match the digest recorded at save time
+(truncated or tampered files are rejected), and missing or unexpected state-dict keys are an error naming
+them. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dmlkd.errors import CheckpointError, ConfigError
+
+FORMAT_NAME = "dmlkd-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+_ALLOWED_TOP_KEYS = {"format", "format_version", "dmlkd_version", "model", "files", "train_config", "metrics",
+                     "provenance"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a clone per tensor keeps the file self-contained.
+    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
+
+
+def write_folder_atomically(target: Path, fill: Any) -> Path:
+    """Create ``target`` by calling ``fill(tmp_dir)`` on a sibling temporary folder and renaming it into place.
+
+    If ``target`` exists it is replaced only after the new folder is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for child in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (an ``EmbeddingNet``) and optional extra tensor files as a checkpoint folder, atomically.
+
+    Args:
+        directory: the checkpoint folder to create or replace.
+        model: the embedding network; its ``config`` (a ``ModelConfig``) is stored so it can be rebuilt.
+        extra_tensors: ``{"loss": {"proxies": tensor}}`` is written as ``loss.safetensors``.
+        train_config, metrics, provenance: JSON-compatible records kept in ``config.json``.
+    """
+    from dmlkd import __version__
+    from dmlkd.config import to_dict
+
+    files = {MODEL_FILE: model.state_dict()}
+    for name, tensors in (extra_tensors or {}).items():
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"extra tensor file name {name!r} must be alphanumeric")
+        files[f"{name}.safetensors"] = dict(tensors)
+
+    def fill(tmp: Path) -> None:
+        digests = {}
+        for file_name, tensors in files.items():
+            save_file(_contiguous(tensors), str(tmp / file_name), metadata={"format": FORMAT_NAME})
+            digests[file_name] = sha256_file(tmp / file_name)
+        record = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dmlkd_version": __version__,
+            "model": to_dict(model.config),
+            "files": digests,
+            "train_config": dict(train_config or {}),
+            "metrics": dict(metrics or {}),
+            "provenance": dict(provenance or {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    return write_folder_atomically(Path(directory), fill)
+
+
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``config.json`` of a checkpoint folder without touching any tensor file."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(directory)!r} does not exist")
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{str(directory)!r} is not a dmlkd checkpoint: {CONFIG_FILE} is missing "
+            f"(expected {CONFIG_FILE} and {MODEL_FILE}, or a run folder with best/ or last/)"
+        )
+    try:
+        record = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(config_path)!r} has format_version {record.get('format_version')!r}; "
+            f"this dmlkd reads version {FORMAT_VERSION}"
+        )
+    unknown = set(record) - _ALLOWED_TOP_KEYS
+    if unknown:
+        raise CheckpointError(f"{str(config_path)!r} has unknown keys: {', '.join(sorted(unknown))}")
+    files = record.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise CheckpointError(f"{str(config_path)!r} lists no {MODEL_FILE} digest under 'files'")
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or not name.endswith(".safetensors") or not isinstance(digest, str):
+            raise CheckpointError(f"{str(config_path)!r} lists an invalid file entry {name!r}")
+    return record
+
+
+def _model_config(record: Mapping[str, Any], directory: Path) -> Any:
+    from dmlkd.config import from_dict
+    from dmlkd.models import ModelConfig
+
+    try:
+        return from_dict(ModelConfig, record.get("model") or {})
+    except (ConfigError, CheckpointError) as error:
+        raise CheckpointError(f"invalid model section in {str(directory / CONFIG_FILE)!r}: {error}") from None
+    except Exception as error:  # ModelSpecError and friends from ModelConfig validation
+        raise CheckpointError(f"invalid model section in {str(directory / CONFIG_FILE)!r}: {error}") from None
+
+
+def read_tensors(directory: str | Path, file_name: str, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load one safetensors file of a checkpoint after checking its digest against ``config.json``."""
+    directory = Path(directory)
+    record = record if record is not None else read_checkpoint_config(directory)
+    expected = record["files"].get(file_name)
+    path = directory / file_name
+    if expected is None:
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no file {file_name!r}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {file_name} is missing")
+    if sha256_file(path) != expected:
+        raise CheckpointError(
+            f"{str(path)!r} does not match the digest in {CONFIG_FILE} (truncated or modified file); "
+            "re-download or re-export the checkpoint"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with one-line errors naming missing/unexpected keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_preview(unexpected)}")
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
+    for key, tensor in state.items():
+        if tuple(own[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source} does not fit the model: {key} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def _preview(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def resolve_checkpoint_dir(ref: str | Path) -> Path:
+    """A checkpoint folder, or a run folder holding ``best/`` (preferred) or ``last/``."""
+    path = Path(ref)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for child in ("best", "last"):
+        if (path / child / CONFIG_FILE).is_file():
+            return path / child
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(ref)!r} does not exist (give a checkpoint or run folder)")
+    raise CheckpointError(
+        f"{str(ref)!r} holds no checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} in it, or in its best/ or last/"
+    )
+
+
+def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint folder and load its weights strictly; returns ``(model, record)``."""
+    from dmlkd.models import build_model
+
+    directory = resolve_checkpoint_dir(ref)
+    record = read_checkpoint_config(directory)
+    model_config = _model_config(record, directory)
+    # Never fetch ImageNet weights for a model whose weights are about to be replaced.
+    model = build_model(_without_pretrained(model_config))
+    state = read_tensors(directory, MODEL_FILE, record)
+    load_state_strict(model, state, f"checkpoint {str(directory)!r}")
+    return model.to(device).eval(), record
+
+
+def _without_pretrained(model_config: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(model_config, pretrained=False, weights_path=None)
+
+
+def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The embedding model of a checkpoint or run folder, in eval mode."""
+    return load_checkpoint(ref, device)[0]

@@ -1,0 +1,137 @@
+"""The ``dmlkd`` command line.
+
+Commands are thin: they parse options into a config and call a library function. Heavy imports (torch,
+torchvision) happen inside command bodies so ``dmlkd --help`` and ``dmlkd --version`` stay fast and
+torch-free. Errors caused by user input (``DmlkdError``) are printed as one line on stderr with exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from dmlkd import __version__
+from dmlkd.errors import DmlkdError
+
+SET_HELP = "Override any config field, e.g. --set eval.metric=euclidean (repeatable)."
+
+
+class _Group(click.Group):
+    """A group that turns user errors into one readable line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DmlkdError as error:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dmlkd")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """dmlkd: train a metric-learning teacher, then distil its embedding space into a compact student."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def set_option(function: Any) -> Any:
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function)
+
+
+def shortcut_overrides(shortcuts: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Turn explicitly given shortcut flags into ``--set`` items placed before the user's own overrides."""
+    items = [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
+    return [*items, *overrides]
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def models_command(as_json: bool) -> None:
+    """List the backbone architectures, their stage taps and input conventions.
+
+    A model is named ARCH-DIM, e.g. resnet50-512 or bn_inception-64.
+    """
+    from dmlkd.models.catalog import describe_architectures
+
+    rows = describe_architectures()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'architecture':<14} {'pooled':>6}  {'stage taps (channels)':<24} input")
+    for row in rows:
+        taps = ",".join(str(c) for c in row["tap_channels"])
+        click.echo(f"{row['arch']:<14} {row['pooled_dim']:>6}  {taps:<24} {row['input']}")
+    click.echo("\nModel specs are ARCH-DIM, e.g. resnet50-512, resnet18-128, bn_inception-64.")
+
+
+@main.command("datasets")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def datasets_command(as_json: bool) -> None:
+    """List the datasets dmlkd reads, their expected layout and options."""
+    from dmlkd.data.catalog import describe_datasets
+
+    rows = describe_datasets()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<8} {row['summary']}")
+        if row["options"]:
+            click.echo(f"{'':<8} options: {', '.join(row['options'])}")
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, help="Checkpoint or run folder.")
+@click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs.")
+@click.option("--data-root", default=None, help="Dataset folder (or CSV file for --dataset csv).")
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking.")
+@click.option("--image-size", type=int, default=None, help="Evaluation crop size (default: the dataset's).")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto (default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@set_option
+def eval_command(checkpoint: str, dataset: str | None, data_root: str | None, metric: str | None,
+                 image_size: int | None, batch_size: int | None, device: str | None, as_json: bool,
+                 overrides: tuple[str, ...]) -> None:
+    """Evaluate a checkpoint: Recall@K, MAP@R and NMI on a dataset's test split.
+
+    Example: dmlkd eval --checkpoint runs/glyphs-teacher --dataset glyphs
+    """
+    from dmlkd.config import EvalCommandConfig, load_config
+
+    shortcuts = {"checkpoint": checkpoint, "data.name": dataset, "data.root": data_root, "eval.metric": metric,
+                 "eval.image_size": image_size, "eval.batch_size": batch_size, "device": device}
+    config = load_config(EvalCommandConfig, {}, shortcut_overrides(shortcuts, overrides))
+
+    from dmlkd.engine.evaluate import run_eval_command
+    from dmlkd.evaluation import format_table
+
+    results = run_eval_command(config)
+    click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def _register_stage_commands() -> None:
+    # Stage command groups live next to their code; importing them is cheap (no torch at import time).
+    from dmlkd.teacher.cli import teacher_group
+
+    main.add_command(teacher_group)
+
+
+_register_stage_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

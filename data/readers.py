@@ -1,0 +1,524 @@
+"""Dataset readers: the four public DML benchmarks, a class-per-folder tree and a CSV list of images.
+
+Each reader is registered in ``dmlkd.registry.DATASETS`` and called as ``reader(root, **options)``; it returns
+``DatasetSplits`` of untransformed images. Splits follow the official code (seed-spec §6): CUB and Cars are
+split by class (first half train), SOP reads ``Ebay_train.txt``/``Ebay_test.txt``, and In-shop has a
+query/gallery protocol. The public readers check the image and class counts against the official split by
+default (``verify_counts=True``), since a partial or wrong download is the most common reproduction bug.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmlkd.data.base import DatasetSplits, FileImageCollection, ImageCollection, Subset
+from dmlkd.errors import ConfigError, DataError, choices
+from dmlkd.registry import DATASETS
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+# split -> (images, classes); None = not checked. In-shop "test" is query followed by gallery.
+OFFICIAL_COUNTS: dict[str, dict[str, tuple[int, int | None]]] = {
+    "cub": {"train": (5_864, 100), "test": (5_924, 100)},
+    "cars": {"train": (8_054, 98), "test": (8_131, 98)},
+    "sop": {"train": (59_551, 11_318), "test": (60_502, 11_316)},
+    "inshop": {
+        "train": (25_882, 3_997),
+        "query": (14_218, None),
+        "gallery": (12_612, None),
+        "test": (26_830, 3_985),
+    },
+}
+
+
+HOW_TO_GET = {
+    "cub": "download CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) and extract it there",
+    "cars": "put cars_annos.mat and the extracted car_ims.tgz of Stanford Cars (Krause et al. 2013) in a "
+    "cars196 folder there",
+    "sop": "download Stanford_Online_Products.zip (https://cvgl.stanford.edu/projects/lifted_struct/) and unzip "
+    "it there",
+    "inshop": "download the DeepFashion In-shop Clothes Retrieval benchmark (Eval/list_eval_partition.txt and "
+    "Img/img.zip) into an Inshop_Clothes folder there",
+}
+_TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
+
+
+def remap_labels(raw: Iterable[Any]) -> np.ndarray:
+    """Labels ``0..C-1`` in sorted order of the raw labels (numeric order when all are integers)."""
+    values = [int(v) if isinstance(v, (int, np.integer)) else str(v) for v in raw]
+    unique = set(values)
+    numeric = all(isinstance(v, int) or v.lstrip("-").isdigit() for v in unique)
+    order = sorted(unique, key=(lambda v: (int(v), str(v))) if numeric else str)
+    mapping = {value: index for index, value in enumerate(order)}
+    return np.asarray([mapping[value] for value in values], dtype=np.int64)
+
+
+def _read_lines(name: str, path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{name}: cannot read {str(path)!r}: {error}") from None
+
+
+def read_sop_list(path: Path) -> tuple[list[str], list[int]]:
+    """Paths and class ids of ``Ebay_{train,test}.txt`` (header, then ``image_id class_id super_class_id path``)."""
+    relpaths, classes = [], []
+    for number, line in enumerate(_read_lines("sop", path)[1:], start=2):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4 or not fields[1].isdigit():
+            raise DataError(
+                f"sop: {str(path)!r} line {number}: expected 'image_id class_id super_class_id path', got {line!r}"
+            )
+        relpaths.append(fields[3])
+        classes.append(int(fields[1]))
+    return relpaths, classes
+
+
+def read_partition(path: Path) -> list[tuple[str, int, str]]:
+    """Rows ``(image_name, item number, status)`` of In-shop's ``list_eval_partition.txt``.
+
+    Line 1 is the image count, line 2 a header; the item number is the integer suffix of ``id_XXXXXXXX``.
+    """
+    lines, rows = _read_lines("inshop", path), []
+    for number, line in enumerate(lines[2:], start=3):
+        fields = line.split()
+        if not fields:
+            continue
+        item = fields[1].rsplit("_", 1)[-1] if len(fields) == 3 else ""
+        if not item.isdigit() or fields[2] not in ("train", "query", "gallery"):
+            raise DataError(
+                f"inshop: {str(path)!r} line {number}: expected 'image_name id_NNNNNNNN train|query|gallery', "
+                f"got {line.strip()!r}"
+            )
+        rows.append((fields[0], int(item), fields[2]))
+    declared = lines[0].strip() if lines else ""
+    if not rows or (declared.isdigit() and int(declared) != len(rows)):
+        raise DataError(
+            f"inshop: {str(path)!r} declares {declared or 'no'} images on line 1 but lists {len(rows):,}; "
+            "the file is incomplete"
+        )
+    return rows
+
+
+def load_cars_annotations(path: Path) -> tuple[list[str], np.ndarray]:
+    """Relative paths and 1-based classes from ``cars_annos.mat`` (fields 0 and 5 of each record)."""
+    import scipy.io
+
+    try:
+        annotations = scipy.io.loadmat(str(path))["annotations"]
+    except (KeyError, ValueError, OSError, TypeError, NotImplementedError) as error:
+        raise DataError(f"cars: cannot read annotations from {str(path)!r}: {error!r}") from None
+    names = set(annotations.dtype.names or ())
+    path_field, class_field = (
+        ("relative_im_path", "class") if {"relative_im_path", "class"} <= names else (0, 5)
+    )
+    relpaths, classes = [], []
+    for k, record in enumerate(annotations.reshape(-1)):
+        try:
+            relpaths.append(str(np.asarray(record[path_field]).reshape(-1)[0]))
+            classes.append(int(np.asarray(record[class_field]).reshape(-1)[0]))
+        except (IndexError, ValueError, TypeError):
+            raise DataError(f"cars: annotation {k} in {str(path)!r} has no image path or class") from None
+    return relpaths, np.asarray(classes, dtype=np.int64)
+
+
+@dataclass
+class CsvTable:
+    """The rows of a dataset CSV; flags are per test row and ``None`` without ``is_query``/``is_gallery``."""
+
+    path: Path
+    train_paths: list[str] = field(default_factory=list)
+    train_labels: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)
+    test_labels: list[str] = field(default_factory=list)
+    is_query: list[bool] | None = None
+    is_gallery: list[bool] | None = None
+
+
+def _flag(value: str, where: str, column: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in _TRUE | _FALSE:
+        raise DataError(
+            f"{where}: {column}={value!r} is not a boolean; use one of 0, 1, true, false, yes, no"
+        )
+    return lowered in _TRUE
+
+
+def _csv_header(path: Path, reader: Any) -> dict[str, int]:
+    header = [cell.strip().lower() for cell in next(reader, [])]
+    required = ["path", "label", "split"]
+    if "is_query" in header or "is_gallery" in header:
+        required += ["is_query", "is_gallery"]
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise DataError(
+            f"CSV {str(path)!r}: missing column(s) {', '.join(missing)} in header {','.join(header)!r}; "
+            "expected path,label,split[,is_query,is_gallery]"
+        )
+    return {column: header.index(column) for column in required}
+
+
+def _add_csv_row(table: CsvTable, values: dict[str, str], where: str) -> None:
+    split = values["split"].lower()
+    if split not in ("train", "test"):
+        raise DataError(f"{where}: unknown split {values['split']!r}; valid: test, train")
+    if not values["path"] or not values["label"]:
+        raise DataError(f"{where}: empty path or label")
+    if split == "train":
+        table.train_paths.append(values["path"])
+        table.train_labels.append(values["label"])
+        return
+    table.test_paths.append(values["path"])
+    table.test_labels.append(values["label"])
+    if table.is_query is not None and table.is_gallery is not None:
+        table.is_query.append(_flag(values["is_query"], where, "is_query"))
+        table.is_gallery.append(_flag(values["is_gallery"], where, "is_gallery"))
+        if table.is_query[-1] and table.is_gallery[-1]:
+            raise DataError(f"{where}: a test image is either a query or a gallery item, not both")
+
+
+def read_csv_table(path: Path) -> CsvTable:
+    """Parse and check a CSV with header ``path,label,split[,is_query,is_gallery]`` (extra columns ignored).
+
+    Paths are relative to the CSV's folder or absolute and must exist; ``split`` is ``train`` or ``test``;
+    the flags (0/1/true/false/yes/no) are read on test rows only. Every problem is a one-line ``DataError``.
+    """
+    if not path.is_file():
+        raise DataError(f"CSV file {str(path)!r} does not exist; expected columns path,label,split")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read CSV {str(path)!r}: {error}") from None
+    reader = csv.reader(text.splitlines())
+    try:
+        columns = _csv_header(path, reader)
+        flagged = "is_query" in columns
+        table = CsvTable(path, is_query=[] if flagged else None, is_gallery=[] if flagged else None)
+        missing: list[tuple[int, str]] = []
+        for row in reader:
+            where = f"CSV {str(path)!r} line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(columns.values()):
+                raise DataError(f"{where}: {len(row)} values, expected one per header column")
+            values = {column: row[index].strip() for column, index in columns.items()}
+            _add_csv_row(table, values, where)
+            if not (path.parent / values["path"]).is_file():
+                missing.append((reader.line_num, values["path"]))
+    except csv.Error as error:
+        raise DataError(f"CSV {str(path)!r} line {reader.line_num}: {error}") from None
+    _check_csv_table(table, missing)
+    return table
+
+
+def _check_csv_table(table: CsvTable, missing: list[tuple[int, str]]) -> None:
+    name = f"CSV {str(table.path)!r}"
+    if missing:
+        line, first = missing[0]
+        raise DataError(
+            f"{name}: {len(missing):,} image path(s) do not exist, first {first!r} on line {line} "
+            f"(paths are relative to {str(table.path.parent)!r} or absolute)"
+        )
+    for split, paths in (("train", table.train_paths), ("test", table.test_paths)):
+        if not paths:
+            raise DataError(f"{name}: no rows with split={split}; both train and test rows are needed")
+    for column, flags in (("is_query", table.is_query), ("is_gallery", table.is_gallery)):
+        if flags is not None and not any(flags):
+            raise DataError(f"{name}: no test row has {column} set; a query/gallery protocol needs both")
+
+
+def _reader(name: str) -> Callable[[Callable[..., DatasetSplits]], Callable[..., DatasetSplits]]:
+    """Register ``func(root, **options)`` under ``name``; unknown options become a one-line ``ConfigError``."""
+
+    def wrap(func: Callable[..., DatasetSplits]) -> Callable[..., DatasetSplits]:
+        valid = [p for p in inspect.signature(func).parameters if p != "root"]
+
+        @functools.wraps(func)
+        def build(root: str | Path | None = None, **options: Any) -> DatasetSplits:
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise ConfigError(
+                    f"unknown option {unknown[0]!r} for dataset {name!r}; valid options: {choices(valid) or 'none'}"
+                )
+            return func(root, **options)
+
+        DATASETS.register(name)(build)
+        return build
+
+    return wrap
+
+
+def _bool_option(dataset: str, option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"option {option}={value!r} of dataset {dataset!r} must be true or false")
+    return value
+
+
+def _dataset_dir(name: str, root: str | Path | None, folder: str, marker: str) -> Path:
+    """``root/folder``, or ``root`` itself when it already is that folder (it holds ``marker``)."""
+    if root is None:
+        raise DataError(
+            f"dataset {name!r} needs a data root (the folder that contains {folder}/); {HOW_TO_GET[name]}"
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"{name} data root {str(root)!r} does not exist or is not a folder; expected a folder containing "
+            f"{folder}/; {HOW_TO_GET[name]}"
+        )
+    for candidate in (root / folder, root):
+        if (candidate / marker).exists():
+            return candidate
+    expected = root / marker if root.name == folder else root / folder / marker
+    raise DataError(f"{name}: {str(expected)!r} does not exist; {HOW_TO_GET[name]}")
+
+
+def _require_file(name: str, path: Path) -> Path:
+    if not path.is_file():
+        raise DataError(f"{name}: annotation file {str(path)!r} does not exist; {HOW_TO_GET[name]}")
+    return path
+
+
+def verify_official_counts(name: str, found: dict[str, ImageCollection], where: Path, hint: str = "") -> None:
+    """Raise ``DataError`` stating expected and found counts per split if any differ from the official split."""
+    rows, wrong = [], False
+    for split, (images, classes) in OFFICIAL_COUNTS[name].items():
+        found_images, found_classes = len(found[split]), found[split].num_classes
+        wrong |= found_images != images or (classes is not None and found_classes != classes)
+        expected_classes = "" if classes is None else f" / {classes:,} classes"
+        rows.append(
+            f"{split}: expected {images:,} images{expected_classes}, "
+            f"found {found_images:,} images / {found_classes:,} classes"
+        )
+    if wrong:
+        raise DataError(
+            f"{name} under {str(where)!r} does not match the official split ({'; '.join(rows)}){hint}; "
+            "check the download and layout, or pass verify_counts=False for a custom subset"
+        )
+
+
+def _check_nonempty(name: str, found: dict[str, ImageCollection], where: Path) -> None:
+    for split, collection in found.items():
+        if len(collection) == 0:
+            raise DataError(f"{name}: no {split} images found under {str(where)!r}")
+
+
+def _check_listed(name: str, collection: FileImageCollection, source: str) -> None:
+    """Spot-check that the first and last listed images exist (catches images that were never extracted)."""
+    for index in sorted({0, len(collection) - 1}):
+        if not collection.path(index).is_file():
+            raise DataError(
+                f"{name}: image {str(collection.path(index))!r} listed in {source} does not exist; "
+                f"{HOW_TO_GET[name]}"
+            )
+
+
+def _split_by_class(
+    base: Path, relpaths: list[str], labels: np.ndarray, first_test: int
+) -> dict[str, FileImageCollection]:
+    """Train = labels below ``first_test``, test = the rest; labels are kept as they are (not remapped)."""
+    is_train = labels < first_test
+    found = {}
+    for split, mask in (("train", is_train), ("test", ~is_train)):
+        chosen = np.flatnonzero(mask)
+        found[split] = FileImageCollection(base, [relpaths[i] for i in chosen], labels[chosen])
+    return found
+
+
+def _finish(
+    name: str, found: dict[str, Any], where: Path, verify_counts: Any, hint: str = ""
+) -> dict[str, ImageCollection]:
+    if _bool_option(name, "verify_counts", verify_counts):
+        verify_official_counts(name, found, where, hint)
+    _check_nonempty(name, found, where)
+    return found
+
+
+def _image_files(folder: Path, recursive: bool) -> list[str]:
+    """Image files under ``folder`` relative to it, sorted; hidden files (``.x``, ``._x``) and folders skipped."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        prefix = Path(current).relative_to(folder)
+        for file in files:
+            if not file.startswith(".") and Path(file).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((prefix / file).as_posix())
+    return sorted(found)
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(
+        entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def _labelled_tree(base: Path, prefix: str, recursive: bool) -> tuple[list[str], np.ndarray]:
+    """Relative paths and labels (sorted class-folder order; folders without images get no label)."""
+    relpaths, labels = [], []
+    for folder in _class_folders(base / prefix):
+        files = _image_files(base / prefix / folder, recursive)
+        if not files:
+            logger.warning("class folder %s holds no images and is skipped", base / prefix / folder)
+            continue
+        relpaths += [(Path(prefix) / folder / file).as_posix() for file in files]
+        labels += [labels[-1] + 1 if labels else 0] * len(files)
+    return relpaths, np.asarray(labels, dtype=np.int64)
+
+
+@_reader("cub")
+def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
+    """CUB-200-2011: ``CUB_200_2011/images/<NNN.Name>/*.jpg``; classes 0-99 train, 100-199 test."""
+    base = _dataset_dir("cub", root, "CUB_200_2011", "images")
+    relpaths, labels = _labelled_tree(base, "images", recursive=False)
+    hint = " (6,033 images is CUB-200 2010, not CUB-200-2011)" if len(relpaths) == 6_033 else ""
+    found = _finish("cub", _split_by_class(base, relpaths, labels, 100), base, verify_counts, hint)
+    return DatasetSplits("cub", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
+
+
+@_reader("cars")
+def read_cars(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
+    """Cars-196: ``cars196/cars_annos.mat`` + ``car_ims``; classes 1-98 train, 99-196 test (test flag ignored)."""
+    base = _dataset_dir("cars", root, "cars196", "cars_annos.mat")
+    relpaths, classes = load_cars_annotations(base / "cars_annos.mat")
+    found = _finish("cars", _split_by_class(base, relpaths, classes - 1, 98), base, verify_counts)
+    for collection in found.values():
+        _check_listed("cars", collection, "cars_annos.mat")  # type: ignore[arg-type]
+    return DatasetSplits("cars", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
+
+
+@_reader("sop")
+def read_sop(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
+    """Stanford Online Products: ``Ebay_train.txt`` for training, ``Ebay_test.txt`` for evaluation."""
+    base = _dataset_dir("sop", root, "Stanford_Online_Products", "Ebay_train.txt")
+    found = {}
+    for split in ("train", "test"):
+        relpaths, classes = read_sop_list(_require_file("sop", base / f"Ebay_{split}.txt"))
+        found[split] = FileImageCollection(base, relpaths, remap_labels(classes))
+    _finish("sop", found, base, verify_counts)
+    for split, collection in found.items():
+        _check_listed("sop", collection, f"Ebay_{split}.txt")
+    return DatasetSplits("sop", found["train"], found["test"], recall_ks=(1, 10, 100, 1000))
+
+
+def _inshop_image_root(base: Path, first: str) -> tuple[Path, Callable[[str], str]]:
+    """Where the ``img/...`` paths of the partition file live: ``Img/img/...``, ``img/...`` or ``Img/...``."""
+    layouts: list[tuple[Path, Callable[[str], str]]] = [
+        (base / "Img", lambda path: path),  # official code: Inshop_Clothes/Img/img/WOMEN/...
+        (base, lambda path: path),  # img.zip unzipped in Inshop_Clothes: Inshop_Clothes/img/WOMEN/...
+        (base, lambda path: "Img/" + path.split("/", 1)[-1]),  # renamed: Inshop_Clothes/Img/WOMEN/...
+    ]
+    for image_root, rewrite in layouts:
+        if (image_root / rewrite(first)).is_file():
+            return image_root, rewrite
+    tried = ", ".join(repr(str(image_root / rewrite(first))) for image_root, rewrite in layouts)
+    raise DataError(
+        f"inshop: image {first!r} of list_eval_partition.txt not found (tried {tried}); "
+        f"unzip Img/img.zip inside {str(base / 'Img')!r}"
+    )
+
+
+@_reader("inshop")
+def read_inshop(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
+    """In-shop Clothes: train items remapped to 0..3996; query and gallery remapped jointly to 0..3984.
+
+    ``test`` is query followed by gallery (for clustering metrics); ``query``/``gallery`` are views of it.
+    """
+    base = _dataset_dir("inshop", root, "Inshop_Clothes", "Eval/list_eval_partition.txt")
+    rows = read_partition(_require_file("inshop", base / "Eval" / "list_eval_partition.txt"))
+    image_root, rewrite = _inshop_image_root(base, rows[0][0])
+    parts = {
+        status: [(rewrite(path), item) for path, item, s in rows if s == status]
+        for status in ("train", "query")
+    }
+    gallery_rows = [(rewrite(path), item) for path, item, s in rows if s == "gallery"]
+    evaluation = parts["query"] + gallery_rows
+    train = FileImageCollection(
+        image_root, [p for p, _ in parts["train"]], remap_labels([i for _, i in parts["train"]])
+    )
+    test = FileImageCollection(
+        image_root, [p for p, _ in evaluation], remap_labels([i for _, i in evaluation])
+    )
+    query = Subset(test, range(len(parts["query"])))
+    gallery = Subset(test, range(len(parts["query"]), len(test)))
+    found = {"train": train, "query": query, "gallery": gallery, "test": test}
+    _finish("inshop", found, base, verify_counts)
+    for collection in (train, test):
+        _check_listed("inshop", collection, "list_eval_partition.txt")
+    return DatasetSplits("inshop", train, test, query, gallery, recall_ks=(1, 10, 20, 30, 40, 50))
+
+
+def _train_class_count(option: Any, total: int) -> int:
+    """Number of train classes from a fraction in (0, 1) (rounded half up) or a count."""
+    if isinstance(option, bool) or not isinstance(option, (int, float)):
+        raise ConfigError(
+            f"option train_classes={option!r} of dataset 'folder' must be a fraction or a count"
+        )
+    if isinstance(option, float):
+        if not 0.0 < option < 1.0:
+            raise ConfigError(
+                f"option train_classes={option!r} of dataset 'folder' must be a fraction in (0, 1)"
+            )
+        return int(option * total + 0.5)
+    return option
+
+
+@_reader("folder")
+def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> DatasetSplits:
+    """A user's ``root/<class>/<image>`` tree; the first ``train_classes`` sorted classes train, the rest test.
+
+    ``train_classes`` is a fraction of the classes (float, default half) or a count (int). Images may sit in
+    subfolders of a class folder; hidden files and folders are ignored.
+    """
+    if root is None or not Path(root).expanduser().is_dir():
+        raise DataError(
+            f"folder dataset root {str(root)!r} is not a folder; expected root/<class>/<image files>"
+        )
+    base = Path(root).expanduser()
+    relpaths, labels = _labelled_tree(base, "", recursive=True)
+    total = int(labels.max()) + 1 if len(labels) else 0
+    first_test = _train_class_count(train_classes, total)
+    if first_test < 2 or total - first_test < 2:
+        raise DataError(
+            f"folder dataset {str(base)!r}: {total} class folders with images split into {first_test} train / "
+            f"{total - first_test} test classes; each side needs at least 2 (adjust train_classes or add classes)"
+        )
+    found = _split_by_class(base, relpaths, labels, first_test)
+    return DatasetSplits("folder", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
+
+
+@_reader("csv")
+def read_csv(root: str | Path | None) -> DatasetSplits:
+    """Images listed in a CSV file (``root``); see ``read_csv_table`` for the format.
+
+    Train labels are remapped on their own, test labels jointly over all test rows; when the CSV has
+    ``is_query``/``is_gallery`` columns, ``query`` and ``gallery`` are views of ``test``.
+    """
+    if root is None:
+        raise DataError(
+            "dataset 'csv' needs the path of a CSV file with columns path,label,split as its root"
+        )
+    table = read_csv_table(Path(root).expanduser())
+    folder = table.path.parent
+    train = FileImageCollection(folder, table.train_paths, remap_labels(table.train_labels))
+    test = FileImageCollection(folder, table.test_paths, remap_labels(table.test_labels))
+    query = gallery = None
+    if table.is_query is not None and table.is_gallery is not None:
+        query = Subset(test, [i for i, flag in enumerate(table.is_query) if flag])
+        gallery = Subset(test, [i for i, flag in enumerate(table.is_gallery) if flag])
+    return DatasetSplits("csv", train, test, query, gallery, recall_ks=(1, 2, 4, 8))

@@ -1,0 +1,58 @@
+"""Training data for both stages: the train split, its replayable views and the P x K (or random) sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dmlkd.config import TrainConfig
+from dmlkd.data.base import DatasetSplits
+from dmlkd.errors import DataError
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass
+class TrainData:
+    dataset: Any  # dmlkd.data.transforms.TrainDataset
+    sampler: Any  # a batch sampler with set_epoch / start_batch
+    batches_per_epoch: int
+    num_classes: int
+    loader_factory: Callable[[int, int], Iterable[Any]]
+
+
+def train_image_size(train: TrainConfig, splits: DatasetSplits) -> int:
+    return int(train.image_size or splits.defaults.get("image_size", DEFAULT_IMAGE_SIZE))
+
+
+def _num_classes(labels: Any) -> int:
+    classes = sorted(set(int(label) for label in labels))
+    if classes != list(range(len(classes))):
+        raise DataError(f"training labels must be 0..C-1 without gaps; found {len(classes)} classes with "
+                        f"labels from {classes[0]} to {classes[-1]}")
+    return len(classes)
+
+
+def build_train_data(splits: DatasetSplits, train: TrainConfig, replay: Any = None) -> TrainData:
+    """The train split wrapped in replayable multi-view augmentation, a batch sampler and a loader factory."""
+    from dmlkd.data.loading import make_train_loader
+    from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
+    from dmlkd.data.transforms import TrainDataset
+
+    collection = splits.train
+    scale = tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0)))
+    dataset = TrainDataset(collection, train_image_size(train, splits), views=train.views, seed=train.seed,
+                           scale=scale, replay=replay)
+    if train.ipc is not None:
+        sampler = ClassBalancedBatchSampler(collection.labels, train.batch_size, train.ipc, seed=train.seed,
+                                            mode=train.sampler_mode)
+    else:
+        sampler = RandomBatchSampler(len(collection), train.batch_size, seed=train.seed)
+
+    def loader_factory(epoch: int, start_batch: int) -> Iterable[Any]:
+        sampler.set_epoch(epoch)
+        sampler.start_batch = start_batch
+        return make_train_loader(dataset, sampler, num_workers=train.num_workers)
+
+    return TrainData(dataset, sampler, len(sampler), _num_classes(collection.labels), loader_factory)

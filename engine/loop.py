@@ -1,0 +1,269 @@
+"""The one training loop of both stages.
+
+A stage (teacher training, embedding transfer) hands ``fit`` a ``Stage``: the single trainable module
+(embedding network + every trainable part of the loss) whose ``forward(batch)`` returns named loss terms,
+its parameter groups, the data, and the evaluation protocol. ``fit`` owns everything else: Accelerate
+(device, mixed precision), optimiser and schedule, warm-up and BN-freeze, gradient clipping, evaluation every
+``eval_every`` epochs with ``last/`` and ``best/`` checkpoints, ``metrics.jsonl``, resumable state, and a clean
+stop on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmlkd.checkpoints import save_checkpoint
+from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
+from dmlkd.data.base import DatasetSplits
+from dmlkd.engine.evaluate import evaluate_model, resolve_device
+from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
+from dmlkd.engine.state import Progress, has_state, load_state, save_state
+from dmlkd.errors import ConfigError, DmlkdError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(DmlkdError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The run was stopped by SIGINT/SIGTERM after saving a resumable state."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"interrupted by signal {signum} at step {step}")
+        self.signum = signum
+        self.step = step
+
+
+@dataclass
+class Stage:
+    """What a training stage provides to ``fit``."""
+
+    module: nn.Module  # forward(batch) -> {"loss": total, "<term>": value, ...}
+    model: nn.Module  # the EmbeddingNet inside ``module`` that is evaluated and saved
+    head: nn.Module  # the embedding layer (trains during warm-up)
+    param_groups: list[ParamGroup]
+    loader_factory: Callable[[int, int], Any]  # (epoch, start_batch) -> iterable of batches
+    batches_per_epoch: int
+    splits: DatasetSplits
+    eval_config: EvalConfig
+    checkpoint_extras: Callable[[], dict[str, dict[str, torch.Tensor]]] = dict
+    record: dict[str, Any] = field(default_factory=dict)  # train_config / provenance stored with checkpoints
+    primary_metric: str = "recall@1"
+
+
+@dataclass
+class FitResult:
+    last: dict[str, float]
+    best: dict[str, float]
+    best_epoch: int | None
+    global_step: int
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between optimiser steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *_exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    device = resolve_device(config.device)
+    if config.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("mixed precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(item, device) for item in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(item, device) for item in batch)
+    return batch
+
+
+def _check_finite(terms: dict[str, torch.Tensor], step: int) -> bool:
+    if torch.isfinite(terms["loss"]).item():
+        return True
+    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+    raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
+
+
+class _Run:
+    """Bookkeeping of one ``fit`` call (files in the run folder, metrics, checkpoints)."""
+
+    def __init__(self, stage: Stage, run_dir: Path) -> None:
+        self.stage = stage
+        self.run_dir = run_dir
+        self.history: list[dict[str, Any]] = []
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if self.metrics_path.exists():
+            self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def evaluate(self, device: torch.device, epoch: int, step: int, progress: bool) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = evaluate_model(self.stage.model, self.stage.splits, self.stage.eval_config, device,
+                                 progress=progress)
+        entry = {"epoch": epoch, "step": step, **metrics, "eval_seconds": round(time.perf_counter() - started, 2)}
+        self.history.append(entry)
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        return metrics
+
+    def save(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
+        save_checkpoint(self.run_dir / name, self.stage.model, extra_tensors=self.stage.checkpoint_extras(),
+                        train_config=self.stage.record.get("train_config"),
+                        metrics={**metrics, "epoch": epoch, "step": step, "selected": name},
+                        provenance=self.stage.record.get("provenance"))
+
+
+def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
+    """Train ``stage.module``; see the module docstring for what is written to ``run_dir``."""
+    accelerator = make_accelerator(train)
+    device = accelerator.device
+    optimizer = build_optimizer(stage.param_groups, optim)
+    scheduler = build_scheduler(optimizer, optim, train.epochs)
+    progress = Progress()
+    state_dir = run_dir / "state"
+    if resume and has_state(state_dir):
+        progress, _ = load_state(state_dir, stage.module, optimizer, scheduler)
+    module, optimizer = accelerator.prepare(stage.module, optimizer)
+    run = _Run(stage, run_dir)
+    total_steps = stage.batches_per_epoch * train.epochs
+    if train.max_steps is not None:
+        total_steps = min(total_steps, train.max_steps)
+    started = time.perf_counter()
+    last_metrics: dict[str, float] = {}
+
+    if train.eval_at_start and progress.global_step == 0 and not run.history:
+        run.evaluate(device, 0, 0, train.progress)
+
+    def save_progress() -> None:
+        save_state(state_dir, accelerator.unwrap_model(module), optimizer, scheduler, progress)
+
+    bar = _progress_bar(train, total_steps, progress.global_step)
+    with _StopFlag() as stop:
+        while progress.global_step < total_steps and not progress.finished:
+            epoch = progress.epoch
+            module.train()
+            configure_epoch(stage.model, stage.head, optim, epoch)
+            epoch_end = min(stage.batches_per_epoch, total_steps - epoch * stage.batches_per_epoch)
+            for batch in stage.loader_factory(epoch, progress.batch_in_epoch):
+                step_started = time.perf_counter()
+                batch = _to_device(batch, device)
+                with accelerator.autocast():
+                    terms = module(batch)
+                if train.on_nonfinite == "skip" and not torch.isfinite(terms["loss"]).item():
+                    log.warning("skipping step %d: non-finite loss", progress.global_step)
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    _check_finite(terms, progress.global_step)
+                    accelerator.backward(terms["loss"])
+                    _clip(accelerator, module, optim)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                progress.batch_in_epoch += 1
+                _update_bar(bar, terms, optimizer, batch, time.perf_counter() - step_started)
+                if stop.signum is not None:
+                    save_progress()
+                    bar.close()
+                    raise Interrupted(stop.signum, progress.global_step)
+                if train.save_every and progress.global_step % train.save_every == 0:
+                    save_progress()
+                if progress.batch_in_epoch >= epoch_end:
+                    break
+            epoch_done = progress.batch_in_epoch >= stage.batches_per_epoch
+            run_done = progress.global_step >= total_steps
+            if epoch_done:
+                scheduler.step()
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+            if run_done or (epoch_done and progress.epoch % train.eval_every == 0):
+                last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
+            progress.finished = run_done
+            save_progress()
+    bar.close()
+    if not last_metrics and run.history:
+        last_metrics = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")}
+    return _result(run, progress, last_metrics, time.perf_counter() - started)
+
+
+def _evaluate_and_save(run: _Run, progress: Progress, device: torch.device, train: TrainConfig,
+                       primary: str) -> dict[str, float]:
+    epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
+    metrics = run.evaluate(device, epoch_label, progress.global_step, train.progress)
+    run.save("last", metrics, epoch_label, progress.global_step)
+    score = metrics.get(primary, -math.inf)
+    if progress.best_metric is None or score > progress.best_metric:
+        progress.best_metric = score
+        progress.best_epoch = epoch_label
+        run.save("best", metrics, epoch_label, progress.global_step)
+    return metrics
+
+
+def _clip(accelerator: Any, module: nn.Module, optim: OptimConfig) -> None:
+    params = [p for p in module.parameters() if p.grad is not None]
+    if optim.clip_grad_value is not None:
+        accelerator.clip_grad_value_(params, optim.clip_grad_value)
+    if optim.clip_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, optim.clip_grad_norm)
+
+
+def _progress_bar(train: TrainConfig, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not train.progress, desc="train", unit="step",
+                dynamic_ncols=True, leave=False)
+
+
+def _update_bar(bar: Any, terms: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, batch: Any,
+                seconds: float) -> None:
+    images = batch.images if hasattr(batch, "images") else batch[0].images
+    lrs = current_lrs(optimizer)
+    first_lr = next(iter(lrs.values()))
+    bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{first_lr:.2e}",
+                    img_s=f"{len(images) / max(seconds, 1e-9):.0f}")
+    bar.update(1)
+
+
+def _result(run: _Run, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
+    best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
+    strip = ("epoch", "step", "eval_seconds")
+    best = {k: v for k, v in (best_entry or {}).items() if k not in strip}
+    return FitResult(last=last, best=best, best_epoch=progress.best_epoch, global_step=progress.global_step,
+                     seconds=seconds, history=run.history)

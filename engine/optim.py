@@ -1,0 +1,78 @@
+"""Optimiser, schedule and the per-epoch freezing rules shared by both training stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dmlkd.config import OptimConfig
+
+ParamGroup = tuple[str, list[nn.Parameter], float]  # (name, parameters, learning-rate multiplier)
+
+
+def build_optimizer(groups: Iterable[ParamGroup], config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD/Adam) over named parameter groups, each at ``lr * multiplier``.
+
+    Weight decay applies to every group, BN and biases included, as in the reference (seed-spec §5.1).
+    """
+    param_groups = [
+        {"params": params, "lr": config.lr * mult, "name": name, "lr_mult": mult}
+        for name, params, mult in groups
+        if params
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, epochs: int
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """StepLR or cosine annealing (T_max = epochs, eta_min = 0), both stepped once per epoch."""
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_step,
+                                               gamma=config.lr_decay_gamma)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def configure_epoch(model: nn.Module, head: nn.Module, config: OptimConfig, epoch: int) -> None:
+    """Set train/eval modes and ``requires_grad`` flags of ``model`` for ``epoch`` (seed-spec §4).
+
+    - bn_freeze: every BatchNorm in eval mode (running statistics frozen) and its affine parameters frozen.
+    - warm-up (epochs < warmup_epochs): only ``head`` (the embedding layer) trains among the model's
+      parameters; loss parameters are not part of ``model`` and always train.
+    - after warm-up, the reference re-enables *all* model parameters, including BN affine parameters frozen by
+      bn_freeze (``warmup_unfreezes_bn``); the corrected behaviour keeps them frozen.
+    Call it at the start of every epoch, after ``model.train()``.
+    """
+    head_params = {id(p) for p in head.parameters()}
+    bn_params = {id(p) for bn in batchnorm_modules(model) for p in bn.parameters()}
+    warming = epoch < config.warmup_epochs
+    # The reference only touches requires_grad when warm-up is used; bn_freeze alone freezes BN affine params.
+    reenabled = config.warmup_epochs > 0 and config.warmup_unfreezes_bn
+    for param in model.parameters():
+        if id(param) in head_params:
+            param.requires_grad_(True)
+        elif warming:
+            param.requires_grad_(False)
+        elif id(param) in bn_params and config.bn_freeze:
+            param.requires_grad_(reenabled)
+        else:
+            param.requires_grad_(True)
+    if config.bn_freeze:
+        for bn in batchnorm_modules(model):
+            bn.eval()
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}

@@ -1,0 +1,110 @@
+"""The embedding network: backbone, global pooling, linear head (seed-spec §4).
+
+``EmbeddingNet`` takes RGB images in [0, 1] and applies the preprocessing its backbone's weights expect
+(channel flip to BGR, scaling to 0-255, mean/std) itself, so a BGR/0-255 teacher and an ImageNet-normalised
+student can be fed the same batch. State-dict keys are ``backbone.<torchvision or Caffe-port name>`` and
+``embedding.weight`` / ``embedding.bias``; the preprocessing constants are non-persistent buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmlkd.models.backbones import Backbone
+from dmlkd.models.outputs import ModelOutput
+from dmlkd.models.spec import ModelConfig
+from dmlkd.registry import BACKBONES
+
+
+def global_pool(feature_map: Tensor, mode: str) -> Tensor:
+    """Pool ``(B, C, H, W)`` to ``(B, C)``: ``avg``, ``max`` or ``avg+max`` (summed, not concatenated)."""
+    if mode == "avg":
+        return feature_map.mean(dim=(2, 3))
+    if mode == "max":
+        return feature_map.amax(dim=(2, 3))
+    return feature_map.mean(dim=(2, 3)) + feature_map.amax(dim=(2, 3))
+
+
+def init_head(layer: nn.Linear, method: str) -> None:
+    """Orthogonal (LR) or Kaiming-normal fan_out (PA) weights; bias 0."""
+    if method == "orthogonal":
+        nn.init.orthogonal_(layer.weight)
+    else:
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out")
+    nn.init.zeros_(layer.bias)
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + global pooling + ``Linear(out_channels, D)`` + optional L2 normalisation.
+
+    Args:
+        config: what to build (architecture, dimension, head, pooling, weights, preprocessing).
+        backbone: an already built backbone to use instead of building ``config.arch`` from the registry.
+
+    Attributes:
+        config: the ``ModelConfig`` this model was built from.
+        embedding_dim: ``D``.
+        pooled_dim: channels of the pooled feature (the backbone's last map).
+        tap_channels: channels of the tapped stage maps returned with ``with_features=True``.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if backbone is None:
+            backbone = BACKBONES.build(
+                config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum
+            )
+        self.backbone = backbone
+        self.embedding_dim = config.embedding_dim
+        self.pooled_dim = backbone.out_channels
+        self.tap_channels = backbone.tap_channels
+        self.embedding = nn.Linear(self.pooled_dim, self.embedding_dim)
+        init_head(self.embedding, config.head_init)
+        prep = config.resolved_preprocessing()
+        self.flip_to_bgr = prep.color_order == "BGR"
+        self.value_range = float(prep.value_range)
+        self.register_buffer("input_mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Convert RGB ``(B, 3, H, W)`` in [0, 1] to this backbone's input convention."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if self.flip_to_bgr:
+            images = images.flip(1)
+        return (images * self.value_range - self.input_mean) / self.input_std
+
+    def forward(self, images: Tensor, with_features: bool = False) -> ModelOutput:
+        """Embed a batch.
+
+        Args:
+            images: RGB ``(B, 3, H, W)``, float in [0, 1] (not normalised; the model does that).
+            with_features: also return the tapped stage maps (FitNet / attention transfer need them).
+
+        Returns:
+            ``ModelOutput`` with ``embedding`` ``(B, D)`` (unit norm if ``config.l2_norm``), ``pooled``
+            ``(B, pooled_dim)`` and, if asked, ``features``: the post-ReLU maps ``(B, C_i, H_i, W_i)``.
+        """
+        maps = self.backbone(self.preprocess(images))
+        pooled = global_pool(maps[-1], self.config.pooling)
+        embedding = self.embedding(pooled)
+        if self.config.l2_norm:
+            embedding = F.normalize(embedding, p=2, dim=1)
+        return ModelOutput(
+            embedding=embedding, pooled=pooled, features=tuple(maps) if with_features else None
+        )
+
+
+def build_model(config: ModelConfig) -> EmbeddingNet:
+    """Build the embedding network ``config`` describes (downloading or reading weights if asked)."""
+    return EmbeddingNet(config)
+
+
+def create_model(spec: str, **config_overrides: Any) -> EmbeddingNet:
+    """``create_model("resnet18-128", l2_norm=True)``: a spec plus ``ModelConfig`` field overrides."""
+    return build_model(ModelConfig.from_spec(spec, **config_overrides))

@@ -1,0 +1,109 @@
+# ArcMargin (additive angular margin) loss: J. Deng, J. Guo, N. Xue, S. Zafeiriou, "ArcFace: Additive Angular
+# Margin Loss for Deep Face Recognition", CVPR 2019 (arXiv:1801.07698). DML defaults (m=0.15, s=80) and the
+# monotonic fallback follow PaddlePaddle/models PaddleCV/metric_learning/losses/arcmarginloss.py
+# (seed-spec §2.2).
+"""ArcMargin loss: softmax cross-entropy on scaled cosines with an additive angular margin on the target."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmlkd.errors import ConfigError
+from dmlkd.teacher.proxy_anchor import (
+    check_batch,
+    check_class_count,
+    check_real,
+    compute_dtype,
+    full_precision,
+    l2_normalize,
+)
+
+SINE_EPS = 1e-6  # sinθ = sqrt(1 − cos²θ + 1e-6), as in the PaddlePaddle reference
+
+
+def target_logit(cosine: torch.Tensor, margin: float, easy_margin: bool) -> torch.Tensor:
+    """Return the margin-adjusted target cosine φ for every entry of ``cosine``.
+
+    φ = cos(θ + m) = cosθ·cos m − sinθ·sin m. With ``easy_margin`` φ is used where cosθ > 0 and cosθ
+    elsewhere; otherwise φ is used where cosθ > cos(π − m) and the monotonic fallback cosθ − m·sin(π − m)
+    elsewhere (i.e. where θ + m would pass π).
+    """
+    sine = torch.sqrt((1.0 - cosine.pow(2)).clamp_min(0.0) + SINE_EPS)
+    phi = cosine * math.cos(margin) - sine * math.sin(margin)
+    if easy_margin:
+        return torch.where(cosine > 0, phi, cosine)
+    fallback = cosine - margin * math.sin(math.pi - margin)
+    return torch.where(cosine > math.cos(math.pi - margin), phi, fallback)
+
+
+class ArcMarginLoss(nn.Module):
+    """ArcMargin classification loss with learnable class weights (C, D).
+
+    Logits are ``s·[onehot·φ + (1 − onehot)·cosθ]`` where cosθ is the cosine between the L2-normalised
+    embedding and class weight and φ the margin-adjusted target cosine (see ``target_logit``), followed by
+    softmax cross-entropy averaged over the batch. Computed in at least float32 with autocast disabled.
+
+    Args:
+        num_classes: number of training classes C (>= 2).
+        embedding_size: embedding width D.
+        scale: s (PaddlePaddle DML default 80).
+        margin: m in radians, in [0, π) (PaddlePaddle DML default 0.15).
+        easy_margin: apply the margin only where cosθ > 0.
+    """
+
+    lr_multiplier: float = 1.0  # PD train_elem.py: one optimizer, no per-parameter learning rates
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = 80.0,
+        margin: float = 0.15,
+        easy_margin: bool = False,
+    ) -> None:
+        super().__init__()
+        check_class_count(num_classes, embedding_size)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.scale = check_real("arcmargin scale", scale, 0.0)
+        self.margin = check_real("arcmargin margin", margin, 0.0, math.pi, closed=True)
+        if not isinstance(easy_margin, bool):
+            raise ConfigError(f"arcmargin easy_margin must be true or false, got {easy_margin!r}")
+        self.easy_margin = easy_margin
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier (Glorot) uniform, U(±sqrt(6 / (C + D))), as PaddlePaddle's default ``Xavier()``."""
+        nn.init.xavier_uniform_(self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}, "
+            f"margin={self.margin}, easy_margin={self.easy_margin}"
+        )
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the (N, C) scaled logits with the margin applied to each sample's target class."""
+        dtype = compute_dtype(embeddings, self.weight)
+        with full_precision(embeddings.device):
+            cosine = l2_normalize(embeddings.to(dtype)) @ l2_normalize(self.weight.to(dtype)).T
+            target = F.one_hot(labels.long(), self.num_classes).bool()
+            adjusted = torch.where(target, target_logit(cosine, self.margin, self.easy_margin), cosine)
+            return self.scale * adjusted
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the scalar loss of a batch.
+
+        Args:
+            embeddings: (N, D) raw embeddings; gradients flow into them and ``weight``.
+            labels: (N,) integer class indices in ``0..C-1``.
+        """
+        check_batch(embeddings, labels, self.num_classes, self.embedding_size)
+        logits = self.logits(embeddings, labels)
+        with full_precision(embeddings.device):
+            return F.cross_entropy(logits, labels.long())

@@ -1,0 +1,135 @@
+"""Teacher-stage configuration and the reference recipes (seed-spec §5.1) as named presets. Torch-free."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dmlkd.config import DataConfig, EvalConfig, OptimConfig, TrainConfig, merge
+from dmlkd.errors import ConfigError, choices
+from dmlkd.models.spec import ModelConfig
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """A registered teacher loss and its keyword arguments (e.g. ``{"margin": 0.1, "alpha": 32}``)."""
+
+    name: str = "proxy_anchor"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """Everything ``dmlkd teacher train`` needs; saved resolved as ``run_config.json`` in the run folder."""
+
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(arch="resnet50", embedding_dim=512)
+    )
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    recipe: str | None = None
+
+
+def _pa(
+    model: str, dataset: str, batch: int, lr: float, warm: int, bn_freeze: bool, step: int, gamma: float
+) -> dict[str, Any]:
+    """A Proxy-Anchor reference command (PA README): AdamW, wd 1e-4, clip 10, proxies x100, L2 on, seed 1."""
+    arch, dim = model.rsplit("-", 1)
+    return {
+        "model": {
+            "arch": arch,
+            "embedding_dim": int(dim),
+            "l2_norm": True,
+            "head_init": "kaiming",
+            "pretrained": True,
+        },
+        "loss": {"name": "proxy_anchor", "kwargs": {"margin": 0.1, "alpha": 32.0}},
+        "data": {"name": dataset},
+        "optim": {
+            "optimizer": "adamw",
+            "lr": lr,
+            "weight_decay": 1e-4,
+            "clip_grad_value": 10.0,
+            "scheduler": "step",
+            "lr_decay_step": step,
+            "lr_decay_gamma": gamma,
+            "warmup_epochs": warm,
+            "bn_freeze": bn_freeze,
+            "warmup_unfreezes_bn": True,
+        },
+        "train": {"epochs": 60, "batch_size": batch, "ipc": None, "seed": 1, "image_size": 224},
+        "eval": {"metric": "cosine"},
+    }
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "pa-cub-bninception": _pa("bn_inception-512", "cub", 180, 1e-4, 1, True, 10, 0.5),
+    "pa-cars-bninception": _pa("bn_inception-512", "cars", 180, 1e-4, 1, True, 20, 0.5),
+    "pa-sop-bninception": _pa("bn_inception-512", "sop", 180, 6e-4, 1, False, 20, 0.25),
+    "pa-inshop-bninception": _pa("bn_inception-512", "inshop", 180, 6e-4, 1, False, 20, 0.25),
+    "pa-cub-resnet50": _pa("resnet50-512", "cub", 120, 1e-4, 5, True, 5, 0.5),
+    "pa-cars-resnet50": _pa("resnet50-512", "cars", 120, 1e-4, 5, True, 10, 0.5),
+    # The built-in demo: a few minutes on 2 CPU cores, from scratch (no ImageNet weights needed offline).
+    "demo-glyphs": {
+        "model": {"arch": "resnet18", "embedding_dim": 128, "l2_norm": True, "pretrained": False},
+        "loss": {"name": "proxy_anchor", "kwargs": {}},
+        "data": {"name": "glyphs"},
+        "optim": {
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "scheduler": "cosine",
+            "warmup_epochs": 0,
+            "bn_freeze": False,
+            "clip_grad_value": 10.0,
+        },
+        "train": {"epochs": 4, "batch_size": 128, "ipc": 4, "seed": 1, "eval_at_start": True},
+        "eval": {"metric": "cosine"},
+    },
+}
+
+DEFAULT_RECIPE = "demo-glyphs"
+
+
+def recipe(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose from: {choices(RECIPES)}")
+    return RECIPES[name]
+
+
+_PA_DEFAULTS = {  # PA train.py defaults, for (dataset, architecture) pairs without a published command
+    "optim": {
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "clip_grad_value": 10.0,
+        "scheduler": "step",
+        "lr_decay_step": 10,
+        "lr_decay_gamma": 0.5,
+        "warmup_epochs": 1,
+        "bn_freeze": True,
+    },
+    "model": {"l2_norm": True, "head_init": "kaiming", "pretrained": True},
+    "train": {"epochs": 60, "batch_size": 150, "seed": 1, "image_size": 224},
+    "loss": {"name": "proxy_anchor", "kwargs": {}},
+}
+
+
+def default_recipe(dataset: str | None, arch: str | None) -> str | None:
+    """The recipe used when none is named: the demo for glyphs, else the PA command for (dataset, arch)."""
+    if dataset in (None, "glyphs"):
+        return DEFAULT_RECIPE
+    short = {"bn_inception": "bninception", "resnet50": "resnet50"}.get(arch or "bn_inception")
+    name = f"pa-{dataset}-{short}"
+    return name if name in RECIPES else None
+
+
+def start_tree(recipe_name: str | None, dataset: str | None, arch: str | None) -> dict[str, Any]:
+    """The config tree before command-line overrides: the named or default recipe, or PA defaults."""
+    name = recipe_name or default_recipe(dataset, arch)
+    if name is None:
+        return merge(_PA_DEFAULTS, {"data": {"name": dataset}})
+    tree = merge({}, recipe(name))
+    tree["recipe"] = name
+    return tree
