@@ -126,8 +126,11 @@ def eval_command(checkpoint: str, dataset: str | None, data_root: str | None, me
 def _register_stage_commands() -> None:
     # Stage command groups live next to their code; importing them is cheap (no torch at import time).
     from dmlkd.teacher.cli import teacher_group
+    from dmlkd.transfer.cli import cache_group, transfer_group
 
     main.add_command(teacher_group)
+    main.add_command(transfer_group)
+    main.add_command(cache_group)
 
 
 _register_stage_commands()

@@ -195,6 +195,8 @@ class EvalConfig:
     backend: typing.Literal["auto", "torch", "faiss"] = "auto"
     nmi: bool = True
     seed: int = 0
+    # Also report Recall@K under this metric (from the same embeddings), under keys "<metric>/recall@K".
+    second_metric: typing.Literal["cosine", "euclidean"] | None = None
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size <= 0:

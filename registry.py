@@ -58,5 +58,5 @@ class Registry(Generic[T]):
 
 BACKBONES: Registry[Callable[..., Any]] = Registry("architecture", "dmlkd.models")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dmlkd.data.catalog")
-TEACHER_LOSSES: Registry[Callable[..., Any]] = Registry("loss", "dmlkd.teacher")
-TRANSFER_METHODS: Registry[Callable[..., Any]] = Registry("transfer method", "dmlkd.transfer")
+TEACHER_LOSSES: Registry[Callable[..., Any]] = Registry("loss", "dmlkd.teacher.losses")
+TRANSFER_METHODS: Registry[Callable[..., Any]] = Registry("transfer method", "dmlkd.transfer.methods")

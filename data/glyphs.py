@@ -23,7 +23,6 @@ import unicodedata
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 import numpy as np
@@ -32,7 +31,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 
 from dmlkd.data.base import ArrayImageCollection, DatasetSplits
-from dmlkd.errors import ConfigError, DataError, choices
+from dmlkd.errors import ConfigError, DataError
 from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -79,7 +78,9 @@ class GlyphOptions:
             if value is None and name == "max_classes":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"glyphs option {name}={value!r} is invalid; expected an integer >= {minimum}")
+                raise ConfigError(
+                    f"glyphs option {name}={value!r} is invalid; expected an integer >= {minimum}"
+                )
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ def font_paths() -> list[Path]:
     paths = [folder / f"{face}.ttf" for face in FACES]
     for path in paths:
         if not path.is_file():
-            raise DataError(f"font file {str(path)!r} is missing; the glyphs dataset needs matplotlib's fonts")
+            raise DataError(
+                f"font file {str(path)!r} is missing; the glyphs dataset needs matplotlib's fonts"
+            )
     return paths
 
 
@@ -153,7 +156,10 @@ class GlyphRenderer:
         )
         if distortion is not None:
             image = image.transform(
-                image.size, Image.Transform.AFFINE, _inverse_affine(distortion, canvas), Image.Resampling.BILINEAR
+                image.size,
+                Image.Transform.AFFINE,
+                _inverse_affine(distortion, canvas),
+                Image.Resampling.BILINEAR,
             )
         return 255 - np.asarray(image.reduce(_SUPERSAMPLE))
 
@@ -179,21 +185,27 @@ def select_classes(renderer: GlyphRenderer, candidates: list[int], max_classes: 
     distinct pairs such as O/Q or D/Ð score about 0.03-0.05 in most faces).
     """
     kept: list[int] = []
-    kept_ink = np.zeros((0, len(FACES), renderer.size**2), np.float32)
+    kept_ink = np.empty((len(candidates), len(FACES), renderer.size**2), np.float32)
+    kept_sum = np.empty((len(candidates), len(FACES)), np.float32)
     for code in candidates:
         if max_classes is not None and len(kept) >= max_classes:
             break
         ink = _ink(np.stack([renderer.render(face, code) for face in range(len(FACES))]))  # (F, S*S)
-        difference = np.abs(kept_ink - ink).sum(-1)
-        total = kept_ink.sum(-1) + ink.sum(-1) + 1e-6
-        if len(kept) and (difference / total).min() < HOMOGLYPH_THRESHOLD:
+        total = ink.sum(-1)
+        sums = kept_sum[: len(kept)] + total + 1e-6
+        # |sum a - sum b| bounds sum |a - b| from below: only close pairs need the pixel comparison.
+        close = np.flatnonzero((np.abs(kept_sum[: len(kept)] - total) / sums < HOMOGLYPH_THRESHOLD).any(-1))
+        distance = np.abs(kept_ink[close] - ink).sum(-1) / sums[close]
+        if distance.size and distance.min() < HOMOGLYPH_THRESHOLD:
             continue
+        kept_ink[len(kept)], kept_sum[len(kept)] = ink, total
         kept.append(code)
-        kept_ink = np.concatenate([kept_ink, ink[None]])
     return kept
 
 
-def render_instances(renderer: GlyphRenderer, codes: list[int], renders_per_face: int, seed: int) -> np.ndarray:
+def render_instances(
+    renderer: GlyphRenderer, codes: list[int], renders_per_face: int, seed: int
+) -> np.ndarray:
     """``(C, F, R, S, S)`` uint8 renders; distortion ``(c, f, k)`` depends only on (seed, codepoint, f, k)."""
     out = np.empty((len(codes), len(FACES), renders_per_face, renderer.size, renderer.size), np.uint8)
     for c, code in enumerate(codes):
@@ -259,29 +271,20 @@ def save_cache(path: Path, key: str, renders: np.ndarray, codes: list[int]) -> N
         logger.warning("cannot write glyph cache %s (%s); continuing without it", path, error)
 
 
-def _parse_options(options: dict[str, Any]) -> GlyphOptions:
-    valid = [item.name for item in fields(GlyphOptions)]
-    unknown = [name for name in options if name not in valid]
-    if unknown:
-        raise ConfigError(f"unknown glyphs option {unknown[0]!r}; valid options: {choices(valid)}")
-    return GlyphOptions(**options)
-
-
-def glyph_arrays(root: str | Path | None = None, **options: Any) -> tuple[np.ndarray, list[int]]:
+def glyph_arrays(root: str | Path | None, options: GlyphOptions) -> tuple[np.ndarray, list[int]]:
     """The ``(C, F, R, S, S)`` renders and the class codepoints, from the cache or freshly rendered."""
-    parsed = _parse_options(options)
     paths = font_paths()
     candidates = candidate_codepoints(paths)
-    key = cache_key(paths, candidates, parsed)
+    key = cache_key(paths, candidates, options)
     path = cache_folder(root) / f"glyphs-{key}.npz"
     start = time.perf_counter()
     cached = load_cache(path, key)
     if cached is not None:
         logger.info("glyphs: loaded %s in %.2f s", path, time.perf_counter() - start)
         return cached
-    codes = select_classes(GlyphRenderer(paths, DETECT_SIZE), candidates, parsed.max_classes)
-    renderer = GlyphRenderer(paths, parsed.render_size)
-    renders = render_instances(renderer, codes, parsed.renders_per_face, parsed.seed)
+    codes = select_classes(GlyphRenderer(paths, DETECT_SIZE), candidates, options.max_classes)
+    renderer = GlyphRenderer(paths, options.render_size)
+    renders = render_instances(renderer, codes, options.renders_per_face, options.seed)
     logger.info("glyphs: rendered %d images in %.2f s", renders[..., 0, 0].size, time.perf_counter() - start)
     save_cache(path, key, renders, codes)
     return renders, codes
@@ -297,13 +300,23 @@ def _collection(renders: np.ndarray, codes: list[int], first_label: int) -> Arra
 
 
 @DATASETS.register("glyphs")
-def build_glyphs(root: str | Path | None = None, **options: Any) -> DatasetSplits:
-    """Build the glyphs splits; ``root`` overrides the cache folder, ``options`` are ``GlyphOptions`` fields.
+def build_glyphs(
+    root: str | Path | None = None,
+    *,
+    render_size: int = 32,
+    renders_per_face: int = 2,
+    seed: int = 0,
+    max_classes: int | None = None,
+) -> DatasetSplits:
+    """Letters and digits rendered from matplotlib's fonts (demo data; no download, cached on first use).
+
+    ``root`` overrides the cache folder; the options are those of ``GlyphOptions``.
 
     Labels are class positions in codepoint order: train ``0..C/2-1``, test ``C/2..C-1``. Images are
     grayscale ``(S, S)`` uint8 arrays (``load`` returns RGB).
     """
-    renders, codes = glyph_arrays(root, **options)
+    options = GlyphOptions(render_size, renders_per_face, seed, max_classes)
+    renders, codes = glyph_arrays(root, options)
     half = len(codes) // 2
     size = renders.shape[-1]
     return DatasetSplits(

@@ -46,13 +46,12 @@ OFFICIAL_COUNTS: dict[str, dict[str, tuple[int, int | None]]] = {
 
 
 HOW_TO_GET = {
-    "cub": "download CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) and extract it there",
+    "cub": "extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) there",
     "cars": "put cars_annos.mat and the extracted car_ims.tgz of Stanford Cars (Krause et al. 2013) in a "
     "cars196 folder there",
-    "sop": "download Stanford_Online_Products.zip (https://cvgl.stanford.edu/projects/lifted_struct/) and unzip "
-    "it there",
-    "inshop": "download the DeepFashion In-shop Clothes Retrieval benchmark (Eval/list_eval_partition.txt and "
-    "Img/img.zip) into an Inshop_Clothes folder there",
+    "sop": "unzip Stanford_Online_Products.zip (https://cvgl.stanford.edu/projects/lifted_struct/) there",
+    "inshop": "put the DeepFashion In-shop Clothes Retrieval benchmark (Eval/list_eval_partition.txt and "
+    "Img/img.zip) in an Inshop_Clothes folder there",
 }
 _TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
 
@@ -61,10 +60,17 @@ def remap_labels(raw: Iterable[Any]) -> np.ndarray:
     """Labels ``0..C-1`` in sorted order of the raw labels (numeric order when all are integers)."""
     values = [int(v) if isinstance(v, (int, np.integer)) else str(v) for v in raw]
     unique = set(values)
-    numeric = all(isinstance(v, int) or v.lstrip("-").isdigit() for v in unique)
+    numeric = all(_as_int(v) is not None for v in unique)
     order = sorted(unique, key=(lambda v: (int(v), str(v))) if numeric else str)
     mapping = {value: index for index, value in enumerate(order)}
     return np.asarray([mapping[value] for value in values], dtype=np.int64)
+
+
+def _as_int(value: int | str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _read_lines(name: str, path: Path) -> list[str]:
@@ -75,7 +81,7 @@ def _read_lines(name: str, path: Path) -> list[str]:
 
 
 def read_sop_list(path: Path) -> tuple[list[str], list[int]]:
-    """Paths and class ids of ``Ebay_{train,test}.txt`` (header, then ``image_id class_id super_class_id path``)."""
+    """Paths and class ids of ``Ebay_*.txt`` (a header, then ``image_id class_id super_class_id path``)."""
     relpaths, classes = [], []
     for number, line in enumerate(_read_lines("sop", path)[1:], start=2):
         fields = line.split()
@@ -83,7 +89,8 @@ def read_sop_list(path: Path) -> tuple[list[str], list[int]]:
             continue
         if len(fields) != 4 or not fields[1].isdigit():
             raise DataError(
-                f"sop: {str(path)!r} line {number}: expected 'image_id class_id super_class_id path', got {line!r}"
+                f"sop: {str(path)!r} line {number}: expected 'image_id class_id super_class_id path', "
+                f"got {line.strip()!r}"
             )
         relpaths.append(fields[3])
         classes.append(int(fields[1]))
@@ -103,15 +110,17 @@ def read_partition(path: Path) -> list[tuple[str, int, str]]:
         item = fields[1].rsplit("_", 1)[-1] if len(fields) == 3 else ""
         if not item.isdigit() or fields[2] not in ("train", "query", "gallery"):
             raise DataError(
-                f"inshop: {str(path)!r} line {number}: expected 'image_name id_NNNNNNNN train|query|gallery', "
-                f"got {line.strip()!r}"
+                f"inshop: {str(path)!r} line {number}: expected 'image_name id_NNNNNNNN "
+                f"train|query|gallery', got {line.strip()!r}"
             )
         rows.append((fields[0], int(item), fields[2]))
     declared = lines[0].strip() if lines else ""
-    if not rows or (declared.isdigit() and int(declared) != len(rows)):
+    if not rows:
+        raise DataError(f"inshop: {str(path)!r} lists no images after its two header lines")
+    if declared.isdigit() and int(declared) != len(rows):
         raise DataError(
-            f"inshop: {str(path)!r} declares {declared or 'no'} images on line 1 but lists {len(rows):,}; "
-            "the file is incomplete"
+            f"inshop: {str(path)!r} declares {int(declared):,} images on line 1 but lists {len(rows):,}; "
+            "the file is incomplete or edited"
         )
     return rows
 
@@ -122,7 +131,7 @@ def load_cars_annotations(path: Path) -> tuple[list[str], np.ndarray]:
 
     try:
         annotations = scipy.io.loadmat(str(path))["annotations"]
-    except (KeyError, ValueError, OSError, TypeError, NotImplementedError) as error:
+    except Exception as error:  # scipy raises many error types on a damaged or foreign file
         raise DataError(f"cars: cannot read annotations from {str(path)!r}: {error!r}") from None
     names = set(annotations.dtype.names or ())
     path_field, class_field = (
@@ -244,30 +253,34 @@ def _check_csv_table(table: CsvTable, missing: list[tuple[int, str]]) -> None:
 
 
 def _reader(name: str) -> Callable[[Callable[..., DatasetSplits]], Callable[..., DatasetSplits]]:
-    """Register ``func(root, **options)`` under ``name``; unknown options become a one-line ``ConfigError``."""
+    """Register ``func(root, **options)`` under ``name``.
+
+    An unknown option, or a non-bool value for an option whose default is a bool, is a ``ConfigError``
+    raised before any file is read.
+    """
 
     def wrap(func: Callable[..., DatasetSplits]) -> Callable[..., DatasetSplits]:
-        valid = [p for p in inspect.signature(func).parameters if p != "root"]
+        parameters = inspect.signature(func).parameters
+        valid = [p for p in parameters if p != "root"]
+        flags = [p for p in valid if isinstance(parameters[p].default, bool)]
 
         @functools.wraps(func)
         def build(root: str | Path | None = None, **options: Any) -> DatasetSplits:
             unknown = sorted(set(options) - set(valid))
             if unknown:
-                raise ConfigError(
-                    f"unknown option {unknown[0]!r} for dataset {name!r}; valid options: {choices(valid) or 'none'}"
-                )
+                valid_text = choices(valid) or "none"
+                raise ConfigError(f"unknown option {unknown[0]!r} for dataset {name!r}; valid: {valid_text}")
+            for flag in flags:
+                if not isinstance(options.get(flag, False), bool):
+                    raise ConfigError(
+                        f"option {flag}={options[flag]!r} of dataset {name!r} must be true or false"
+                    )
             return func(root, **options)
 
         DATASETS.register(name)(build)
         return build
 
     return wrap
-
-
-def _bool_option(dataset: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"option {option}={value!r} of dataset {dataset!r} must be true or false")
-    return value
 
 
 def _dataset_dir(name: str, root: str | Path | None, folder: str, marker: str) -> Path:
@@ -296,7 +309,7 @@ def _require_file(name: str, path: Path) -> Path:
 
 
 def verify_official_counts(name: str, found: dict[str, ImageCollection], where: Path, hint: str = "") -> None:
-    """Raise ``DataError`` stating expected and found counts per split if any differ from the official split."""
+    """Raise ``DataError`` with expected and found counts per split if any differ from the official ones."""
     rows, wrong = [], False
     for split, (images, classes) in OFFICIAL_COUNTS[name].items():
         found_images, found_classes = len(found[split]), found[split].num_classes
@@ -342,16 +355,16 @@ def _split_by_class(
 
 
 def _finish(
-    name: str, found: dict[str, Any], where: Path, verify_counts: Any, hint: str = ""
+    name: str, found: dict[str, Any], where: Path, verify_counts: bool, hint: str = ""
 ) -> dict[str, ImageCollection]:
-    if _bool_option(name, "verify_counts", verify_counts):
+    if verify_counts:
         verify_official_counts(name, found, where, hint)
     _check_nonempty(name, found, where)
     return found
 
 
 def _image_files(folder: Path, recursive: bool) -> list[str]:
-    """Image files under ``folder`` relative to it, sorted; hidden files (``.x``, ``._x``) and folders skipped."""
+    """Image files under ``folder``, relative to it and sorted; hidden files (``.x``, ``._x``) are skipped."""
     found = []
     for current, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
@@ -393,7 +406,10 @@ def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSpli
 
 @_reader("cars")
 def read_cars(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
-    """Cars-196: ``cars196/cars_annos.mat`` + ``car_ims``; classes 1-98 train, 99-196 test (test flag ignored)."""
+    """Cars-196: ``cars196/cars_annos.mat`` + ``car_ims/``; classes 1-98 train, 99-196 test (by class).
+
+    The official per-image test flag of ``cars_annos.mat`` is ignored, as in the reference code.
+    """
     base = _dataset_dir("cars", root, "cars196", "cars_annos.mat")
     relpaths, classes = load_cars_annotations(base / "cars_annos.mat")
     found = _finish("cars", _split_by_class(base, relpaths, classes - 1, 98), base, verify_counts)
@@ -480,7 +496,7 @@ def _train_class_count(option: Any, total: int) -> int:
 
 @_reader("folder")
 def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> DatasetSplits:
-    """A user's ``root/<class>/<image>`` tree; the first ``train_classes`` sorted classes train, the rest test.
+    """A user's ``root/<class>/<image>`` tree: the first ``train_classes`` sorted classes train, others test.
 
     ``train_classes`` is a fraction of the classes (float, default half) or a count (int). Images may sit in
     subfolders of a class folder; hidden files and folders are ignored.
@@ -495,8 +511,9 @@ def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> Da
     first_test = _train_class_count(train_classes, total)
     if first_test < 2 or total - first_test < 2:
         raise DataError(
-            f"folder dataset {str(base)!r}: {total} class folders with images split into {first_test} train / "
-            f"{total - first_test} test classes; each side needs at least 2 (adjust train_classes or add classes)"
+            f"folder dataset {str(base)!r}: {total} class folders with images split into {first_test} train "
+            f"/ {total - first_test} test classes; each side needs at least 2 (adjust train_classes or add "
+            "classes)"
         )
     found = _split_by_class(base, relpaths, labels, first_test)
     return DatasetSplits("folder", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
@@ -504,7 +521,9 @@ def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> Da
 
 @_reader("csv")
 def read_csv(root: str | Path | None) -> DatasetSplits:
-    """Images listed in a CSV file (``root``); see ``read_csv_table`` for the format.
+    """Images listed in a CSV file (``root``) with columns path,label,split[,is_query,is_gallery].
+
+    See ``read_csv_table`` for the format and its checks.
 
     Train labels are remapped on their own, test labels jointly over all test rows; when the CSV has
     ``is_query``/``is_gallery`` columns, ``query`` and ``gallery`` are views of ``test``.

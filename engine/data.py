@@ -42,17 +42,20 @@ def build_train_data(splits: DatasetSplits, train: TrainConfig, replay: Any = No
 
     collection = splits.train
     scale = tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0)))
+    flip_p = float(splits.defaults.get("flip_p", 0.5))  # glyphs: a mirrored glyph is another letter
     dataset = TrainDataset(collection, train_image_size(train, splits), views=train.views, seed=train.seed,
-                           scale=scale, replay=replay)
+                           scale=scale, flip_p=flip_p, replay=replay)
     if train.ipc is not None:
         sampler = ClassBalancedBatchSampler(collection.labels, train.batch_size, train.ipc, seed=train.seed,
                                             mode=train.sampler_mode)
     else:
         sampler = RandomBatchSampler(len(collection), train.batch_size, seed=train.seed)
 
+    loader = make_train_loader(dataset, sampler, num_workers=train.num_workers)
+
     def loader_factory(epoch: int, start_batch: int) -> Iterable[Any]:
-        sampler.set_epoch(epoch)
-        sampler.start_batch = start_batch
-        return make_train_loader(dataset, sampler, num_workers=train.num_workers)
+        # The batch sampler runs in the main process, so one loader (and its workers) serves every epoch.
+        sampler.set_epoch(epoch, start_batch)
+        return loader
 
     return TrainData(dataset, sampler, len(sampler), _num_classes(collection.labels), loader_factory)

@@ -55,12 +55,19 @@ def evaluate_model(model: nn.Module, splits: DatasetSplits, config: EvalConfig, 
                                                progress)
         gallery, gallery_labels = embed_collection(model, splits.gallery, config, image_size, resize_ratio,
                                                    device, progress)
-        return evaluate_embeddings(query, query_labels, ks=ks, metric=config.metric, gallery=gallery,
-                                   gallery_labels=gallery_labels, compute_nmi=config.nmi, seed=config.seed,
-                                   backend=config.backend)
-    embeddings, labels = embed_collection(model, splits.test, config, image_size, resize_ratio, device, progress)
-    return evaluate_embeddings(embeddings, labels, ks=ks, metric=config.metric, compute_nmi=config.nmi,
-                               seed=config.seed, backend=config.backend)
+        sides = {"gallery": gallery, "gallery_labels": gallery_labels}
+    else:
+        query, query_labels = embed_collection(model, splits.test, config, image_size, resize_ratio, device,
+                                               progress)
+        sides = {}
+    results = evaluate_embeddings(query, query_labels, ks=ks, metric=config.metric, compute_nmi=config.nmi,
+                                  seed=config.seed, backend=config.backend, **sides)
+    if config.second_metric and config.second_metric != config.metric:
+        extra = evaluate_embeddings(query, query_labels, ks=ks, metric=config.second_metric, compute_nmi=False,
+                                    backend=config.backend, **sides)
+        results.update({f"{config.second_metric}/{key}": value for key, value in extra.items()
+                        if key.startswith("recall@")})
+    return results
 
 
 def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an erro
 class Stage:
     """What a training stage provides to ``fit``."""
 
-    module: nn.Module  # forward(batch) -> {"loss": total, "<term>": value, ...}
+    module: nn.Module  # forward(batch, replay_k) -> {"loss": total, "<term>": value, ...}
     model: nn.Module  # the EmbeddingNet inside ``module`` that is evaluated and saved
     head: nn.Module  # the embedding layer (trains during warm-up)
     param_groups: list[ParamGroup]
@@ -182,11 +182,11 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
             module.train()
             configure_epoch(stage.model, stage.head, optim, epoch)
             epoch_end = min(stage.batches_per_epoch, total_steps - epoch * stage.batches_per_epoch)
-            for batch in stage.loader_factory(epoch, progress.batch_in_epoch):
+            for batch, replay_k in stage.loader_factory(epoch, progress.batch_in_epoch):
                 step_started = time.perf_counter()
-                batch = _to_device(batch, device)
+                batch, replay_k = _to_device(batch, device), replay_k.to(device)
                 with accelerator.autocast():
-                    terms = module(batch)
+                    terms = module(batch, replay_k)
                 if train.on_nonfinite == "skip" and not torch.isfinite(terms["loss"]).item():
                     log.warning("skipping step %d: non-finite loss", progress.global_step)
                     optimizer.zero_grad(set_to_none=True)
@@ -253,7 +253,7 @@ def _progress_bar(train: TrainConfig, total: int, initial: int) -> Any:
 
 def _update_bar(bar: Any, terms: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, batch: Any,
                 seconds: float) -> None:
-    images = batch.images if hasattr(batch, "images") else batch[0].images
+    images = batch.images
     lrs = current_lrs(optimizer)
     first_lr = next(iter(lrs.values()))
     bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{first_lr:.2e}",

@@ -2,8 +2,8 @@
 
 The torch version is deterministic for a given ``seed`` and device, runs on the device of its input, and
 bounds memory like the kNN search: the point-to-centroid distances are computed in chunks of rows (each
-chunk ``c × k`` floats within ``max_bytes``). Its cost is O(niter · N · k · D) for Lloyd plus O(N · k · D) for the
-k-means++ seeding, the same order as faiss's exhaustive k-means.
+chunk ``c × k`` floats within ``max_bytes``). Its cost is O(niter · N · k · D) for Lloyd plus O(N · k · D) for
+the k-means++ seeding, the same order as faiss's exhaustive k-means.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def kmeans(
         max_bytes: memory budget of one distance chunk (default 1 GiB).
     """
     if not 1 <= num_clusters <= x.shape[0]:
-        raise ValueError(f"num_clusters={num_clusters} must be between 1 and the number of points {x.shape[0]}")
+        raise ValueError(
+            f"num_clusters={num_clusters} must be between 1 and the number of points {x.shape[0]}"
+        )
     if resolve_backend(backend) == "faiss":
         return _kmeans_faiss(x, num_clusters, seed, niter)
     generator = torch.Generator().manual_seed(seed)
@@ -72,8 +74,13 @@ def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator) -
         total = float(cumulative[-1])
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         if total > 0:
-            pick = int(torch.searchsorted(cumulative, torch.tensor([u * total], dtype=cumulative.dtype,
-                                                                    device=cumulative.device), right=True))
+            pick = int(
+                torch.searchsorted(
+                    cumulative,
+                    torch.tensor([u * total], dtype=cumulative.dtype, device=cumulative.device),
+                    right=True,
+                )
+            )
             pick = min(pick, n - 1)
         else:  # every point coincides with a centre: any point will do
             pick = min(int(u * n), n - 1)

@@ -6,18 +6,19 @@ chunk materialises only its ``c × G`` score block (``G`` = gallery size) and a 
 
     bytes per query row ≈ G · (2 · itemsize + 12) + 48 · k      (itemsize = 4 for float32)
 
-so with the default budget of 1 GiB and k = 1,000 a 60,000-image gallery is searched in chunks of 860 rows and a
-1,000,000-image gallery in chunks of 53 rows. On top of the budget, the caller pays an L2-normalised copy of
-the embeddings for ``metric="cosine"`` (``N · D · 4`` bytes: 123 MB for 60,000 × 512, 512 MB for
-1,000,000 × 128) and O(N) per-query results, so both stated cases (60k × 512 within 2 GB, 1M × 128 within 24 GB)
-fit with room to spare.
+so with the default budget of 1 GiB and k = 1,000 a 60,000-image gallery is searched in chunks of 860 rows
+and a 1,000,000-image gallery in chunks of 53 rows. On top of the budget, the caller pays an L2-normalised
+copy of the embeddings for ``metric="cosine"`` (``N · D · 4`` bytes: 123 MB for 60,000 × 512, 512 MB for
+1,000,000 × 128) and O(N) per-query results, so both stated cases (60k × 512 within 2 GB, 1M × 128 within
+24 GB) fit with room to spare.
 
-Ranking is "larger score is closer": the score is the cosine similarity for ``metric="cosine"`` (L2-normalise,
-then inner product) and the *negative squared* Euclidean distance ``-(‖q‖² + ‖g‖² − 2 q·g)`` on the raw vectors
-for ``metric="euclidean"``. **Ties** are broken deterministically: equal scores are ranked by gallery index,
-lower first, both for which items make the top k and for their order, so results do not depend on the chunk
-size. In leave-one-out mode the query itself is excluded *by index* (its score is set to ``-inf``), never by
-dropping the first neighbour, which is wrong when a gallery holds exact duplicates of the query.
+Ranking is "larger score is closer": the score is the cosine similarity for ``metric="cosine"``
+(L2-normalise, then inner product) and the *negative squared* Euclidean distance ``-(‖q‖² + ‖g‖² − 2 q·g)``
+on the raw vectors for ``metric="euclidean"``. **Ties** are broken deterministically: equal scores are ranked
+by gallery index, lower first, both for which items make the top k and for their order, so results do not
+depend on the chunk size. In leave-one-out mode the query itself is excluded *by index* (its score is set to
+``-inf``), never by dropping the first neighbour, which is wrong when a gallery holds exact duplicates of the
+query.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ DEFAULT_MAX_BYTES = 1 << 30  # working-set budget of one query chunk (1 GiB)
 
 
 def as_embeddings(x: Tensor | np.ndarray, name: str = "embeddings") -> Tensor:
-    """A ``(N, D)`` floating tensor (float16/bfloat16/integers become float32); non-finite values are an error."""
+    """A ``(N, D)`` float tensor (float16/bfloat16/integers become float32); NaN/Inf values are an error."""
     tensor = torch.as_tensor(x)
     if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise DataError(f"{name} must be a non-empty (N, D) array, got shape {tuple(tensor.shape)}")
@@ -48,7 +49,9 @@ def as_embeddings(x: Tensor | np.ndarray, name: str = "embeddings") -> Tensor:
         tensor = tensor.float()
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
-        raise DataError(f"{name} contain NaN or Inf in {bad} of {tensor.shape[0]} rows; the model has diverged")
+        raise DataError(
+            f"{name} contain NaN or Inf in {bad} of {tensor.shape[0]} rows; the model has diverged"
+        )
     return tensor
 
 
@@ -67,11 +70,13 @@ def resolve_backend(backend: str) -> str:
     return "torch"
 
 
-def import_faiss():  # noqa: ANN201 - the faiss module has no type stubs
+def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise ConfigError('backend "faiss" needs faiss; install it with: pip install "dmlkd[faiss]"') from None
+        raise ConfigError(
+            'backend "faiss" needs faiss; install it with: pip install "dmlkd[faiss]"'
+        ) from None
     return faiss
 
 
@@ -88,7 +93,7 @@ def chunk_rows(num_gallery: int, k: int, itemsize: int = 4, max_bytes: int | Non
 
 
 def _scores(query: Tensor, gallery: Tensor, gallery_sq: Tensor | None) -> Tensor:
-    """``(c, G)`` scores, larger = closer: inner products, or negative squared distances when ``gallery_sq``."""
+    """``(c, G)`` scores, larger = closer: inner products, or minus squared distances with ``gallery_sq``."""
     scores = query @ gallery.T
     if gallery_sq is not None:
         scores.mul_(2).sub_(query.pow(2).sum(dim=1, keepdim=True)).sub_(gallery_sq)
@@ -98,13 +103,19 @@ def _scores(query: Tensor, gallery: Tensor, gallery_sq: Tensor | None) -> Tensor
 def topk_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row with ties broken by column index (lower first), sorted by (score desc, index asc).
 
-    ``torch.topk`` alone picks an arbitrary subset of the items tied with the k-th score; for rows where more
-    items reach that score than fit, the subset is recomputed as "everything strictly better, then the
-    lowest-indexed tied items". Modifies nothing; returns ``(values, indices)`` of shape ``(c, k)``.
+    ``torch.topk`` alone picks an arbitrary subset of the items tied with the k-th score; for rows where the
+    (k+1)-th score equals the k-th (more items reach it than fit), the subset is recomputed as "everything
+    strictly better, then the lowest-indexed tied items". Modifies nothing; returns ``(values, indices)``,
+    each ``(c, k)``.
     """
-    values, indices = torch.topk(scores, k, dim=1)
+    if k >= scores.shape[1]:  # everything is selected: only the order is left to fix
+        values, indices = torch.topk(scores, k, dim=1)
+        return sort_by_score_then_index(values, indices)
+    # One extra neighbour tells cheaply whether a tie straddles the k-th place.
+    values, indices = torch.topk(scores, k + 1, dim=1)
+    ambiguous = values[:, k] == values[:, k - 1]
+    values, indices = values[:, :k], indices[:, :k]
     kth = values[:, -1:]
-    ambiguous = (scores >= kth).sum(dim=1) > k
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero().squeeze(1)
         sub, sub_kth = scores[rows], kth[rows]
@@ -143,8 +154,8 @@ def iter_knn(
         k: neighbours per query (at most the number of candidates).
         metric: ``"cosine"`` or ``"euclidean"``.
         backend: ``"auto"``/``"torch"`` (exact, ties by lower index) or ``"faiss"`` (CPU, or GPU when the
-            queries are on CUDA and faiss has GPU support; ties inside the returned list are re-sorted by index,
-            but which of several items tied at the k-th place faiss returns is up to faiss).
+            queries are on CUDA and faiss has GPU support; ties inside the returned list are re-sorted by
+            index, but which of several items tied at the k-th place faiss returns is up to faiss).
         max_bytes: working-set budget of one chunk (default 1 GiB).
 
     Yields:
@@ -158,7 +169,9 @@ def iter_knn(
     gallery = queries if gallery is None else prepare(as_embeddings(gallery, "gallery"), metric)
     gallery = gallery.to(device=queries.device, dtype=queries.dtype)
     if gallery.shape[1] != queries.shape[1]:
-        raise DataError(f"query dimension {queries.shape[1]} differs from gallery dimension {gallery.shape[1]}")
+        raise DataError(
+            f"query dimension {queries.shape[1]} differs from gallery dimension {gallery.shape[1]}"
+        )
     available = gallery.shape[0] - int(exclude_self)
     if not 1 <= k <= available:
         raise ConfigError(f"k={k} neighbours requested but only {available} candidates exist per query")
@@ -184,7 +197,7 @@ def _iter_torch(
         yield start, values, indices
 
 
-def _faiss_index(gallery: np.ndarray, metric: str, on_cuda: bool, device_index: int):  # noqa: ANN202
+def _faiss_index(gallery: np.ndarray, metric: str, on_cuda: bool, device_index: int):
     faiss = import_faiss()
     index = faiss.IndexFlatIP(gallery.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(gallery.shape[1])
     if on_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
@@ -198,11 +211,14 @@ def _iter_faiss(
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     device = queries.device
     query_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-    gallery_np = query_np if exclude_self else np.ascontiguousarray(gallery.detach().cpu().numpy(), np.float32)
+    gallery_np = (
+        query_np if exclude_self else np.ascontiguousarray(gallery.detach().cpu().numpy(), np.float32)
+    )
     index = _faiss_index(gallery_np, metric, device.type == "cuda", device.index or 0)
     extra = int(exclude_self)  # search one more and drop the query itself (or the last item if it is absent)
-    # faiss blocks the distance computation internally; only the (c, k) results count against the budget.
-    rows = max(1, (DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)) // (48 * (k + extra)))
+    # faiss blocks the distance computation internally; the (c, k + 1) results and the copies made while
+    # re-sorting them (about 128 bytes per entry in all) count against the budget.
+    rows = max(1, (DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)) // (128 * (k + extra)))
     for start in range(0, query_np.shape[0], rows):
         found, indices = index.search(query_np[start : start + rows], k + extra)
         scores = torch.from_numpy(found if metric == "cosine" else -found)
@@ -229,6 +245,14 @@ def knn(
     Example:
         >>> scores, indices = knn(embeddings, None, k=4)      # leave-one-out, cosine  # doctest: +SKIP
     """
-    parts = list(iter_knn(torch.as_tensor(queries), None if gallery is None else torch.as_tensor(gallery), k,
-                          metric, backend, max_bytes))
+    parts = list(
+        iter_knn(
+            torch.as_tensor(queries),
+            None if gallery is None else torch.as_tensor(gallery),
+            k,
+            metric,
+            backend,
+            max_bytes,
+        )
+    )
     return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])

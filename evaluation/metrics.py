@@ -1,7 +1,7 @@
 """Retrieval metrics: Recall@K, MAP@R and NMI, plus the one-call ``evaluate_embeddings`` and a table printer.
 
-Protocols (seed-spec §7). Without a gallery it is leave-one-out retrieval within the embeddings: every item is a
-query against all others, and the query itself is excluded **by index**, so an exact duplicate of the query
+Protocols (seed-spec §7). Without a gallery it is leave-one-out retrieval within the embeddings: every item is
+a query against all others, and the query itself is excluded **by index**, so an exact duplicate of the query
 still counts as a neighbour (the reference code drops the first column instead, which lets the query's own row
 survive when a duplicate ranks first). With ``gallery``/``gallery_labels`` (In-shop) the queries are ranked
 against the gallery and nothing is excluded.
@@ -15,8 +15,8 @@ scores are ranked by gallery index, lower first (see ``dmlkd.evaluation.knn``). 
   K larger than the number of candidates is evaluated on all candidates (with a warning).
 * MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020): AP@R = (1/R) Σ_{i ≤ R} P(i) · rel(i),
   averaged over the queries with R ≥ 1 (queries with R = 0 are excluded; NaN if none is left). Note that the
-  Deep-Metric-Learning reference code (DC ``mean_avg_R_precision``) divides by the number of hits within the top
-  R instead of by R, so its "mARP" is never lower than this value.
+  Deep-Metric-Learning reference code (DC ``mean_avg_R_precision``) divides by the number of hits within the
+  top R instead of by R, so its "mARP" is never lower than this value.
 * NMI: k-means with k = number of classes on the embeddings, then normalised mutual information with the
   arithmetic mean of the two entropies as normaliser (as sklearn's default ``normalized_mutual_info_score``).
 """
@@ -160,8 +160,9 @@ def recall_at_k(
         >>> recall_at_k(torch.randn(100, 16), torch.arange(100) // 5, ks=(1, 2, 4))  # doctest: +SKIP
         {1: 0.06, 2: 0.1, 4: 0.18}
     """
-    recall, _ = retrieval_metrics(embeddings, labels, ks, metric, gallery, gallery_labels, False, backend,
-                                  max_bytes)
+    recall, _ = retrieval_metrics(
+        embeddings, labels, ks, metric, gallery, gallery_labels, False, backend, max_bytes
+    )
     return recall
 
 
@@ -179,8 +180,9 @@ def map_at_r(
     Arguments as in ``recall_at_k``. Only ``max R`` neighbours are searched (the largest class), never the
     whole gallery.
     """
-    _, value = retrieval_metrics(embeddings, labels, (1,), metric, gallery, gallery_labels, True, backend,
-                                 max_bytes)
+    _, value = retrieval_metrics(
+        embeddings, labels, (1,), metric, gallery, gallery_labels, True, backend, max_bytes
+    )
     return float(value)
 
 
@@ -204,7 +206,7 @@ def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> fl
     row = torch.bincount(true_ids).double()
     col = torch.bincount(pred_ids).double()
     joint = joint.double()
-    mi = (joint / n * (joint.log() + math.log(n) - row[pairs // num_pred].log() - col[pairs % num_pred].log()))
+    mi = joint / n * (joint.log() + math.log(n) - row[pairs // num_pred].log() - col[pairs % num_pred].log())
     mi = max(float(mi.sum()), 0.0)
     if mi == 0.0:
         return 0.0
@@ -256,8 +258,9 @@ def evaluate_embeddings(
         >>> print(format_table(results))                                       # doctest: +SKIP
     """
     ks = _check_ks(ks)
-    recall, map_value = retrieval_metrics(embeddings, labels, ks, metric, gallery, gallery_labels, True,
-                                          backend, max_bytes)
+    recall, map_value = retrieval_metrics(
+        embeddings, labels, ks, metric, gallery, gallery_labels, True, backend, max_bytes
+    )
     results = {f"recall@{k}": recall[k] for k in ks}
     results["map@r"] = float(map_value)
     if compute_nmi:

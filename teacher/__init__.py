@@ -1,23 +1,24 @@
-"""Stage-1 (teacher) losses.
+"""Stage 1: teacher (source) embeddings.
 
-Each loss is an ``nn.Module`` whose ``forward(embeddings, labels)`` returns a scalar and which owns learnable
-class vectors (``proxies`` for Proxy-Anchor, ``weight`` for the classifiers). Train those parameters with the
-model, at ``lr × loss.lr_multiplier``, and save them in the checkpoint. Importing this package registers the
-losses in ``dmlkd.registry.TEACHER_LOSSES`` under ``proxy_anchor``, ``arcmargin``, ``softmax`` and
-``norm_softmax``; each factory is the class itself, called as
-``factory(num_classes=C, embedding_size=D, **kwargs)``.
+Losses: each is an ``nn.Module`` whose ``forward(embeddings, labels)`` returns a scalar and which owns
+learnable class vectors (``proxies`` for Proxy-Anchor, ``weight`` for the classifiers), trained with the model
+at ``lr * loss.lr_multiplier`` and saved in the checkpoint. They are registered in
+``dmlkd.registry.TEACHER_LOSSES`` as ``proxy_anchor``, ``arcmargin``, ``softmax`` and ``norm_softmax``.
+Training: ``dmlkd.teacher.trainer.train_teacher`` / ``dmlkd teacher train``.
+
+The names below are loaded on first use so that ``dmlkd --help`` does not import torch.
 """
 
 from __future__ import annotations
 
-from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.arcmargin import ArcMarginLoss
-from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss
-from dmlkd.teacher.softmax import NormSoftmaxLoss, SoftmaxLoss
+from typing import Any
 
 __all__ = ["ArcMarginLoss", "NormSoftmaxLoss", "ProxyAnchorLoss", "SoftmaxLoss"]
 
-TEACHER_LOSSES.register("proxy_anchor")(ProxyAnchorLoss)
-TEACHER_LOSSES.register("arcmargin")(ArcMarginLoss)
-TEACHER_LOSSES.register("softmax")(SoftmaxLoss)
-TEACHER_LOSSES.register("norm_softmax")(NormSoftmaxLoss)
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from dmlkd.teacher import losses
+
+        return getattr(losses, name)
+    raise AttributeError(f"module 'dmlkd.teacher' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def train_command(model_spec: str | None, loss: str | None, dataset: str | None,
     Example: dmlkd teacher train --model resnet50-512 --loss proxy_anchor --dataset cub --data-root data
     --out runs/cub-r50
     """
-    from dmlkd.config import apply_overrides, from_dict
+    from dmlkd.config import apply_overrides, from_dict, to_dict
     from dmlkd.engine.rundir import prepare_run_dir
     from dmlkd.models.spec import parse_spec
     from dmlkd.teacher.config import TeacherConfig, start_tree
@@ -72,7 +72,7 @@ def train_command(model_spec: str | None, loss: str | None, dataset: str | None,
     items = _overrides(shortcuts, overrides)
     tree = apply_overrides(start_tree(recipe, dataset, spec.arch if spec else None), items)
     config = from_dict(TeacherConfig, tree)  # validate before touching the output folder
-    given = apply_overrides({}, items) if resume else tree
+    given = apply_overrides({}, items) if resume else to_dict(config)
     run_dir, tree = prepare_run_dir(out, "teacher", given, resume=resume, overwrite=overwrite)
     config = from_dict(TeacherConfig, tree)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from dmlkd.config import to_dict
 from dmlkd.engine.data import build_train_data
 from dmlkd.engine.loop import FitResult, Stage, fit
 from dmlkd.engine.rundir import mark_status
+from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TEACHER_LOSSES
 from dmlkd.teacher.config import TeacherConfig
@@ -30,7 +32,7 @@ class TeacherModule(nn.Module):
         self.criterion = criterion
         self.loss_name = loss_name
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, replay_k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         output = self.model(batch.images)
         loss = self.criterion(output.embedding, batch.labels)
         return {"loss": loss, self.loss_name: loss.detach()}
@@ -38,6 +40,10 @@ class TeacherModule(nn.Module):
 
 def build_criterion(config: TeacherConfig, num_classes: int) -> nn.Module:
     factory = TEACHER_LOSSES.get(config.loss.name)
+    valid = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embedding_size")]
+    for key in config.loss.kwargs:
+        if key not in valid:
+            raise ConfigError(f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}")
     return factory(num_classes, config.model.embedding_dim, **config.loss.kwargs)
 
 

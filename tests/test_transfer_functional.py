@@ -55,7 +55,7 @@ def _relaxed_parts(student: torch.Tensor, teacher: torch.Tensor, sigma: float):
     n = len(distances)
     normalised = [[distances[i][j] / (sum(distances[i]) / n) for j in range(n)] for i in range(n)]
     teacher_distances = _pdist_loop([_unit(r) for r in _rows(teacher)])
-    weights = [[math.exp(-teacher_distances[i][j] ** 2 / sigma) for j in range(n)] for i in range(n)]
+    weights = [[math.exp(-(teacher_distances[i][j] ** 2) / sigma) for j in range(n)] for i in range(n)]
     return normalised, weights
 
 
@@ -196,7 +196,9 @@ def test_pairwise_distances_finite_gradient_at_duplicates_and_diagonal():
 def test_relaxed_contrastive_matches_loop(sigma, delta):
     student, teacher = _pair(seed=3)
     actual = tf.relaxed_contrastive(student, teacher, sigma=sigma, delta=delta)
-    assert actual.item() == pytest.approx(_relaxed_contrastive_loop(student, teacher, sigma, delta), rel=1e-10)
+    assert actual.item() == pytest.approx(
+        _relaxed_contrastive_loop(student, teacher, sigma, delta), rel=1e-10
+    )
 
 
 @pytest.mark.parametrize("num_views", [1, 2, 3])
@@ -241,7 +243,9 @@ def test_rkd_angle_matches_loop_including_degenerate_triples():
     student, teacher = _pair(n=5, seed=7)
     student = torch.cat([student, student[:1]])  # a duplicate row: extra degenerate triples
     teacher = torch.cat([teacher, teacher[1:2]])
-    assert tf.rkd_angle(student, teacher).item() == pytest.approx(_rkd_angle_loop(student, teacher), rel=1e-10)
+    assert tf.rkd_angle(student, teacher).item() == pytest.approx(
+        _rkd_angle_loop(student, teacher), rel=1e-10
+    )
 
 
 def test_pkt_matches_loop():
@@ -286,9 +290,9 @@ def test_attention_transfer_matches_loop():
     student = torch.randn(2, 3, 4, 5, generator=generator, dtype=DOUBLE)
     teacher = torch.randn(2, 6, 4, 5, generator=generator, dtype=DOUBLE)
     student_maps, teacher_maps = _attention_loop(student), _attention_loop(teacher)
-    expected = sum(
-        (s - t) ** 2 for sm, tm in zip(student_maps, teacher_maps) for s, t in zip(sm, tm)
-    ) / (2 * 20)
+    expected = sum((s - t) ** 2 for sm, tm in zip(student_maps, teacher_maps) for s, t in zip(sm, tm)) / (
+        2 * 20
+    )
     torch.testing.assert_close(tf.attention_map(student), torch.tensor(student_maps, dtype=DOUBLE))
     assert tf.attention_transfer(student, teacher).item() == pytest.approx(expected, rel=1e-10)
 
@@ -466,3 +470,28 @@ def test_relaxed_contrastive_full_size_batch_is_fast():
         loss.backward()
     assert (time.perf_counter() - start) / 5 < 0.5
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDING_LOSSES))
+def test_gradients_match_finite_differences(name):
+    """Catches detached terms (e.g. the relaxed row mean μ_i must carry gradient)."""
+    student, teacher = _pair(n=6, seed=27)
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: EMBEDDING_LOSSES[name](x, teacher), (student,))
+
+
+@pytest.mark.parametrize("name", ["attention_transfer", "fitnet_stage"])
+def test_feature_gradients_match_finite_differences(name):
+    generator = torch.Generator().manual_seed(28)
+    student = torch.randn(2, 3, 2, 3, generator=generator, dtype=DOUBLE, requires_grad=True)
+    teacher = torch.randn(2, 3, 2, 3, generator=generator, dtype=DOUBLE)
+    assert torch.autograd.gradcheck(lambda x: getattr(tf, name)(x, teacher), (student,))
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDING_LOSSES))
+def test_autocast_does_not_lower_precision(name):
+    student, teacher = (x.float() for x in _pair(n=8, seed=29))
+    expected = EMBEDDING_LOSSES[name](student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = EMBEDDING_LOSSES[name](student, teacher)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)

@@ -17,39 +17,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "attention_map",
-    "attention_transfer",
-    "dark_rank",
-    "fitnet_stage",
-    "pairwise_distances",
-    "pkt",
-    "relaxed_contrastive",
-    "relaxed_ms",
-    "rkd_angle",
-    "rkd_distance",
-]
+    "attention_map", "attention_transfer", "dark_rank", "fitnet_stage", "pairwise_distances", "pkt",
+    "relaxed_contrastive", "relaxed_ms", "rkd_angle", "rkd_distance"
+]  # fmt: skip
 
 _Function = TypeVar("_Function", bound=Callable[..., torch.Tensor])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Precision and shape helpers.
+# --- Precision and shape helpers.
 
 
-@contextlib.contextmanager
-def _autocast_disabled(device: torch.device) -> Iterator[None]:
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device.type):
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _full_precision(function: _Function) -> _Function:
@@ -86,8 +74,7 @@ def _eye(n: int, device: torch.device) -> torch.Tensor:
     return torch.eye(n, dtype=torch.bool, device=device)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Distances.
+# --- Distances.
 
 
 @_full_precision
@@ -115,7 +102,7 @@ def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def _row_mean_normalised(distances: torch.Tensor) -> torch.Tensor:
     """d_ij = D_ij / μ_i with μ_i the mean of row i over all N columns, the zero diagonal included."""
-    return distances / (distances.sum(dim=1, keepdim=True) / (distances.shape[0] - 1))
+    return distances / distances.mean(dim=1, keepdim=True)
 
 
 def _relaxed_scaled_squared(teacher: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -125,8 +112,7 @@ def _relaxed_scaled_squared(teacher: torch.Tensor, sigma: float) -> torch.Tensor
         return pairwise_distances(unit).pow(2) / sigma
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Relaxed losses: S. Kim, D. Kim, M. Cho, S. Kwak, "Embedding Transfer with Label Relaxation for Improved
+# --- Relaxed losses: S. Kim, D. Kim, M. Cho, S. Kwak, "Embedding Transfer with Label Relaxation for Improved
 # Metric Learning", CVPR 2021 (arXiv:2103.14908).
 
 
@@ -203,7 +189,9 @@ def relaxed_ms(
     """
     n = _check_embeddings("relaxed_ms", student, teacher)
     if num_views < 1 or n % num_views:
-        raise ValueError(f"relaxed_ms needs a batch of num_views={num_views} views per image, got N={n}")
+        raise ValueError(
+            f"relaxed_ms needs N divisible by num_views (view-major batch), got N={n}, num_views={num_views}"
+        )
     if n < 2:
         return _zero_with_graph(student)
     normalised = _row_mean_normalised(pairwise_distances(student))
@@ -221,8 +209,7 @@ def relaxed_ms(
     return torch.where(active, per_anchor, 0.0).sum() / active.sum().clamp(min=1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# RKD: W. Park, D. Kim, Y. Lu, M. Cho, "Relational Knowledge Distillation", CVPR 2019.
+# --- RKD: W. Park, D. Kim, Y. Lu, M. Cho, "Relational Knowledge Distillation", CVPR 2019.
 
 
 def _global_mean_normalised(distances: torch.Tensor) -> torch.Tensor:
@@ -283,8 +270,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(student_cosines, teacher_cosines, reduction="mean", beta=1.0)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# PKT: N. Passalis, A. Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
+# --- PKT: N. Passalis, A. Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
 # ECCV 2018.
 
 
@@ -322,8 +308,7 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
     return (teacher_probabilities * torch.log(ratio)).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# DarkRank: Y. Chen, N. Wang, Z. Zhang, "DarkRank: Accelerating Deep Metric Learning via Cross Sample
+# --- DarkRank: Y. Chen, N. Wang, Z. Zhang, "DarkRank: Accelerating Deep Metric Learning via Cross Sample
 # Similarities Transfer", AAAI 2018 (hard variant, settings of the RKD code).
 
 
@@ -363,7 +348,9 @@ def dark_rank(
         return _zero_with_graph(student)
     with torch.no_grad():
         teacher_distances = pairwise_distances(F.normalize(teacher.detach(), p=2, dim=1))
-        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(_eye(n, teacher.device), -torch.inf)
+        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(
+            _eye(n, teacher.device), -torch.inf
+        )
         ranked = teacher_scores.topk(length, dim=1).indices
     student_distances = pairwise_distances(F.normalize(student, p=2, dim=1))
     ordered_scores = -alpha * student_distances.gather(1, ranked).pow(beta)  # never touches D_ii = 0
@@ -371,8 +358,7 @@ def dark_rank(
     return -(ordered_scores - tail_logsumexp).sum(dim=1).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Feature-map terms: S. Zagoruyko, N. Komodakis, "Paying More Attention to Attention", ICLR 2017;
+# --- Feature-map terms: S. Zagoruyko, N. Komodakis, "Paying More Attention to Attention", ICLR 2017;
 # A. Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
 
 

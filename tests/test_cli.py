@@ -1,0 +1,102 @@
+"""The CLI as a user meets it: listing commands, eval, and one-line errors (CliRunner and real processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dmlkd.checkpoints import save_checkpoint
+from dmlkd.cli import main
+from dmlkd.models import create_model
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_version() -> None:
+    import dmlkd
+
+    code, out, _ = _invoke("--version")
+    assert code == 0 and dmlkd.__version__ in out
+
+
+def test_models_lists_architectures_and_taps() -> None:
+    code, out, _ = _invoke("models", "--json")
+    assert code == 0
+    rows = {row["arch"]: row for row in json.loads(out)}
+    assert set(rows) == {"bn_inception", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101"}
+    assert rows["resnet50"]["tap_channels"] == [256, 512, 1024, 2048]
+    assert rows["bn_inception"]["tap_channels"] == [576, 1056, 1024]
+    assert rows["bn_inception"]["input"].startswith("BGR 0-255")
+    code, out, _ = _invoke("models")
+    assert code == 0 and "resnet18" in out and "ARCH-DIM" in out
+
+
+def test_datasets_lists_readers() -> None:
+    code, out, _ = _invoke("datasets", "--json")
+    assert code == 0
+    names = {row["name"] for row in json.loads(out)}
+    assert names == {"cars", "csv", "cub", "folder", "glyphs", "inshop", "sop"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(folder, create_model("resnet18-8"))
+    return folder
+
+
+GLYPHS = ["--dataset", "glyphs", "--set", "data.options.max_classes=8"]
+
+
+def test_eval_json_and_table(checkpoint: Path) -> None:
+    code, out, err = _invoke("eval", "--checkpoint", str(checkpoint), *GLYPHS, "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    assert set(results) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
+    assert all(0.0 <= value <= 1.0 for value in results.values())
+    code, out, err = _invoke("eval", "--checkpoint", str(checkpoint), *GLYPHS, "--metric", "euclidean",
+                             "--set", "eval.ks=[1,3]", "--set", "eval.nmi=false")
+    assert code == 0, err
+    assert out.split("\n")[0].split() == ["R@1", "R@3", "MAP@R"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint", "{nowhere}"], "does not exist"),
+        (["--checkpoint", "{ckpt}", "--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from: cars, csv"),
+        (["--checkpoint", "{ckpt}", "--dataset", "cub", "--data-root", "{nowhere}"], "nowhere"),
+        (["--checkpoint", "{ckpt}", "--set", "eval.metric=l1"], "'l1' is not valid; choose from: cosine, euclidean"),
+        (["--checkpoint", "{ckpt}", "--set", "data.options.colour=1"], "dataset 'glyphs' has no option 'colour'"),
+        (["--checkpoint", "{ckpt}", "--device", "cuda:7"], "cuda"),
+        (["--checkpoint", "{empty}"], "holds no checkpoint"),
+    ],
+)
+def test_eval_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    values = {"nowhere": str(tmp_path / "nowhere"), "ckpt": str(checkpoint), "empty": str(tmp_path / "empty")}
+    args = [arg.format(**values) for arg in args]
+    code, _, err = _invoke("eval", *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_real_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dmlkd", "eval", "--checkpoint", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    debug = subprocess.run([sys.executable, "-m", "dmlkd", "--debug", "eval", "--checkpoint",
+                            str(tmp_path / "x")], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -1,0 +1,101 @@
+"""Transfer-stage configuration and the reference recipes (seed-spec §5.2) as named presets. Torch-free."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from dmlkd.config import DataConfig, EvalConfig, OptimConfig, TrainConfig, merge
+from dmlkd.errors import ConfigError, choices
+from dmlkd.models.spec import ModelConfig
+
+TeacherMode = typing.Literal["auto", "online", "cached", "clean"]
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """A registered transfer method and its options (e.g. ``{"sigma": 1.0, "delta": 1.0}``)."""
+
+    name: str = "relaxed_contrastive"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TeacherSourceConfig:
+    """Where the frozen teacher comes from and how its outputs reach the loss.
+
+    ``mode``: ``online`` runs the teacher on every step on the same augmented views (exact parity with the
+    paper's code); ``cached`` replays K pre-drawn views per image from an exact-replay cache; ``clean`` caches
+    only the deterministic eval view (cheapest, but a different method: the teacher sees another view than
+    the student); ``auto`` is ``cached`` for embedding-based methods and ``online`` for feature-map methods.
+    """
+
+    ref: str = ""
+    mode: TeacherMode = "auto"
+    cache_views: int = 8
+    cache_dir: str | None = None  # None: <dmlkd cache folder>/teacher-outputs
+    cache_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.cache_views <= 0:
+            raise ConfigError(f"cache-views must be a positive integer, got {self.cache_views}")
+        if self.cache_batch_size <= 0:
+            raise ConfigError(f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}")
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    """Everything ``dmlkd transfer train`` needs; saved resolved as ``run_config.json`` in the run folder."""
+
+    teacher: TeacherSourceConfig = dataclasses.field(default_factory=TeacherSourceConfig)
+    student: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="resnet18", embedding_dim=128))
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    recipe: str | None = None
+
+
+def _lr(dataset: str, epochs: int) -> dict[str, Any]:
+    """The LR README command: batch 90 = 45 classes x IPC 2, 2 views, AdamW 1e-4, cosine, raw student."""
+    return {
+        "student": {"l2_norm": False, "head_init": "orthogonal", "pretrained": True},
+        "method": {"name": "relaxed_contrastive", "kwargs": {"sigma": 1.0, "delta": 1.0}},
+        "data": {"name": dataset},
+        "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "scheduler": "cosine",
+                  "clip_grad_value": None, "warmup_epochs": 0, "bn_freeze": False},
+        "train": {"epochs": epochs, "batch_size": 90, "ipc": 2, "views": 2, "seed": 0, "image_size": 224},
+        "eval": {"metric": "euclidean", "second_metric": "cosine"},
+    }
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "lr-cub": _lr("cub", 90),
+    "lr-cars": _lr("cars", 90),
+    "lr-sop": _lr("sop", 150),
+    # The built-in demo: minutes on 2 CPU cores, student from scratch.
+    "demo-glyphs": merge(_lr("glyphs", 4), {
+        "student": {"pretrained": False},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 64, "image_size": None, "eval_at_start": False},
+    }),
+}
+
+
+def default_recipe(dataset: str | None) -> str | None:
+    if dataset in (None, "glyphs"):
+        return "demo-glyphs"
+    name = f"lr-{dataset}"
+    return name if name in RECIPES else None
+
+
+def start_tree(recipe_name: str | None, dataset: str | None) -> dict[str, Any]:
+    """The config tree before command-line overrides: the named or default recipe (LR defaults otherwise)."""
+    name = recipe_name or default_recipe(dataset)
+    if name is not None and name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose from: {choices(RECIPES)}")
+    tree = merge({}, RECIPES[name]) if name else merge(_lr(dataset or "glyphs", 90), {})
+    tree["recipe"] = name
+    return tree

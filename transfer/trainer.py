@@ -1,0 +1,213 @@
+"""Stage 2: train a student to reproduce a frozen teacher's embedding space, on the shared training loop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmlkd.config import to_dict
+from dmlkd.data.base import DatasetSplits
+from dmlkd.engine.data import build_train_data, train_image_size
+from dmlkd.engine.loop import FitResult, Stage, fit
+from dmlkd.engine.rundir import mark_status
+from dmlkd.errors import ConfigError
+from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.registry import TRANSFER_METHODS
+from dmlkd.transfer.config import TransferConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_mode(requested: str, method_cls: Any) -> str:
+    """The teacher mode to use; feature-map methods cannot use a cache (the maps must match the view)."""
+    if requested == "auto":
+        return "cached" if method_cls.cacheable else "online"
+    if requested in ("cached", "clean") and not method_cls.cacheable:
+        raise ConfigError(
+            f"transfer method {method_cls.method_name!r} needs the teacher's feature maps of the exact augmented "
+            f"view, which a cache of embeddings cannot hold; use --teacher-mode online"
+        )
+    return requested
+
+
+class TeacherSource:
+    """The frozen teacher's output for a batch: an online forward pass, or a replay from a cache.
+
+    It is deliberately not an ``nn.Module`` attribute of the trainable module: the teacher is never
+    optimised, never saved with the student and never wrapped for DDP.
+    """
+
+    def __init__(self, mode: str, model: nn.Module | None = None, cache: Any = None,
+                 with_features: bool = False) -> None:
+        self.mode = mode
+        self.model = model
+        self.cache = cache
+        self.with_features = with_features
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, replay_k: torch.Tensor) -> ModelOutput:
+        if self.mode == "online":
+            assert self.model is not None
+            if next(self.model.parameters()).device != batch.images.device:
+                self.model.to(batch.images.device)
+            return self.model(batch.images, with_features=self.with_features)
+        return self.cache.lookup(batch.indices, replay_k)
+
+
+class TransferModule(nn.Module):
+    """The student and every trainable part of the transfer method: the one module given to the optimiser."""
+
+    def __init__(self, student: nn.Module, method: nn.Module, teacher: TeacherSource) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see TeacherSource
+
+    def forward(self, batch: Batch, replay_k: torch.Tensor) -> dict[str, torch.Tensor]:
+        teacher_output = self.teacher(batch, replay_k)
+        student_output = self.student(batch.images, with_features=self.method.needs_features)
+        terms = self.method(student_output, teacher_output, batch)
+        total = torch.stack([value.float() for value in terms.values()]).sum()
+        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+
+def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[str, list[nn.Parameter], float]]:
+    student, optim = module.student, config.optim
+    groups = [
+        ("backbone", list(student.backbone.parameters()), optim.backbone_lr_mult),
+        ("head", list(student.embedding.parameters()), optim.head_lr_mult),
+    ]
+    for name, params, mult in module.method.parameter_groups():
+        groups.append((name, params, optim.loss_lr_mult if optim.loss_lr_mult is not None else mult))
+    return groups
+
+
+def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
+    """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
+    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
+
+    if not ref:
+        raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
+    teacher, record = load_checkpoint(ref)
+    teacher.requires_grad_(False)
+    digest = record["files"]["model.safetensors"]
+    log.info("teacher %s (%s)", resolve_checkpoint_dir(ref), digest[:12])
+    return teacher, record, digest
+
+
+def _cache_folder(config: TransferConfig) -> Path:
+    if config.teacher.cache_dir:
+        return Path(config.teacher.cache_dir).expanduser()
+    from dmlkd.data.glyphs import cache_folder
+
+    return Path(cache_folder()) / "teacher-outputs"
+
+
+def build_teacher_source(config: TransferConfig, teacher: nn.Module, digest: str, splits: DatasetSplits,
+                         method_cls: Any, mode: str, device: torch.device) -> TeacherSource:
+    if mode == "online":
+        return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
+    from dmlkd.transfer.cache import CacheSpec, load_or_build_cache
+
+    train = config.train
+    spec = CacheSpec(
+        mode=mode,
+        num_sets=config.teacher.cache_views if mode == "cached" else 1,
+        seed=train.seed,
+        image_size=train_image_size(train, splits),
+        scale=tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0))),
+        ratio=(3 / 4, 4 / 3),
+        flip_p=float(splits.defaults.get("flip_p", 0.5)),
+        eval_resize_ratio=splits.defaults.get("eval_resize_ratio", 256 / 224),
+        with_pooled=bool(method_cls.needs_pooled),
+    )
+    cache = load_or_build_cache(teacher, splits.train, spec, _cache_folder(config), teacher_digest=digest,
+                                batch_size=config.teacher.cache_batch_size, num_workers=train.num_workers,
+                                device=device, progress=train.progress)
+    return TeacherSource(mode, cache=cache.to(device))
+
+
+@dataclass
+class TransferResult:
+    run_dir: Path
+    fit: FitResult
+    teacher_mode: str
+
+
+def build_method(config: TransferConfig, student: nn.Module, teacher: nn.Module, splits: DatasetSplits,
+                 num_classes: int) -> nn.Module:
+    from dmlkd.transfer.base import ModelInfo
+
+    factory = TRANSFER_METHODS.get(config.method.name)
+    method = factory(student=ModelInfo.from_model(student), teacher=ModelInfo.from_model(teacher),
+                     num_classes=num_classes, num_train=len(splits.train), num_views=config.train.views,
+                     **config.method.kwargs)
+    method.set_train_labels(torch.as_tensor(splits.train.labels, dtype=torch.long))
+    return method
+
+
+def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
+    """Train a student against a frozen teacher; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
+    from dmlkd.data.catalog import build_splits
+    from dmlkd.data.transforms import ReplaySpec
+    from dmlkd.engine.evaluate import resolve_device
+    from dmlkd.models import build_model
+
+    torch.manual_seed(config.train.seed)
+    method_cls = TRANSFER_METHODS.get(config.method.name)
+    mode = resolve_mode(config.teacher.mode, method_cls)
+    teacher, teacher_record, digest = load_teacher(config.teacher.ref)
+    splits, bad = build_splits(config.data)
+    replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
+    data = build_train_data(splits, config.train, replay=replay)
+    student = build_model(config.student)
+    method = build_method(config, student, teacher, splits, data.num_classes)
+    device = resolve_device(config.train.device)
+    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, device)
+    module = TransferModule(student, method, source)
+    stage = Stage(
+        module=module,
+        model=student,
+        head=student.embedding,
+        param_groups=param_groups(module, config),
+        loader_factory=data.loader_factory,
+        batches_per_epoch=data.batches_per_epoch,
+        splits=splits,
+        eval_config=config.eval,
+        checkpoint_extras=lambda: {"method": state} if (state := _tensor_state(method)) else {},
+        record={"train_config": {"stage": "transfer", **to_dict(config)},
+                "provenance": {"teacher": config.teacher.ref, "teacher_digest": digest, "teacher_mode": mode,
+                               "teacher_metrics": teacher_record.get("metrics", {}),
+                               "teacher_model": teacher_record.get("model", {}), "dataset": config.data.name,
+                               "method": config.method.name, "skipped_images": [i for i, _ in bad]}},
+    )
+    result = fit(stage, config.optim, config.train, run_dir, resume=resume)
+    mark_status(run_dir, "finished", global_step=result.global_step, teacher_mode=mode)
+    return TransferResult(run_dir, result, mode)
+
+
+def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in module.state_dict().items() if torch.is_tensor(value)}
+
+
+def build_cache_for(config: TransferConfig) -> dict[str, Any]:
+    """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
+    from dmlkd.data.catalog import build_splits
+    from dmlkd.engine.evaluate import resolve_device
+    from dmlkd.transfer.cache import describe_cache
+
+    method_cls = TRANSFER_METHODS.get(config.method.name)
+    mode = resolve_mode(config.teacher.mode, method_cls)
+    if mode == "online":
+        raise ConfigError(f"teacher mode online uses no cache; choose --teacher-mode cached or clean "
+                          f"(method {config.method.name!r})")
+    teacher, _record, digest = load_teacher(config.teacher.ref)
+    splits, _bad = build_splits(config.data)
+    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode,
+                                  resolve_device(config.train.device))
+    return describe_cache(source.cache.path)
