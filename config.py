@@ -123,6 +123,10 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
             f"unknown config key {prefix}{unknown[0]}; valid keys here: {choices(prefix + n for n in fields)}"
         )
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key(s) {', '.join(prefix + name for name in missing)}")
     try:
         return cls(**kwargs)
     except TypeError as error:

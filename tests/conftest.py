@@ -16,6 +16,10 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["DMLKD_CACHE"] = str(tmp_path_factory.mktemp("dmlkd-cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
+    # Tiny models are much slower with two intra-op threads on a busy 2-core machine than with one.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -61,7 +61,8 @@ class TransferConfig:
 def _lr(dataset: str, epochs: int) -> dict[str, Any]:
     """The LR README command: batch 90 = 45 classes x IPC 2, 2 views, AdamW 1e-4, cosine, raw student."""
     return {
-        "student": {"l2_norm": False, "head_init": "orthogonal", "pretrained": True},
+        "student": {"arch": "resnet18", "embedding_dim": 128, "l2_norm": False, "head_init": "orthogonal",
+                    "pretrained": True},
         "method": {"name": "relaxed_contrastive", "kwargs": {"sigma": 1.0, "delta": 1.0}},
         "data": {"name": dataset},
         "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "scheduler": "cosine",
@@ -77,7 +78,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lr-sop": _lr("sop", 150),
     # The built-in demo: minutes on 2 CPU cores, student from scratch.
     "demo-glyphs": merge(_lr("glyphs", 4), {
-        "student": {"pretrained": False},
+        "student": {"embedding_dim": 64, "pretrained": False},
         "optim": {"lr": 1e-3},
         "train": {"batch_size": 64, "image_size": None, "eval_at_start": False},
     }),
