@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from dmlkd import __version__
-from dmlkd.errors import DmlkdError
+from dmlkd.errors import DmlkdError, Interrupted
 
 SET_HELP = "Override any config field, e.g. --set eval.metric=euclidean (repeatable)."
 
@@ -32,6 +32,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        except Interrupted as stop:
+            where = f" in {stop.where}/state" if stop.where else ""
+            click.echo(f"stopped at step {stop.step}; resumable state saved{where} "
+                       "(rerun the same command with --resume to continue; pipelines resume by themselves)",
+                       err=True)
+            ctx.exit(128 + stop.signum)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -125,12 +131,17 @@ def eval_command(checkpoint: str, dataset: str | None, data_root: str | None, me
 
 def _register_stage_commands() -> None:
     # Stage command groups live next to their code; importing them is cheap (no torch at import time).
+    from dmlkd.pipelines.cli import pipeline_group
+    from dmlkd.student.cli import embed_command, export_command
     from dmlkd.teacher.cli import teacher_group
     from dmlkd.transfer.cli import cache_group, transfer_group
 
     main.add_command(teacher_group)
     main.add_command(transfer_group)
     main.add_command(cache_group)
+    main.add_command(pipeline_group)
+    main.add_command(export_command)
+    main.add_command(embed_command)
 
 
 _register_stage_commands()

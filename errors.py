@@ -33,3 +33,13 @@ class ModelSpecError(DmlkdError):
 def choices(names: Iterable[str]) -> str:
     """Format valid choices for an error message: ``a, b, c``."""
     return ", ".join(sorted(names))
+
+
+class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """A training run was stopped by SIGINT/SIGTERM after saving a resumable state."""
+
+    def __init__(self, signum: int, step: int, where: str = "") -> None:
+        super().__init__(f"interrupted by signal {signum} at step {step}")
+        self.signum = signum
+        self.step = step
+        self.where = where

@@ -219,7 +219,15 @@ def _preview(keys: list[str], limit: int = 4) -> str:
 
 
 def resolve_checkpoint_dir(ref: str | Path) -> Path:
-    """A checkpoint folder, or a run folder holding ``best/`` (preferred) or ``last/``."""
+    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, or ``hf://ORG/NAME[@REV]``.
+
+    A Hub reference is downloaded (or read from the Hub cache) and its snapshot folder, named by the
+    resolved commit sha, is returned (``dmlkd.checkpoints.hub.hub_provenance`` recovers repo and commit).
+    """
+    if isinstance(ref, str) and ref.startswith("hf://"):
+        from dmlkd.checkpoints.hub import resolve_hub_ref
+
+        return resolve_hub_ref(ref)
     path = Path(ref)
     if (path / CONFIG_FILE).is_file():
         return path
@@ -244,6 +252,9 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     model = build_model(_without_pretrained(model_config))
     state = read_tensors(directory, MODEL_FILE, record)
     load_state_strict(model, state, f"checkpoint {str(directory)!r}")
+    from dmlkd.student.embed import attach_embed_defaults
+
+    attach_embed_defaults(model, record)  # the image size `model.embed(...)` uses by default
     return model.to(device).eval(), record
 
 

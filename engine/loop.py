@@ -29,22 +29,13 @@ from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, has_state, load_state, save_state
-from dmlkd.errors import ConfigError, DmlkdError
+from dmlkd.errors import ConfigError, DmlkdError, Interrupted
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(DmlkdError):
     """The loss became NaN or infinite."""
-
-
-class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """The run was stopped by SIGINT/SIGTERM after saving a resumable state."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"interrupted by signal {signum} at step {step}")
-        self.signum = signum
-        self.step = step
 
 
 @dataclass
@@ -202,7 +193,7 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
                 if stop.signum is not None:
                     save_progress()
                     bar.close()
-                    raise Interrupted(stop.signum, progress.global_step)
+                    raise Interrupted(stop.signum, progress.global_step, str(run_dir))
                 if train.save_every and progress.global_step % train.save_every == 0:
                     save_progress()
                 if progress.batch_in_epoch >= epoch_end:

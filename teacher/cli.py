@@ -76,15 +76,9 @@ def train_command(model_spec: str | None, loss: str | None, dataset: str | None,
     run_dir, tree = prepare_run_dir(out, "teacher", given, resume=resume, overwrite=overwrite)
     config = from_dict(TeacherConfig, tree)
 
-    from dmlkd.engine.loop import Interrupted
     from dmlkd.engine.report import summary_table
     from dmlkd.teacher.trainer import train_teacher
 
-    try:
-        result = train_teacher(config, run_dir, resume=resume)
-    except Interrupted as stop:
-        click.echo(f"stopped at step {stop.step}; resumable state saved in {run_dir}/state "
-                   f"(continue with --resume --out {out})", err=True)
-        raise SystemExit(128 + stop.signum) from None
+    result = train_teacher(config, run_dir, resume=resume)
     click.echo(summary_table(result.fit, config.eval.metric))
     click.echo(f"run folder: {run_dir}")

@@ -90,7 +90,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
                 "provenance": _provenance(config, splits, bad)},
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
-    mark_status(run_dir, "finished", global_step=result.global_step)
+    mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))
     return TeacherResult(run_dir, result)
 
 

@@ -66,7 +66,12 @@ def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[
         "train.progress": False if params["no_progress"] else None,
     }
     items = _items(shortcuts, params["overrides"])
-    return items, apply_overrides(start_tree(params["recipe"], params["dataset"]), items)
+    start = start_tree(params["recipe"], params["dataset"])
+    tree = apply_overrides(start, items)
+    if tree["method"]["name"] != start["method"]["name"]:
+        # The recipe's options belong to its own method: another method keeps only the options given here.
+        tree["method"]["kwargs"] = apply_overrides({}, items).get("method", {}).get("kwargs", {})
+    return items, tree
 
 
 @click.group("transfer")
@@ -91,22 +96,19 @@ def train_command(method: str | None, out: str, resume: bool, overwrite: bool, *
     from dmlkd.engine.rundir import prepare_run_dir
     from dmlkd.transfer.config import TransferConfig
 
+    from dmlkd.transfer.trainer import check_transfer_config
+
     items, tree = build_config_tree(params, method)
     config = from_dict(TransferConfig, tree)
+    check_transfer_config(config)  # before the run folder is created
     given = apply_overrides({}, items) if resume else to_dict(config)
     run_dir, tree = prepare_run_dir(out, "transfer", given, resume=resume, overwrite=overwrite)
     config = from_dict(TransferConfig, tree)
 
-    from dmlkd.engine.loop import Interrupted
     from dmlkd.engine.report import summary_table
     from dmlkd.transfer.trainer import train_transfer
 
-    try:
-        result = train_transfer(config, run_dir, resume=resume)
-    except Interrupted as stop:
-        click.echo(f"stopped at step {stop.step}; resumable state saved in {run_dir}/state "
-                   f"(continue with --resume --out {out})", err=True)
-        raise SystemExit(128 + stop.signum) from None
+    result = train_transfer(config, run_dir, resume=resume)
     click.echo(f"teacher mode: {result.teacher_mode}")
     click.echo(summary_table(result.fit, config.eval.metric))
     click.echo(f"run folder: {run_dir}")

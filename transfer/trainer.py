@@ -87,6 +87,17 @@ def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[s
     return groups
 
 
+def check_transfer_config(config: TransferConfig) -> str:
+    """Cheap checks before a run folder is created: method, teacher mode and teacher folder; returns the mode."""
+    from dmlkd.checkpoints import resolve_checkpoint_dir
+
+    mode = resolve_mode(config.teacher.mode, TRANSFER_METHODS.get(config.method.name))
+    if not config.teacher.ref:
+        raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
+    resolve_checkpoint_dir(config.teacher.ref)
+    return mode
+
+
 def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
     """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
@@ -187,7 +198,8 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
                                "method": config.method.name, "skipped_images": [i for i, _ in bad]}},
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
-    mark_status(run_dir, "finished", global_step=result.global_step, teacher_mode=mode)
+    mark_status(run_dir, "finished", global_step=result.global_step, teacher_mode=mode,
+                train_seconds=round(result.seconds, 1))
     return TransferResult(run_dir, result, mode)
 
 
@@ -199,7 +211,7 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
     from dmlkd.data.catalog import build_splits
     from dmlkd.engine.evaluate import resolve_device
-    from dmlkd.transfer.cache import describe_cache
+    from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls)
@@ -210,4 +222,4 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     splits, _bad = build_splits(config.data)
     source = build_teacher_source(config, teacher, digest, splits, method_cls, mode,
                                   resolve_device(config.train.device))
-    return describe_cache(source.cache.path)
+    return describe_cache(cache_path(_cache_folder(config), source.cache.key))

@@ -1,0 +1,281 @@
+"""The report's PNG figures, drawn with matplotlib's object API on the Agg canvas (no pyplot, no window).
+
+The ``plot_*`` functions take plain data (histories, recall curves, neighbour indices), write one PNG and
+return its path, so the figures can be tested without any model; ``write_plots`` draws the report's three
+figures from its results and the test embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from dmlkd.config import EvalConfig
+from dmlkd.data.base import DatasetSplits
+
+FILES = {
+    "recall_per_epoch": "recall_per_epoch.png",
+    "recall_at_k": "recall_at_k.png",
+    "retrieval_grid": "retrieval_grid.png",
+}
+GRID_QUERIES = 6
+GRID_NEIGHBOURS = 5
+THUMBNAIL = 160  # pixels of the longer side of a retrieval-grid image
+CORRECT_COLOR = "#2ca02c"
+WRONG_COLOR = "#d62728"
+QUERY_COLOR = "#1f77b4"
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_recall_per_epoch(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, key: str = "recall@1"
+) -> Path:
+    """One line per run: ``key`` (a fraction, drawn in percent) against the epoch of each evaluation.
+
+    Args:
+        histories: ``{label: metrics.jsonl rows}``; rows without ``key`` are skipped, and a run without any
+            row is listed in the figure as "no per-epoch metrics".
+        path: the PNG to write.
+        key: the metric to draw (default Recall@1).
+    """
+    figure = _figure(8, 5)
+    axes = figure.add_subplot()
+    missing = []
+    for label, rows in histories.items():
+        points = [(row["epoch"], 100 * row[key]) for row in rows if key in row and "epoch" in row]
+        if not points:
+            missing.append(label)
+            continue
+        epochs, values = zip(*sorted(points))
+        (line,) = axes.plot(epochs, values, marker="o", markersize=3, label=label)
+        best = max(range(len(values)), key=lambda i: values[i])
+        axes.plot([epochs[best]], [values[best]], marker="*", markersize=10, color=line.get_color())
+    if missing:
+        axes.text(
+            0.01,
+            0.01,
+            "no per-epoch metrics: " + ", ".join(missing),
+            transform=axes.transAxes,
+            fontsize=8,
+            color="gray",
+        )
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(f"{_label(key)} (%) on the test split")
+    axes.set_title(f"{_label(key)} per epoch (star: best epoch, selected on test)")
+    axes.grid(True, alpha=0.3)
+    if len(missing) < len(histories):
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_recall_at_k(
+    curves: Mapping[str, Mapping[int, float]], path: Path, marked_ks: Sequence[int] = ()
+) -> Path:
+    """Recall@K (fractions, drawn in percent) against K on a log axis, one line per model.
+
+    Args:
+        curves: ``{label: {K: recall}}``.
+        path: the PNG to write.
+        marked_ks: K values to mark with vertical lines (the dataset's reported K values).
+    """
+    figure = _figure(8, 5)
+    axes = figure.add_subplot()
+    for label, curve in curves.items():
+        ks = sorted(curve)
+        axes.plot(ks, [100 * curve[k] for k in ks], marker="o", markersize=3, label=label)
+    all_ks = sorted({k for curve in curves.values() for k in curve})
+    if all_ks and all_ks[-1] > all_ks[0]:
+        axes.set_xscale("log", base=2)
+        ticks = sorted(set(_ticks(marked_ks)) & set(all_ks)) or all_ks
+        axes.set_xticks(ticks, [str(k) for k in ticks])
+        axes.minorticks_off()
+    for k in marked_ks:
+        axes.axvline(k, color="gray", alpha=0.25, linewidth=1)
+    axes.set_xlabel("K")
+    axes.set_ylabel("Recall@K (%) on the test split")
+    axes.set_title("Recall@K of the last checkpoints")
+    axes.grid(True, alpha=0.3)
+    if curves:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+@dataclass
+class GridRow:
+    """One query of the retrieval grid: its position and label, its neighbours' positions and labels."""
+
+    query: int
+    query_label: int
+    neighbours: list[int]
+    neighbour_labels: list[int]
+
+
+def plot_retrieval_grid(
+    rows: Sequence[GridRow],
+    load_query: Callable[[int], Image.Image],
+    load_gallery: Callable[[int], Image.Image],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """A grid: each row a query (blue frame) and its nearest neighbours, green frame if correct, red if not.
+
+    Args:
+        rows: the queries and their ranked neighbours (all rows have at most the same number of neighbours).
+        load_query, load_gallery: positions → PIL images (the same function for leave-one-out retrieval).
+        path: the PNG to write.
+        title: the figure title (e.g. which model ranked the neighbours).
+    """
+    columns = 1 + max((len(row.neighbours) for row in rows), default=0)
+    figure = _figure(1.6 * columns, 1.7 * max(len(rows), 1) + 0.4)
+    grid = figure.subplots(max(len(rows), 1), columns, squeeze=False)
+    for axes in grid.flat:
+        axes.set_axis_off()
+    for r, row in enumerate(rows):
+        _show(grid[r][0], load_query(row.query), QUERY_COLOR, f"query (class {row.query_label})")
+        for c, (position, label) in enumerate(zip(row.neighbours, row.neighbour_labels), start=1):
+            color = CORRECT_COLOR if label == row.query_label else WRONG_COLOR
+            _show(grid[r][c], load_gallery(position), color, f"#{c} (class {label})")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _show(axes: Any, image: Image.Image, color: str, caption: str) -> None:
+    image = image.convert("RGB")
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    axes.set_axis_on()
+    axes.imshow(image)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(4)
+    axes.set_title(caption, fontsize=7, color=color)
+
+
+def _ticks(marked_ks: Sequence[int]) -> list[int]:
+    """Powers of two up to 32, or the marked K values and 32 when they go beyond (SOP: 1, 10, 100, 1000)."""
+    if any(k > 32 for k in marked_ks):
+        return [*marked_ks, 32]
+    return [1, 2, 4, 8, 16, 32, *marked_ks]
+
+
+def _label(key: str) -> str:
+    if key.startswith("recall@"):
+        return "Recall@" + key.split("@", 1)[1]
+    return key
+
+
+@dataclass
+class ModelEmbeddings:
+    """Test-split embeddings of one model: ``(N, D)`` queries and ``(N,)`` labels; ``gallery`` is None for
+    leave-one-out retrieval, else the ``(G, D)`` gallery and ``(G,)`` labels."""
+
+    query: Tensor
+    query_labels: Tensor
+    gallery: Tensor | None = None
+    gallery_labels: Tensor | None = None
+
+
+def entry_label(entry: Mapping[str, Any]) -> str:
+    """How a report entry is named in figures and tables."""
+    name = entry["name"]
+    return name if entry["role"] == "student" or "teacher" in name.lower() else f"{name} (teacher)"
+
+
+def grid_rows(
+    embedded: ModelEmbeddings,
+    eval_config: EvalConfig,
+    num_queries: int = GRID_QUERIES,
+    num_neighbours: int = GRID_NEIGHBOURS,
+) -> list[GridRow]:
+    """``num_queries`` queries drawn with ``eval_config.seed`` and their nearest neighbours (self excluded by
+    index, so an exact duplicate of the query still shows up as a neighbour)."""
+    from dmlkd.evaluation import knn
+
+    leave_one_out = embedded.gallery is None
+    gallery = embedded.query if leave_one_out else embedded.gallery
+    gallery_labels = embedded.query_labels if leave_one_out else embedded.gallery_labels
+    count = embedded.query.shape[0]
+    chosen = np.random.default_rng(eval_config.seed).choice(
+        count, size=min(num_queries, count), replace=False
+    )
+    chosen = chosen.tolist()
+    k = min(num_neighbours + int(leave_one_out), gallery.shape[0])
+    _, indices = knn(
+        embedded.query[chosen], gallery, k, metric=eval_config.metric, backend=eval_config.backend
+    )
+    rows = []
+    for query, neighbours in zip(chosen, indices.tolist()):
+        neighbours = [n for n in neighbours if not (leave_one_out and n == query)][:num_neighbours]
+        rows.append(
+            GridRow(
+                query,
+                int(embedded.query_labels[query]),
+                neighbours,
+                [int(gallery_labels[n]) for n in neighbours],
+            )
+        )
+    return rows
+
+
+def grid_model(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The student with the highest Recall@1 evaluated here (ties: the first), else the first entry."""
+    students = [e for e in entries if e["role"] == "student"]
+    if students:
+        return max(students, key=lambda e: (e["here"].get("recall@1", -1.0), -students.index(e)))
+    return entries[0] if entries else None
+
+
+def write_plots(
+    out_dir: Path,
+    results: dict[str, Any],
+    splits: DatasetSplits,
+    embedded: Mapping[str, ModelEmbeddings],
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    eval_config: EvalConfig,
+) -> dict[str, str]:
+    """Draw the report's three figures into ``out_dir``; returns ``{figure: file name}``.
+
+    Sets ``results["retrieval_grid_model"]`` to the entry whose neighbours the grid shows.
+    """
+    entries = results["entries"]
+    plot_recall_per_epoch(
+        {entry_label(e): histories[e["name"]] for e in entries}, out_dir / FILES["recall_per_epoch"]
+    )
+    curves = {entry_label(e): {int(k): v for k, v in e["recall_curve"].items()} for e in entries}
+    plot_recall_at_k(curves, out_dir / FILES["recall_at_k"], marked_ks=results["ks"])
+    chosen = grid_model(entries)
+    rows = grid_rows(embedded[chosen["name"]], eval_config) if chosen else []
+    results["retrieval_grid_model"] = chosen["name"] if chosen else None
+    query_gallery = splits.query is not None and splits.gallery is not None
+    query_side = splits.query if query_gallery else splits.test
+    gallery_side = splits.gallery if query_gallery else splits.test
+    title = f"top-{GRID_NEIGHBOURS} neighbours by {chosen['name']} (last checkpoint)" if chosen else ""
+    plot_retrieval_grid(rows, query_side.load, gallery_side.load, out_dir / FILES["retrieval_grid"], title)
+    return dict(FILES)

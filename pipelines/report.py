@@ -1,0 +1,535 @@
+"""The end-of-pipeline report: ``results.json``, ``report.md`` and three PNG figures in the pipeline folder.
+
+For every entry (the teacher and each student) the report gathers the metrics recorded in its ``last/`` and
+``best/`` checkpoints (``best`` is selected on the **test** split, as in the papers: optimistic),
+re-embeds the test split once with the last checkpoint on this machine (Recall@K curve, retrieval grid, a
+consistency check of the recorded numbers), measures the eval-forward throughput, and joins the published
+numbers of ``dmlkd.pipelines.paper`` for CUB, Cars and SOP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dmlkd.config import EvalConfig
+from dmlkd.data.base import DatasetSplits
+from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.pipelines.paper import PAPER_CITATION, canonical_method, comparison_rows, paper_result
+from dmlkd.pipelines.plots import ModelEmbeddings, entry_label, write_plots
+
+log = logging.getLogger(__name__)
+
+CURVE_MAX_K = 32
+
+
+@dataclass
+class ReportEntry:
+    """One model of the report.
+
+    ``run_dir`` is a run folder (``run.json``, ``metrics.jsonl``, ``last/``, ``best/``) or a bare checkpoint
+    folder (e.g. a downloaded teacher); whatever is missing is reported as unknown.
+    """
+
+    name: str
+    role: Literal["teacher", "student"]
+    run_dir: Path
+    method: str | None = None
+    teacher_mode: str | None = None
+
+
+def write_report(
+    out_dir: Path,
+    scenario: str,
+    dataset: str,
+    splits: DatasetSplits,
+    entries: list[ReportEntry],
+    eval_config: EvalConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``results.json``, ``report.md`` and the PNGs into ``out_dir``; return the results dict.
+
+    Args:
+        out_dir: the pipeline folder.
+        scenario: e.g. ``"self-transfer"``, ``"dim-reduction"``, ``"compress"`` (selects the paper's table).
+        dataset: the dataset name used to look up the paper's numbers (``cub``, ``cars``, ``sop``).
+        splits: the evaluated dataset; its test split (or query/gallery) is embedded once per model.
+        entries: the teacher and the students, in the order they should appear.
+        eval_config: metric, K values, image size, batch size, NMI and seed of the evaluation.
+        device: where models are embedded and timed.
+        progress: show embedding progress bars.
+    """
+    from dmlkd.engine.evaluate import eval_image_size
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ks = [int(k) for k in (eval_config.ks or splits.recall_ks)]
+    image_size = eval_image_size(eval_config, splits)
+    curve_ks = _curve_ks(ks, _candidates(splits))
+    results: dict[str, Any] = {
+        "scenario": scenario,
+        "dataset": dataset,
+        "ks": ks,
+        "curve_ks": curve_ks,
+        "metric": eval_config.metric,
+        "image_size": image_size,
+        "machine": machine_info(device),
+        "entries": [],
+        "paper_source": PAPER_CITATION,
+    }
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"report entry names must be unique, got {names}")
+    embedded: dict[str, ModelEmbeddings] = {}
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        record, embedded[entry.name], histories[entry.name] = _entry_results(
+            entry, scenario, dataset, splits, eval_config, ks, curve_ks, image_size, device, progress
+        )
+        results["entries"].append(record)
+    results["has_paper"] = any(record["paper"] for record in results["entries"])
+    results["plots"] = write_plots(out_dir, results, splits, embedded, histories, eval_config)
+    (out_dir / "report.md").write_text(render_markdown(results))
+    (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    return results
+
+
+def _entry_results(
+    entry: ReportEntry,
+    scenario: str,
+    dataset: str,
+    splits: DatasetSplits,
+    eval_config: EvalConfig,
+    ks: list[int],
+    curve_ks: list[int],
+    image_size: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[dict[str, Any], ModelEmbeddings, list[dict[str, Any]]]:
+    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.evaluation import evaluate_embeddings
+
+    run_dir = Path(entry.run_dir)
+    folders = checkpoint_folders(run_dir)
+    evaluated = folders["last"] or folders["checkpoint"] or folders["best"]
+    if evaluated is None:
+        raise CheckpointError(
+            f"report entry {entry.name!r}: {str(run_dir)!r} holds no checkpoint "
+            "(expected config.json, or last/ or best/ with one)"
+        )
+    model, checkpoint = load_checkpoint(evaluated, device=device)
+    last, best = _recorded_metrics(folders, checkpoint)
+    run_home = run_folder(run_dir)
+    run = _read_json(run_home / "run.json") if run_home else None
+    history = read_history(run_home / "metrics.jsonl") if run_home else []
+    embedding = _embed(model, splits, eval_config, image_size, device, progress)
+    here = evaluate_embeddings(
+        embedding.query,
+        embedding.query_labels,
+        ks=sorted(set(ks) | set(curve_ks)),
+        metric=eval_config.metric,
+        gallery=embedding.gallery,
+        gallery_labels=embedding.gallery_labels,
+        compute_nmi=eval_config.nmi,
+        seed=eval_config.seed,
+        backend=eval_config.backend,
+    )
+    method = entry.method or _method_of(checkpoint.get("train_config", {}), entry.role)
+    teacher_mode = entry.teacher_mode
+    if entry.role == "student" and teacher_mode is None:
+        teacher_mode = (run or {}).get("teacher_mode") or checkpoint.get("provenance", {}).get("teacher_mode")
+    paper = paper_result(scenario, dataset, method, entry.role)
+    record = {
+        "name": entry.name,
+        "role": entry.role,
+        "method": method,
+        "teacher_mode": teacher_mode,
+        "run_dir": str(run_dir),
+        "evaluated_checkpoint": str(evaluated),
+        "model": _model_summary(checkpoint),
+        "embedding_dim": int(getattr(model, "embedding_dim", embedding.query.shape[1])),
+        "parameters": count_parameters(model),
+        "last": last,
+        "best": best,
+        "here": {k: v for k, v in here.items() if not k.startswith("recall@") or int(k[7:]) in ks},
+        "recall_curve": {str(k): here[f"recall@{k}"] for k in curve_ks},
+        "throughput": {
+            "images_per_second": measure_throughput(model, image_size, device),
+            "batch_size": 64,
+            "image_size": image_size,
+            "device": str(device),
+        },
+        "train_seconds": (run or {}).get("train_seconds"),
+        "status": (run or {}).get("status"),
+        "epochs_evaluated": len(history),
+        "paper": {**paper.as_dict(), "row": canonical_method(method, entry.role)} if paper else None,
+    }
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record, embedding, history
+
+
+def checkpoint_folders(run_dir: Path) -> dict[str, Path | None]:
+    """``{"last", "best", "checkpoint"}``: the run's checkpoint folders, and ``run_dir`` if it is one."""
+
+    def found(path: Path) -> Path | None:
+        return path if (path / "config.json").is_file() else None
+
+    return {"last": found(run_dir / "last"), "best": found(run_dir / "best"), "checkpoint": found(run_dir)}
+
+
+def run_folder(run_dir: Path) -> Path | None:
+    """The folder with ``run.json``/``metrics.jsonl``: ``run_dir``, or the run a checkpoint folder sits in."""
+    is_checkpoint = (run_dir / "config.json").is_file()
+    for folder in (run_dir, run_dir.parent) if is_checkpoint else (run_dir,):
+        if (folder / "run.json").is_file() or (folder / "metrics.jsonl").is_file():
+            return folder
+    return None
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (empty when absent; unreadable lines are skipped with a warning)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not JSON; skipped", path, number)
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        log.warning("%s is not JSON; ignored", path)
+        return None
+
+
+def _recorded_metrics(
+    folders: dict[str, Path | None], checkpoint: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The metrics stored in ``last/`` and ``best/``; a bare checkpoint counts as what it was saved as."""
+    from dmlkd.checkpoints import read_checkpoint_config
+
+    def metrics_of(folder: Path | None) -> dict[str, Any] | None:
+        return read_checkpoint_config(folder).get("metrics") or None if folder else None
+
+    last, best = metrics_of(folders["last"]), metrics_of(folders["best"])
+    if folders["checkpoint"] is not None and checkpoint.get("metrics"):
+        if checkpoint["metrics"].get("selected") == "best":
+            best = checkpoint["metrics"]
+        else:
+            last = checkpoint["metrics"]
+    last = {k: v for k, v in last.items() if k != "selected"} if last else None
+    best = {**{k: v for k, v in best.items() if k != "selected"}, "selected_on": "test"} if best else None
+    return last, best
+
+
+def _method_of(train_config: dict[str, Any], role: str) -> str | None:
+    section = train_config.get("loss" if role == "teacher" else "method")
+    return section.get("name") if isinstance(section, dict) else None
+
+
+def _model_summary(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    spec = checkpoint.get("model", {})
+    arch, dim = spec.get("arch"), spec.get("embedding_dim")
+    return {"arch": arch, "spec": f"{arch}-{dim}" if arch and dim else None, "l2_norm": spec.get("l2_norm")}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters of the embedding network (backbone + head), trainable or not."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def measure_throughput(
+    model: nn.Module,
+    image_size: int,
+    device: torch.device,
+    batch_size: int = 64,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> float:
+    """Images per second of the eval forward on random ``(batch_size, 3, S, S)`` inputs: the median of
+    ``repeats`` timed batches after ``warmup`` untimed ones (CUDA is synchronised around each batch)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    seconds = []
+    try:
+        for index in range(warmup + repeats):
+            _synchronize(device)
+            started = time.perf_counter()
+            model(images)
+            _synchronize(device)
+            if index >= warmup:
+                seconds.append(time.perf_counter() - started)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return batch_size / max(statistics.median(seconds), 1e-9)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    from dmlkd import __version__
+
+    info = {
+        "torch": torch.__version__,
+        "dmlkd": __version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _embed(
+    model: nn.Module,
+    splits: DatasetSplits,
+    eval_config: EvalConfig,
+    image_size: int,
+    device: torch.device,
+    progress: bool,
+) -> ModelEmbeddings:
+    from dmlkd.engine.evaluate import embed_collection
+
+    resize_ratio = splits.defaults.get("eval_resize_ratio", 256 / 224)
+    if splits.query is not None and splits.gallery is not None:
+        query = embed_collection(model, splits.query, eval_config, image_size, resize_ratio, device, progress)
+        gallery = embed_collection(
+            model, splits.gallery, eval_config, image_size, resize_ratio, device, progress
+        )
+        return ModelEmbeddings(*query, *gallery)
+    return ModelEmbeddings(
+        *embed_collection(model, splits.test, eval_config, image_size, resize_ratio, device, progress)
+    )
+
+
+def _candidates(splits: DatasetSplits) -> int:
+    if splits.query is not None and splits.gallery is not None:
+        return len(splits.gallery)
+    return len(splits.test) - 1
+
+
+def _curve_ks(ks: list[int], candidates: int) -> list[int]:
+    """K = 1..32 plus the dataset's K values, capped at the number of candidates per query."""
+    return sorted(k for k in set(range(1, CURVE_MAX_K + 1)) | set(ks) if k <= max(candidates, 1))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf → None (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --- text: report.md and the stdout summary ------------------------------------------------------------
+
+_MODE_NOTES = {
+    "online": "the teacher runs on every step on the student's augmented views (the paper's setting)",
+    "cached": "the teacher's outputs are replayed from an exact-replay cache of K pre-drawn views per "
+    "image (the views the student sees, with a bounded number of distinct views per image)",
+    "clean": "the teacher saw only the deterministic eval view of each image, not the student's augmented "
+    "view: a **different method** from the paper's, not a like-for-like comparison",
+}
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, int | float) and math.isfinite(value) else "–"
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 100_000 else f"{count / 1e3:.1f}k"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table: last-checkpoint metrics (†: none recorded, evaluated here)."""
+    ks = results["ks"]
+    header = [
+        "model",
+        "method",
+        "teacher mode",
+        "dim",
+        "params",
+        *[f"R@{k}" for k in ks],
+        "MAP@R",
+        "NMI",
+        "best R@1 (epoch)",
+        "img/s",
+        "train time",
+    ]
+    rows = []
+    for entry in results["entries"]:
+        metrics, mark = (entry["last"], "") if entry["last"] else (entry["here"], "†")
+        best = entry["best"] or {}
+        values = [_pct(metrics.get(key)) + mark for key in [*(f"recall@{k}" for k in ks), "map@r", "nmi"]]
+        best_r1 = f"{_pct(best.get('recall@1'))} ({best.get('epoch', '–')})" if best else "–"
+        rows.append(
+            [
+                entry_label(entry),
+                entry["method"] or "–",
+                entry["teacher_mode"] or "–",
+                str(entry["embedding_dim"]),
+                _params(entry["parameters"]),
+                *values,
+                best_r1,
+                f"{entry['throughput']['images_per_second']:.0f}",
+                _duration(entry["train_seconds"]),
+            ]
+        )
+    return header, rows
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """A plain-text summary for stdout: the comparison table and, when published, the paper's numbers."""
+    lines = [
+        f"{results['scenario']} on {results['dataset']}: Recall@K ({results['metric']}), MAP@R, NMI in %; "
+        "last checkpoint († evaluated here), best selected on test",
+        *_text_table(*summary_rows(results)),
+    ]
+    if results["has_paper"]:
+        lines += [
+            "",
+            "paper (LR README; * probable typo):",
+            *_text_table(*comparison_rows(results["entries"])),
+        ]
+    return "\n".join(lines)
+
+
+def _best_table(results: dict[str, Any]) -> list[str]:
+    keys = [*(f"recall@{k}" for k in results["ks"]), "map@r", "nmi"]
+    header = ["model", "epoch", "step", *[f"R@{k}" for k in results["ks"]], "MAP@R", "NMI"]
+    rows = [
+        [
+            entry_label(e),
+            str((e["best"] or {}).get("epoch", "–")),
+            str((e["best"] or {}).get("step", "–")),
+            *[_pct((e["best"] or {}).get(key)) for key in keys],
+        ]
+        for e in results["entries"]
+    ]
+    return _markdown_table(header, rows)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    entries = results["entries"]
+    notes = [
+        "**last**: the final checkpoint (`last/`) with the metrics recorded at its final evaluation. "
+        "**best**: the epoch with the highest Recall@1 **on the test split** (`best/`): selected on test, "
+        "hence optimistic (the papers report this selection; there is no validation split).",
+        "†: no last-checkpoint metrics were recorded (e.g. a downloaded checkpoint); the values were "
+        "evaluated while writing this report.",
+        f"img/s: eval forward without gradients, batch 64 at {results['image_size']} px, median of 5 timed "
+        f"batches after 2 warm-up batches, on {results['machine']['device']}.",
+        f"Ranking metric: {results['metric']}. The Recall@K curves and the retrieval grid use the test "
+        "embeddings of the last checkpoints, computed while writing this report.",
+    ]
+    for entry in entries:
+        recorded, here = (entry["last"] or {}).get("recall@1"), entry["here"].get("recall@1")
+        if isinstance(recorded, float) and isinstance(here, float) and abs(recorded - here) > 0.005:
+            notes.append(
+                f"⚠ {entry['name']}: Recall@1 evaluated here ({_pct(here)}) differs from the recorded "
+                f"last value ({_pct(recorded)})."
+            )
+    for mode in sorted({e["teacher_mode"] for e in entries if e["teacher_mode"]}):
+        users = ", ".join(e["name"] for e in entries if e["teacher_mode"] == mode)
+        notes.append(f"teacher mode **{mode}** ({users}): {_MODE_NOTES.get(mode, 'see the run config')}.")
+    if results["has_paper"]:
+        notes.append(
+            f"Paper numbers: {results['paper_source']}. The paper ranks its students by Euclidean "
+            "distance on the raw embedding and its sources by cosine; all are selected on test."
+        )
+        notes += [
+            f"\\* {e['name']}: {e['paper']['note']}." for e in entries if e["paper"] and e["paper"]["note"]
+        ]
+    return [f"- {note}" for note in notes]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """``report.md``: the comparison tables, the notes and the figures (relative links)."""
+    machine = results["machine"]
+    lines = [
+        f"# dmlkd pipeline report: {results['scenario']} on {results['dataset']}",
+        "",
+        f"torch {machine['torch']}, dmlkd {machine['dmlkd']}, device "
+        f"{machine.get('device_name', machine['device'])}, {machine['cpu_count']} CPUs. "
+        f"Recall@K ({results['metric']}) with K = {', '.join(map(str, results['ks']))}; values in %.",
+        "",
+        "## Results (last checkpoint)",
+        "",
+        *_markdown_table(*summary_rows(results)),
+        "",
+        "## Best epoch (selected on the test split)",
+        "",
+        *_best_table(results),
+        "",
+    ]
+    if results["has_paper"]:
+        lines += [
+            "## Compared with the paper",
+            "",
+            "\\* probable typo in the paper's table.",
+            "",
+            *_markdown_table(*comparison_rows(results["entries"])),
+            "",
+        ]
+    captions = {
+        "recall_per_epoch": "Recall@1 per epoch",
+        "recall_at_k": "Recall@K of the last checkpoints",
+        "retrieval_grid": f"Retrieval examples of {results.get('retrieval_grid_model')} (green: same "
+        "class as the query, red: other class)",
+    }
+    lines += ["## Notes", "", *_notes(results), "", "## Figures", ""]
+    for key, file_name in results["plots"].items():
+        lines += [f"### {captions.get(key, key)}", "", f"![{captions.get(key, key)}]({file_name})", ""]
+    return "\n".join(lines)

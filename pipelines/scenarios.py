@@ -1,0 +1,34 @@
+"""The three scenarios of the embedding-transfer paper (Kim et al., CVPR 2021) as data. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmlkd.errors import ConfigError, choices
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    src: str  # default teacher spec
+    dst: str  # default student spec
+    summary: str
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "self-transfer": Scenario("self-transfer", "bn_inception-512", "bn_inception-512",
+                              "same architecture and dimension: does transfer improve on the source itself?"),
+    "dim-reduction": Scenario("dim-reduction", "bn_inception-512", "bn_inception-64",
+                              "same backbone, 8x smaller embedding"),
+    "compress": Scenario("compress", "resnet50-512", "resnet18-128",
+                         "smaller backbone and smaller embedding (model compression)"),
+}
+
+# BN-Inception's stride-2 branches need inputs of at least 64 px (and sizes where they line up).
+MIN_IMAGE_SIZE = {"bn_inception": 64, "googlenet": 64}
+
+
+def scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise ConfigError(f"unknown scenario {name!r}; choose from: {choices(SCENARIOS)}")
+    return SCENARIOS[name]
