@@ -34,9 +34,11 @@ class _Group(click.Group):
             ctx.exit(2)
         except Interrupted as stop:
             where = f" in {stop.where}/state" if stop.where else ""
-            click.echo(f"stopped at step {stop.step}; resumable state saved{where} "
-                       "(rerun the same command with --resume to continue; pipelines resume by themselves)",
-                       err=True)
+            click.echo(
+                f"stopped at step {stop.step}; resumable state saved{where} "
+                "(rerun the same command with --resume to continue; pipelines resume by themselves)",
+                err=True,
+            )
             ctx.exit(128 + stop.signum)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -103,23 +105,40 @@ def datasets_command(as_json: bool) -> None:
 @click.option("--checkpoint", required=True, help="Checkpoint or run folder.")
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs.")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file for --dataset csv).")
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking.")
+@click.option(
+    "--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking."
+)
 @click.option("--image-size", type=int, default=None, help="Evaluation crop size (default: the dataset's).")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto (default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @set_option
-def eval_command(checkpoint: str, dataset: str | None, data_root: str | None, metric: str | None,
-                 image_size: int | None, batch_size: int | None, device: str | None, as_json: bool,
-                 overrides: tuple[str, ...]) -> None:
+def eval_command(
+    checkpoint: str,
+    dataset: str | None,
+    data_root: str | None,
+    metric: str | None,
+    image_size: int | None,
+    batch_size: int | None,
+    device: str | None,
+    as_json: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Evaluate a checkpoint: Recall@K, MAP@R and NMI on a dataset's test split.
 
     Example: dmlkd eval --checkpoint runs/glyphs-teacher --dataset glyphs
     """
     from dmlkd.config import EvalCommandConfig, load_config
 
-    shortcuts = {"checkpoint": checkpoint, "data.name": dataset, "data.root": data_root, "eval.metric": metric,
-                 "eval.image_size": image_size, "eval.batch_size": batch_size, "device": device}
+    shortcuts = {
+        "checkpoint": checkpoint,
+        "data.name": dataset,
+        "data.root": data_root,
+        "eval.metric": metric,
+        "eval.image_size": image_size,
+        "eval.batch_size": batch_size,
+        "device": device,
+    }
     config = load_config(EvalCommandConfig, {}, shortcut_overrides(shortcuts, overrides))
 
     from dmlkd.engine.evaluate import run_eval_command

@@ -123,8 +123,13 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
             f"unknown config key {prefix}{unknown[0]}; valid keys here: {choices(prefix + n for n in fields)}"
         )
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing config key(s) {', '.join(prefix + name for name in missing)}")
     try:
@@ -288,10 +293,18 @@ class TrainConfig:
     on_nonfinite: typing.Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the step
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "views": self.views,
-                    "eval_every": self.eval_every}
-        optional_positive = {"max_steps": self.max_steps, "ipc": self.ipc, "image_size": self.image_size,
-                             "save_every": self.save_every}
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "views": self.views,
+            "eval_every": self.eval_every,
+        }
+        optional_positive = {
+            "max_steps": self.max_steps,
+            "ipc": self.ipc,
+            "image_size": self.image_size,
+            "save_every": self.save_every,
+        }
         for name, value in {**positive, **optional_positive}.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -302,6 +315,9 @@ class TrainConfig:
                 f"batch size {self.batch_size} is not a multiple of ipc {self.ipc}; "
                 f"a batch holds P classes x ipc images"
             )
-        if self.crop_scale is not None and (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0]
-                                            <= self.crop_scale[1] <= 1):
-            raise ConfigError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.crop_scale is not None and (
+            len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        ):
+            raise ConfigError(
+                f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}"
+            )

@@ -1,23 +1,42 @@
-"""Checkpoint folders (safetensors + JSON), strict loading, and (later) the model zoo and the Hub."""
+"""Checkpoint folders (safetensors + JSON), strict loading, the Hugging Face Hub, the model zoo, conversion.
 
-from dmlkd.checkpoints.io import (
-    load_checkpoint,
-    load_model,
-    load_state_strict,
-    read_checkpoint_config,
-    read_tensors,
-    resolve_checkpoint_dir,
-    save_checkpoint,
-    write_folder_atomically,
-)
+The names below are loaded on first use so that importing ``dmlkd.checkpoints.cli`` (and so ``dmlkd --help``)
+does not import torch or huggingface_hub.
+"""
 
-__all__ = [
-    "load_checkpoint",
-    "load_model",
-    "load_state_strict",
-    "read_checkpoint_config",
-    "read_tensors",
-    "resolve_checkpoint_dir",
-    "save_checkpoint",
-    "write_folder_atomically",
-]
+from __future__ import annotations
+
+from typing import Any
+
+_HOMES = {
+    "load_checkpoint": "io",
+    "load_model": "io",
+    "load_state_strict": "io",
+    "read_checkpoint_config": "io",
+    "read_tensors": "io",
+    "resolve_checkpoint_dir": "io",
+    "save_checkpoint": "io",
+    "write_folder_atomically": "io",
+    "HubRef": "hub",
+    "download_snapshot": "hub",
+    "hub_provenance": "hub",
+    "load_from_hub": "hub",
+    "model_card": "hub",
+    "parse_hub_ref": "hub",
+    "pull": "hub",
+    "push": "hub",
+    "ZooEntry": "zoo",
+    "find_teacher": "zoo",
+    "zoo_entries": "zoo",
+    "convert_reference_checkpoint": "convert",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"dmlkd.checkpoints.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'dmlkd.checkpoints' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``dmlkd hub pull|push``, ``dmlkd zoo`` and ``dmlkd convert`` (torch and huggingface_hub load inside commands)."""
+"""The ``dmlkd hub pull|push``, ``dmlkd zoo`` and ``dmlkd convert`` commands (heavy imports inside)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,19 @@ def hub_group() -> None:
 
 @hub_group.command("pull")
 @click.argument("reference", metavar="ORG/NAME[@REVISION]")
-@click.option("--out", default=None, help="Copy the checkpoint into this new folder (default: keep it in the Hub "
-              "cache and print its path).")
+@click.option(
+    "--out",
+    default=None,
+    help="Copy the checkpoint into this new folder (default: keep it in the Hub cache and print its path).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print repository, revision, commit and path as JSON.")
 def pull_command(reference: str, out: str | None, overwrite: bool, as_json: bool) -> None:
     """Download a dmlkd checkpoint (config.json + *.safetensors + model card), verify it strictly.
 
     The revision (branch, tag or commit sha; default main) is resolved to a commit sha, which is printed
-    and recorded under provenance.hub in --out/config.json. With HF_HUB_OFFLINE=1 only the local cache is read.
+    and recorded under provenance.hub in --out/config.json. With HF_HUB_OFFLINE=1 only the local cache is
+    read.
 
     Example: dmlkd hub pull my-org/cub-resnet50-512@main --out checkpoints/cub-r50
     """
@@ -41,13 +45,19 @@ def pull_command(reference: str, out: str | None, overwrite: bool, as_json: bool
 @hub_group.command("push")
 @click.argument("run_dir", metavar="RUN_DIR")
 @click.argument("repo_id", metavar="ORG/NAME")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of a run folder to push.")
+@click.option(
+    "--which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of a run folder to push.",
+)
 @click.option("--private", is_flag=True, default=None, help="Create the repository as private.")
 @click.option("--branch", default=None, help="Push to this branch instead of main.")
 @click.option("--message", default=None, help="Commit message.")
-def push_command(run_dir: str, repo_id: str, which: str, private: bool | None, branch: str | None,
-                 message: str | None) -> None:
+def push_command(
+    run_dir: str, repo_id: str, which: str, private: bool | None, branch: str | None, message: str | None
+) -> None:
     """Upload a run's best/ (or last/) checkpoint, or a checkpoint folder, with a generated model card.
 
     Only config.json, the checkpoint's *.safetensors files and README.md are uploaded. Needs a token with
@@ -57,8 +67,12 @@ def push_command(run_dir: str, repo_id: str, which: str, private: bool | None, b
     """
     from dmlkd.checkpoints.hub import push
 
-    result = push(run_dir, repo_id, which=which, private=private or None, revision=branch, commit_message=message)
-    click.echo(f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}")
+    result = push(
+        run_dir, repo_id, which=which, private=private or None, revision=branch, commit_message=message
+    )
+    click.echo(
+        f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}"
+    )
     click.echo(f"{result.url}")
     click.echo(f'load it with dmlkd.load("hf://{result.repo_id}@{result.commit}")')
 
@@ -76,22 +90,32 @@ def zoo_command(as_json: bool) -> None:
     entries = zoo_entries()
     path = user_zoo_file()
     if as_json:
-        click.echo(json.dumps({"builtin_entries": len(BUILTIN_ENTRIES), "user_file": str(path),
-                               "user_file_exists": path.is_file(), "entries": [e.to_dict() for e in entries]},
-                              indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "builtin_entries": len(BUILTIN_ENTRIES),
+                    "user_file": str(path),
+                    "user_file_exists": path.is_file(),
+                    "entries": [e.to_dict() for e in entries],
+                },
+                indent=2,
+            )
+        )
         return
     if not BUILTIN_ENTRIES:
         click.echo("The built-in zoo is empty: dmlkd has not published any checkpoints yet.")
     click.echo(f"User zoo file: {path}" + ("" if path.is_file() else " (not present)"))
     if not entries:
-        click.echo('Add entries there as {"entries": [{"dataset": "cub", "model": "resnet50-512", '
-                   '"repo_id": "ORG/NAME", "revision": "<40-hex commit>", "metrics": {"recall@1": 0.7}}]}.')
+        click.echo(
+            'Add entries there as {"entries": [{"dataset": "cub", "model": "resnet50-512", '
+            '"repo_id": "ORG/NAME", "revision": "<40-hex commit>", "metrics": {"recall@1": 0.7}}]}.'
+        )
         return
     click.echo(f"\n{'dataset':<8} {'model':<18} {'role':<8} {'R@1':>6}  reference")
     for entry in entries:
         recall = entry.metrics.get("recall@1")
         shown = f"{100 * recall:.1f}" if recall is not None else "-"
-        click.echo(f"{entry.dataset:<8} {entry.model:<18} {entry.role:<8} {shown:>6}  {entry.ref}")
+        click.echo(f"{entry.dataset:<8} {entry.model:<18} {entry.role:<8} {shown:>6}  {entry.reference}")
 
 
 @click.command("convert")
@@ -113,4 +137,6 @@ def convert_command(path: str, model_spec: str, dataset: str, out: str, overwrit
 
     result = convert_reference_checkpoint(path, model_spec, dataset, out, overwrite=overwrite)
     dropped = f"; dropped unused {', '.join(result.dropped_keys)}" if result.dropped_keys else ""
-    click.echo(f"converted {path} (sha256 {result.source_sha256[:12]}) as {result.model} to {result.out}{dropped}")
+    click.echo(
+        f"converted {path} (sha256 {result.source_sha256[:12]}) as {result.model} to {result.out}{dropped}"
+    )

@@ -44,18 +44,26 @@ class ConversionResult:
 
 
 def read_reference_file(path: Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with one-line errors; must be a dict of tensors or a wrapper."""
+    """``torch.load(path, weights_only=True)`` with one-line errors; a dict of tensors, possibly wrapped."""
     import torch
 
     if not path.is_file():
-        raise CheckpointError(f"reference checkpoint {str(path)!r} does not exist; pass the downloaded .pth file")
+        raise CheckpointError(
+            f"reference checkpoint {str(path)!r} does not exist; pass the downloaded .pth file"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}") from None
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}"
+        ) from None
     inner = data.get("model_state_dict", data) if isinstance(data, dict) else None
-    if not isinstance(inner, dict) or not inner or not all(torch.is_tensor(value) for value in inner.values()):
+    if (
+        not isinstance(inner, dict)
+        or not inner
+        or not all(torch.is_tensor(value) for value in inner.values())
+    ):
         raise CheckpointError(
             f"{str(path)!r} is not a reference teacher checkpoint: expected a dict with 'model_state_dict' "
             "mapping model.<name> keys to tensors"
@@ -64,7 +72,7 @@ def read_reference_file(path: Path) -> dict[str, Any]:
 
 
 def reference_model_config(spec: str) -> Any:
-    """The ``ModelConfig`` of a reference teacher: L2-normalised, Kaiming head, GAP+GMP, default preprocessing."""
+    """A reference teacher's ``ModelConfig``: L2-normalised, Kaiming head, GAP+GMP, default preprocessing."""
     from dmlkd.models import ModelConfig
 
     return ModelConfig.from_spec(spec, l2_norm=True, head_init="kaiming", pretrained=False)
@@ -126,17 +134,26 @@ def convert_reference_checkpoint(
     try:
         check_state_dict(model.state_dict(), state, source)
     except CheckpointError as error:
-        raise CheckpointError(f"{error}; check --model (the released teachers are bn_inception-512 and "
-                              "resnet50-512)") from None
+        raise CheckpointError(
+            f"{error}; check --model (the released teachers are bn_inception-512 and resnet50-512)"
+        ) from None
     for key, value in model.state_dict().items():  # files from old PyTorch lack num_batches_tracked
         state.setdefault(key, value)
     model.load_state_dict(state, strict=True)
     digest = sha256_file(path)
     provenance = {
-        "source": SOURCE_NOTE, "source_file": path.name, "source_sha256": digest, "dataset": dataset,
+        "source": SOURCE_NOTE,
+        "source_file": path.name,
+        "source_sha256": digest,
+        "dataset": dataset,
         "loss": "proxy_anchor",
     }
-    save_checkpoint(out, model, train_config={"stage": "teacher", "origin": "reference"},
-                    metrics=reported_metrics(config.arch, config.embedding_dim, dataset), provenance=provenance)
+    save_checkpoint(
+        out,
+        model,
+        train_config={"stage": "teacher", "origin": "reference"},
+        metrics=reported_metrics(config.arch, config.embedding_dim, dataset),
+        provenance=provenance,
+    )
     logger.info("converted %s (%s) to %s", path, digest[:12], out)
     return ConversionResult(out, str(config.spec), digest, _dropped(raw, state))

@@ -1,11 +1,11 @@
 """Hugging Face Hub: pull a checkpoint folder by repository and revision, push one with a model card.
 
-A Hub repository holding a dmlkd model is a checkpoint folder (``config.json``, ``model.safetensors``, optional
-``<name>.safetensors``) plus a ``README.md`` model card. A pull fetches only those files (``allow_patterns``)
-through ``huggingface_hub.snapshot_download`` into the Hub cache, resolves the revision to a commit sha,
-loads the snapshot strictly (digests and state-dict keys) and only then publishes a copy in ``--out``
-(assembled in a temporary sibling folder and renamed), so a failed pull leaves nothing there. No pickle is
-read anywhere. Every failure is one ``CheckpointError`` line naming the repository and what to do.
+A Hub repository holding a dmlkd model is a checkpoint folder (``config.json``, ``model.safetensors``,
+optional ``<name>.safetensors``) plus a ``README.md`` model card. A pull fetches only those files
+(``allow_patterns``) through ``huggingface_hub.snapshot_download`` into the Hub cache, resolves the revision
+to a commit sha, loads the snapshot strictly (digests and state-dict keys) and only then publishes a copy in
+``--out`` (assembled in a temporary sibling folder and renamed), so a failed pull leaves nothing there. No
+pickle is read anywhere. Every failure is one ``CheckpointError`` line naming the repository and what to do.
 
 References are ``ORG/NAME``, ``ORG/NAME@REVISION`` or, where a local path is also accepted,
 ``hf://ORG/NAME[@REVISION]``; REVISION is a branch, a tag or a commit sha.
@@ -53,7 +53,7 @@ class HubRef:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A downloaded (or cached) repository snapshot: ``path`` is ``<cache>/models--ORG--NAME/snapshots/<commit>``."""
+    """A downloaded or cached repository snapshot at ``<cache>/models--ORG--NAME/snapshots/<commit>``."""
 
     repo_id: str
     revision: str
@@ -62,8 +62,12 @@ class Snapshot:
 
     def provenance(self) -> dict[str, str]:
         """What to record about where the checkpoint came from; ``ref`` pins the commit."""
-        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
-                "ref": f"{HUB_SCHEME}{self.repo_id}@{self.commit}"}
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "ref": f"{HUB_SCHEME}{self.repo_id}@{self.commit}",
+        }
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,10 @@ def _download_error(ref: HubRef, error: Exception, endpoint: str | None) -> Chec
             f"pass a branch, tag or commit sha of it ({HUB_SCHEME}{ref.repo_id}@REVISION)"
         )
     if isinstance(error, errors.GatedRepoError):
-        return CheckpointError(f"Hub repository {ref.repo_id} is gated: accept its terms on the Hub, then log "
-                               "in (`hf auth login` or HF_TOKEN)")
+        return CheckpointError(
+            f"Hub repository {ref.repo_id} is gated: accept its terms on the Hub, then log "
+            "in (`hf auth login` or HF_TOKEN)"
+        )
     if isinstance(error, errors.RepositoryNotFoundError):
         return CheckpointError(
             f"Hub repository {ref.repo_id} was not found at {where} (or it is private and you are not logged "
@@ -143,7 +149,8 @@ def _download_error(ref: HubRef, error: Exception, endpoint: str | None) -> Chec
     if isinstance(error, errors.LocalEntryNotFoundError) and _is_offline(error):
         return CheckpointError(
             f"{name} is not (completely) in the local Hub cache and HF_HUB_OFFLINE=1 forbids downloading; "
-            "unset HF_HUB_OFFLINE on a machine with network access to fetch it, or pass a local checkpoint folder"
+            "unset HF_HUB_OFFLINE on a machine with network access to fetch it, or pass a local checkpoint "
+            "folder"
         )
     if isinstance(error, (errors.LocalEntryNotFoundError, httpx2.TransportError, ConnectionError)):
         return CheckpointError(
@@ -177,8 +184,14 @@ def download_snapshot(
 
     try:
         folder = snapshot_download(
-            hub_ref.repo_id, revision=hub_ref.revision, cache_dir=cache_dir, endpoint=endpoint, token=token,
-            allow_patterns=list(ALLOW_PATTERNS), library_name="dmlkd", library_version=__version__,
+            hub_ref.repo_id,
+            revision=hub_ref.revision,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            token=token,
+            allow_patterns=list(ALLOW_PATTERNS),
+            library_name="dmlkd",
+            library_version=__version__,
         )
     except Exception as error:
         translated = _download_error(hub_ref, error, endpoint)
@@ -252,8 +265,10 @@ def pull(
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         raise CheckpointError(f"--out {str(out_path)!r} is a file; pass a folder to create")
     if out_path is not None and out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise CheckpointError(f"--out {str(out_path)!r} already exists and is not empty; choose a new folder "
-                              "or pass --overwrite")
+        raise CheckpointError(
+            f"--out {str(out_path)!r} already exists and is not empty; choose a new folder "
+            "or pass --overwrite"
+        )
     snapshot = download_snapshot(ref, cache_dir=cache_dir, endpoint=endpoint, token=token)
     _model, record = _load_verified(snapshot)
     if out_path is None:
@@ -280,15 +295,19 @@ def resolve_push_source(source: str | Path, which: str = "best") -> Path:
     if (path / RUN_FILE).is_file() or (path / "best").is_dir() or (path / "last").is_dir():
         if not (path / which / CONFIG_FILE).is_file():
             other = "last" if which == "best" else "best"
-            raise CheckpointError(f"run folder {str(path)!r} has no {which}/ checkpoint; pass --which {other} "
-                                  "or a checkpoint folder")
+            raise CheckpointError(
+                f"run folder {str(path)!r} has no {which}/ checkpoint; pass --which {other} "
+                "or a checkpoint folder"
+            )
         return path / which
     if (path / CONFIG_FILE).is_file():
         return path
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist; pass a run folder or a checkpoint folder")
-    raise CheckpointError(f"{str(path)!r} is neither a run folder (with best/ or last/) nor a checkpoint folder "
-                          f"(with {CONFIG_FILE} + {MODEL_FILE})")
+    raise CheckpointError(
+        f"{str(path)!r} is neither a run folder (with best/ or last/) nor a checkpoint folder "
+        f"(with {CONFIG_FILE} + {MODEL_FILE})"
+    )
 
 
 def _read_run(folder: Path) -> dict[str, Any]:
@@ -335,8 +354,11 @@ def push(
             api = HfApi(endpoint=endpoint, token=token, library_name="dmlkd")
             api.create_repo(hub_ref.repo_id, exist_ok=True, private=private)
             info = api.upload_folder(
-                repo_id=hub_ref.repo_id, folder_path=staged, allow_patterns=list(ALLOW_PATTERNS),
-                revision=revision, commit_message=commit_message or f"Upload dmlkd checkpoint from {folder.name}",
+                repo_id=hub_ref.repo_id,
+                folder_path=staged,
+                allow_patterns=list(ALLOW_PATTERNS),
+                revision=revision,
+                commit_message=commit_message or f"Upload dmlkd checkpoint from {folder.name}",
             )
         except Exception as error:
             raise _push_error(hub_ref.repo_id, error, endpoint) from error
@@ -349,7 +371,9 @@ def _push_error(repo_id: str, error: Exception, endpoint: str | None) -> Excepti
 
     where = _endpoint(endpoint)
     if isinstance(error, (httpx2.TransportError, ConnectionError)):
-        return CheckpointError(f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online")
+        return CheckpointError(
+            f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online"
+        )
     if isinstance(error, (errors.HfHubHTTPError, errors.LocalTokenNotFoundError, errors.HFValidationError)):
         return CheckpointError(
             f"push to Hub repository {repo_id} at {where} failed: {_one_line(error)}; log in with "
@@ -411,18 +435,29 @@ def model_card(record: dict[str, Any], repo_id: str, run: dict[str, Any] | None 
         front += ["datasets:", f"- {json.dumps(str(dataset))}"]
     front += ["metrics:", "- recall", "---", ""]
     lines = [f"# {repo_id}", "", _describe(record, stage), ""]
-    lines += ["Input: RGB images in [0, 1], shape (B, 3, H, W); the model applies its own preprocessing "
-              f"({json.dumps(record['model'].get('preprocessing'))} — null means the architecture default). "
-              f"Output: a {record['model'].get('embedding_dim')}-d embedding"
-              f"{' (L2-normalised)' if record['model'].get('l2_norm') else ''}.", ""]
+    lines += [
+        "Input: RGB images in [0, 1], shape (B, 3, H, W); the model applies its own preprocessing "
+        f"({json.dumps(record['model'].get('preprocessing'))} — null means the architecture default). "
+        f"Output: a {record['model'].get('embedding_dim')}-d embedding"
+        f"{' (L2-normalised)' if record['model'].get('l2_norm') else ''}.",
+        "",
+    ]
     rows = _metric_rows(metrics)
     lines += ["## Metrics", ""]
     if rows:
         where = f" on the {dataset} test split" if dataset else ""
         extra = ", ".join(f"{key} {metrics[key]}" for key in ("selected", "epoch", "step") if key in metrics)
-        origin = f"Reported by {metrics['reported_by']}" if metrics.get("reported_by") else "Measured by dmlkd"
-        lines += [f"{origin}{where}" + (f" ({extra})" if extra else "") + ", in %:", "",
-                  "| metric | value |", "| --- | --- |", *rows, ""]
+        origin = (
+            f"Reported by {metrics['reported_by']}" if metrics.get("reported_by") else "Measured by dmlkd"
+        )
+        lines += [
+            f"{origin}{where}" + (f" ({extra})" if extra else "") + ", in %:",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            *rows,
+            "",
+        ]
     else:
         lines += ["No evaluation metrics were recorded with this checkpoint.", ""]
     lines += ["## Provenance", "", "| field | value |", "| --- | --- |", f"| stage | {_cell(stage)} |"]
@@ -430,11 +465,28 @@ def model_card(record: dict[str, Any], repo_id: str, run: dict[str, Any] | None 
     lines += [f"| {name} sha256 | {digest} |" for name, digest in sorted(record.get("files", {}).items())]
     lines += [f"| dmlkd version | {record.get('dmlkd_version', '?')} |", ""]
     if train_config:
-        lines += ["<details><summary>Training config</summary>", "", "```json",
-                  json.dumps(train_config, indent=2, sort_keys=True), "```", "", "</details>", ""]
-    lines += ["## Usage", "", "```python", "import dmlkd", "",
-              f'model = dmlkd.load("hf://{repo_id}")  # pin a revision: "hf://{repo_id}@<commit sha>"',
-              "out = model(images)  # images: (B, 3, H, W) RGB in [0, 1]",
-              "embeddings = out.embedding  # (B, D)", "```", "",
-              f"Or on the command line: `dmlkd hub pull {repo_id} --out checkpoints/{repo_id.split('/')[1]}`.", ""]
+        lines += [
+            "<details><summary>Training config</summary>",
+            "",
+            "```json",
+            json.dumps(train_config, indent=2, sort_keys=True),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import dmlkd",
+        "",
+        f'model = dmlkd.load("hf://{repo_id}")  # pin a revision: "hf://{repo_id}@<commit sha>"',
+        "out = model(images)  # images: (B, 3, H, W) RGB in [0, 1]",
+        "embeddings = out.embedding  # (B, D)",
+        "```",
+        "",
+        f"Or on the command line: `dmlkd hub pull {repo_id} --out checkpoints/{repo_id.split('/')[1]}`.",
+        "",
+    ]
     return "\n".join(front + lines)

@@ -62,12 +62,12 @@ class ZooEntry:
     source: str = "built-in"
 
     @property
-    def ref(self) -> str:
+    def reference(self) -> str:
         """The pinned reference to load it with: ``hf://ORG/NAME@<commit>``."""
         return f"hf://{self.repo_id}@{self.revision}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ref": self.ref}
+        return {**asdict(self), "reference": self.reference}
 
 
 # Only repositories that really exist belong here; dmlkd has published none, so this stays empty.
@@ -110,7 +110,9 @@ def parse_entry(item: Any, path: Path, index: int) -> ZooEntry:
     unknown = sorted(set(item) - set(_REQUIRED) - set(_OPTIONAL))
     missing = [key for key in _REQUIRED if key not in item]
     if unknown:
-        raise _bad(path, index, f"unknown field {unknown[0]!r}; valid fields: {choices(_REQUIRED + _OPTIONAL)}")
+        raise _bad(
+            path, index, f"unknown field {unknown[0]!r}; valid fields: {choices(_REQUIRED + _OPTIONAL)}"
+        )
     if missing:
         raise _bad(path, index, f"missing field {missing[0]!r} (required: {', '.join(_REQUIRED)})")
     dataset, model = _text(item, "dataset", path, index), _text(item, "model", path, index)
@@ -124,7 +126,9 @@ def parse_entry(item: Any, path: Path, index: int) -> ZooEntry:
     if not _REPO_ID.match(repo_id) or "--" in repo_id:
         raise _bad(path, index, f"repo_id {repo_id!r} is not a Hub repository id ORG/NAME")
     if not _COMMIT.match(revision):
-        raise _bad(path, index, f"revision {revision!r} must be a pinned 40-hex commit sha, not a branch or tag")
+        raise _bad(
+            path, index, f"revision {revision!r} must be a pinned 40-hex commit sha, not a branch or tag"
+        )
     role = item.get("role", "teacher")
     if role not in ROLES:
         raise _bad(path, index, f"role {json.dumps(role)} is not valid; choose from: {choices(ROLES)}")
@@ -134,12 +138,21 @@ def parse_entry(item: Any, path: Path, index: int) -> ZooEntry:
     notes = item.get("notes", "")
     if not isinstance(notes, str):
         raise _bad(path, index, f"notes must be a string, got {json.dumps(notes)}")
-    return ZooEntry(dataset, model, repo_id, revision, role, method, _metrics(item.get("metrics", {}), path, index),
-                    notes, str(path))
+    return ZooEntry(
+        dataset,
+        model,
+        repo_id,
+        revision,
+        role,
+        method,
+        _metrics(item.get("metrics", {}), path, index),
+        notes,
+        str(path),
+    )
 
 
 def read_zoo_file(path: str | Path) -> list[ZooEntry]:
-    """Entries of one zoo JSON file (``{"entries": [...]}``); a malformed file is a one-line ``ConfigError``."""
+    """Entries of one zoo JSON file ``{"entries": [...]}``; a malformed file is a one-line ``ConfigError``."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -148,7 +161,9 @@ def read_zoo_file(path: str | Path) -> list[ZooEntry]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"zoo file {str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or set(data) != {"entries"} or not isinstance(data["entries"], list):
-        raise ConfigError(f'zoo file {str(path)!r} must hold one object {{"entries": [...]}} and nothing else')
+        raise ConfigError(
+            f'zoo file {str(path)!r} must hold one object {{"entries": [...]}} and nothing else'
+        )
     entries = [parse_entry(item, path, index) for index, item in enumerate(data["entries"])]
     _check_unique(entries, path)
     return entries
@@ -159,8 +174,12 @@ def _check_unique(entries: list[ZooEntry], path: Path) -> None:
     for index, entry in enumerate(entries):
         key = (entry.dataset, entry.model, entry.role)
         if key in seen:
-            raise _bad(path, index, f"duplicate {entry.role} for dataset {entry.dataset!r} and model "
-                                    f"{entry.model!r} (also entry {seen[key]})")
+            raise _bad(
+                path,
+                index,
+                f"duplicate {entry.role} for dataset {entry.dataset!r} and model "
+                f"{entry.model!r} (also entry {seen[key]})",
+            )
         seen[key] = index
 
 
@@ -172,8 +191,10 @@ def zoo_entries() -> list[ZooEntry]:
     path = user_zoo_file()
     if not path.exists():
         if os.environ.get(ZOO_ENV):
-            raise ConfigError(f"{ZOO_ENV}={os.environ[ZOO_ENV]!r} names a file that does not exist; create it "
-                              "or unset the variable")
+            raise ConfigError(
+                f"{ZOO_ENV}={os.environ[ZOO_ENV]!r} names a file that does not exist; create it "
+                "or unset the variable"
+            )
         return list(BUILTIN_ENTRIES)
     return [*BUILTIN_ENTRIES, *read_zoo_file(path)]
 

@@ -16,7 +16,7 @@ from dmlkd.registry import DATASETS
 
 
 def build_splits(config: DataConfig) -> tuple[DatasetSplits, list[tuple[str, str]]]:
-    """Read the dataset named in ``config``; returns the splits and the bad images skipped (if asked to skip)."""
+    """Read the dataset named in ``config``; returns the splits and the bad images it skipped (if asked)."""
     builder = DATASETS.get(config.name)
     _check_options(config.name, builder, config.options)
     root = Path(config.root).expanduser() if config.root else None
@@ -39,7 +39,9 @@ def _check_options(name: str, builder: Callable[..., Any], options: Mapping[str,
     valid = dataset_options(builder)
     for key in options:
         if key not in valid:
-            raise ConfigError(f"dataset {name!r} has no option {key!r}; valid options: {choices(valid) or 'none'}")
+            raise ConfigError(
+                f"dataset {name!r} has no option {key!r}; valid options: {choices(valid) or 'none'}"
+            )
 
 
 def describe_datasets() -> list[dict[str, Any]]:

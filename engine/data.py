@@ -29,8 +29,10 @@ def train_image_size(train: TrainConfig, splits: DatasetSplits) -> int:
 def _num_classes(labels: Any) -> int:
     classes = sorted(set(int(label) for label in labels))
     if classes != list(range(len(classes))):
-        raise DataError(f"training labels must be 0..C-1 without gaps; found {len(classes)} classes with "
-                        f"labels from {classes[0]} to {classes[-1]}")
+        raise DataError(
+            f"training labels must be 0..C-1 without gaps; found {len(classes)} classes with "
+            f"labels from {classes[0]} to {classes[-1]}"
+        )
     return len(classes)
 
 
@@ -43,11 +45,19 @@ def build_train_data(splits: DatasetSplits, train: TrainConfig, replay: Any = No
     collection = splits.train
     scale = tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0)))
     flip_p = float(splits.defaults.get("flip_p", 0.5))  # glyphs: a mirrored glyph is another letter
-    dataset = TrainDataset(collection, train_image_size(train, splits), views=train.views, seed=train.seed,
-                           scale=scale, flip_p=flip_p, replay=replay)
+    dataset = TrainDataset(
+        collection,
+        train_image_size(train, splits),
+        views=train.views,
+        seed=train.seed,
+        scale=scale,
+        flip_p=flip_p,
+        replay=replay,
+    )
     if train.ipc is not None:
-        sampler = ClassBalancedBatchSampler(collection.labels, train.batch_size, train.ipc, seed=train.seed,
-                                            mode=train.sampler_mode)
+        sampler = ClassBalancedBatchSampler(
+            collection.labels, train.batch_size, train.ipc, seed=train.seed, mode=train.sampler_mode
+        )
     else:
         sampler = RandomBatchSampler(len(collection), train.batch_size, seed=train.seed)
 

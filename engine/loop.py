@@ -4,7 +4,7 @@ A stage (teacher training, embedding transfer) hands ``fit`` a ``Stage``: the si
 (embedding network + every trainable part of the loss) whose ``forward(batch)`` returns named loss terms,
 its parameter groups, the data, and the evaluation protocol. ``fit`` owns everything else: Accelerate
 (device, mixed precision), optimiser and schedule, warm-up and BN-freeze, gradient clipping, evaluation every
-``eval_every`` epochs with ``last/`` and ``best/`` checkpoints, ``metrics.jsonl``, resumable state, and a clean
+``eval_every`` epochs with ``last/`` and ``best/`` checkpoints, ``metrics.jsonl``, resumable state and a clean
 stop on SIGINT/SIGTERM.
 """
 
@@ -127,22 +127,34 @@ class _Run:
 
     def evaluate(self, device: torch.device, epoch: int, step: int, progress: bool) -> dict[str, float]:
         started = time.perf_counter()
-        metrics = evaluate_model(self.stage.model, self.stage.splits, self.stage.eval_config, device,
-                                 progress=progress)
-        entry = {"epoch": epoch, "step": step, **metrics, "eval_seconds": round(time.perf_counter() - started, 2)}
+        metrics = evaluate_model(
+            self.stage.model, self.stage.splits, self.stage.eval_config, device, progress=progress
+        )
+        entry = {
+            "epoch": epoch,
+            "step": step,
+            **metrics,
+            "eval_seconds": round(time.perf_counter() - started, 2),
+        }
         self.history.append(entry)
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
         return metrics
 
     def save(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
-        save_checkpoint(self.run_dir / name, self.stage.model, extra_tensors=self.stage.checkpoint_extras(),
-                        train_config=self.stage.record.get("train_config"),
-                        metrics={**metrics, "epoch": epoch, "step": step, "selected": name},
-                        provenance=self.stage.record.get("provenance"))
+        save_checkpoint(
+            self.run_dir / name,
+            self.stage.model,
+            extra_tensors=self.stage.checkpoint_extras(),
+            train_config=self.stage.record.get("train_config"),
+            metrics={**metrics, "epoch": epoch, "step": step, "selected": name},
+            provenance=self.stage.record.get("provenance"),
+        )
 
 
-def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
+def fit(
+    stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False
+) -> FitResult:
     """Train ``stage.module``; see the module docstring for what is written to ``run_dir``."""
     accelerator = make_accelerator(train)
     device = accelerator.device
@@ -210,12 +222,15 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
             save_progress()
     bar.close()
     if not last_metrics and run.history:
-        last_metrics = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")}
+        last_metrics = {
+            k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")
+        }
     return _result(run, progress, last_metrics, time.perf_counter() - started)
 
 
-def _evaluate_and_save(run: _Run, progress: Progress, device: torch.device, train: TrainConfig,
-                       primary: str) -> dict[str, float]:
+def _evaluate_and_save(
+    run: _Run, progress: Progress, device: torch.device, train: TrainConfig, primary: str
+) -> dict[str, float]:
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
     metrics = run.evaluate(device, epoch_label, progress.global_step, train.progress)
     run.save("last", metrics, epoch_label, progress.global_step)
@@ -238,17 +253,28 @@ def _clip(accelerator: Any, module: nn.Module, optim: OptimConfig) -> None:
 def _progress_bar(train: TrainConfig, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not train.progress, desc="train", unit="step",
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not train.progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
-def _update_bar(bar: Any, terms: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, batch: Any,
-                seconds: float) -> None:
+def _update_bar(
+    bar: Any, terms: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, batch: Any, seconds: float
+) -> None:
     images = batch.images
     lrs = current_lrs(optimizer)
     first_lr = next(iter(lrs.values()))
-    bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{first_lr:.2e}",
-                    img_s=f"{len(images) / max(seconds, 1e-9):.0f}")
+    bar.set_postfix(
+        loss=f"{terms['loss'].item():.4f}",
+        lr=f"{first_lr:.2e}",
+        img_s=f"{len(images) / max(seconds, 1e-9):.0f}",
+    )
     bar.update(1)
 
 
@@ -256,5 +282,11 @@ def _result(run: _Run, progress: Progress, last: dict[str, float], seconds: floa
     best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
     strip = ("epoch", "step", "eval_seconds")
     best = {k: v for k, v in (best_entry or {}).items() if k not in strip}
-    return FitResult(last=last, best=best, best_epoch=progress.best_epoch, global_step=progress.global_step,
-                     seconds=seconds, history=run.history)
+    return FitResult(
+        last=last,
+        best=best,
+        best_epoch=progress.best_epoch,
+        global_step=progress.global_step,
+        seconds=seconds,
+        history=run.history,
+    )

@@ -26,16 +26,19 @@ def build_optimizer(groups: Iterable[ParamGroup], config: OptimConfig) -> torch.
         return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(param_groups, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        param_groups, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+    )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, epochs: int
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """StepLR or cosine annealing (T_max = epochs, eta_min = 0), both stepped once per epoch."""
     if config.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_step,
-                                               gamma=config.lr_decay_gamma)
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.lr_decay_step, gamma=config.lr_decay_gamma
+        )
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)

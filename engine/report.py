@@ -27,7 +27,9 @@ def summary_table(result: FitResult, metric: str) -> str:
         lines += ["untrained network (epoch 0):", metrics_table(start, metric)]
     lines += [f"last (step {result.global_step}):", metrics_table(result.last, metric)]
     if result.best and result.best_epoch is not None:
-        lines += [f"best on the test split (epoch {result.best_epoch}; selected on test, optimistic):",
-                  metrics_table(result.best, metric)]
+        lines += [
+            f"best on the test split (epoch {result.best_epoch}; selected on test, optimistic):",
+            metrics_table(result.best, metric),
+        ]
     lines.append(f"training time: {result.seconds:.1f} s")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Run folders: creation, the overwrite/resume rules, and the saved resolved config.
 
 A run folder holds ``run.json`` (stage, status, dmlkd version, command line), ``run_config.json`` (the
-resolved config), ``metrics.jsonl``, ``last/`` and ``best/`` checkpoints and ``state/`` (resumable). The rules:
+resolved config), ``metrics.jsonl``, ``last/`` and ``best/`` checkpoints, ``state/`` (resumable). Rules:
 a new run needs an empty or absent folder; ``--resume`` needs a folder holding a run of the same stage;
 ``--overwrite`` replaces a folder holding a dmlkd run; a folder with other content is never touched.
 """
@@ -21,8 +21,17 @@ from dmlkd.errors import ConfigError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "run_config.json"
-_RUN_CONTENT = {RUN_FILE, CONFIG_FILE, "metrics.jsonl", "last", "best", "state", "cache", "report.md",
-                "results.json"}
+_RUN_CONTENT = {
+    RUN_FILE,
+    CONFIG_FILE,
+    "metrics.jsonl",
+    "last",
+    "best",
+    "state",
+    "cache",
+    "report.md",
+    "results.json",
+}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -38,7 +47,9 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ConfigError(f"{str(path)!r} is corrupt (not JSON); use another --out or delete the folder") from None
+        raise ConfigError(
+            f"{str(path)!r} is corrupt (not JSON); use another --out or delete the folder"
+        ) from None
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -50,8 +61,9 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output folder {str(run_dir)!r} is not writable: {error.strerror}") from None
 
 
-def prepare_run_dir(run_dir: str | Path, stage: str, config_tree: dict[str, Any], *, resume: bool,
-                    overwrite: bool) -> tuple[Path, dict[str, Any]]:
+def prepare_run_dir(
+    run_dir: str | Path, stage: str, config_tree: dict[str, Any], *, resume: bool, overwrite: bool
+) -> tuple[Path, dict[str, Any]]:
     """Validate and prepare ``run_dir``; returns the folder and the config tree to use.
 
     On ``resume`` the saved config is returned; ``config_tree`` must not contradict it.
@@ -60,26 +72,36 @@ def prepare_run_dir(run_dir: str | Path, stage: str, config_tree: dict[str, Any]
     existing = read_run(run_dir)
     if resume:
         if existing is None:
-            raise ConfigError(f"--resume: {str(run_dir)!r} holds no dmlkd run (no {RUN_FILE}); start a new run "
-                              "without --resume")
+            raise ConfigError(
+                f"--resume: {str(run_dir)!r} holds no dmlkd run (no {RUN_FILE}); start a new run "
+                "without --resume"
+            )
         if existing.get("stage") != stage:
-            raise ConfigError(f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run")
+            raise ConfigError(
+                f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run"
+            )
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
         _check_same(saved, config_tree, run_dir)
         _check_writable(run_dir)
         return run_dir, saved
     if existing is not None:
         if not overwrite:
-            raise ConfigError(f"output folder {str(run_dir)!r} already holds a {existing.get('stage')} run; "
-                              "pass --resume to continue it or --overwrite to replace it")
+            raise ConfigError(
+                f"output folder {str(run_dir)!r} already holds a {existing.get('stage')} run; "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
         _clear_run(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"output folder {str(run_dir)!r} is not empty and holds no dmlkd run; "
-                          "choose an empty or new --out folder")
+        raise ConfigError(
+            f"output folder {str(run_dir)!r} is not empty and holds no dmlkd run; "
+            "choose an empty or new --out folder"
+        )
     _check_writable(run_dir)
     _write_json(run_dir / CONFIG_FILE, config_tree)
-    _write_json(run_dir / RUN_FILE, {"stage": stage, "status": "running", "dmlkd_version": __version__,
-                                     "command": sys.argv})
+    _write_json(
+        run_dir / RUN_FILE,
+        {"stage": stage, "status": "running", "dmlkd_version": __version__, "command": sys.argv},
+    )
     return run_dir, config_tree
 
 
@@ -92,7 +114,7 @@ def _check_same(saved: dict[str, Any], given: dict[str, Any], run_dir: Path, pre
         elif saved[key] != value:
             raise ConfigError(
                 f"--resume: {prefix}{key}={json.dumps(value)} differs from the saved run's "
-                f"{json.dumps(saved[key])} in {str(run_dir)!r}; resume with the same options or use --overwrite"
+                f"{json.dumps(saved[key])} in {str(run_dir)!r}; resume with the same options or --overwrite"
             )
 
 

@@ -60,9 +60,14 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], record: dict[str, Any]) ->
     return {"state": state, "param_groups": record["param_groups"]}
 
 
-def save_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
-               extra: dict[str, Any] | None = None) -> None:
+def save_state(
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write the resumable state of a run to ``directory`` atomically."""
     optimizer_tensors, optimizer_record = _optimizer_split(optimizer)
     tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
@@ -91,8 +96,12 @@ def has_state(directory: Path) -> bool:
     return (directory / PROGRESS).is_file() and (directory / TENSORS).is_file()
 
 
-def load_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Progress, dict[str, Any]]:
+def load_state(
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[Progress, dict[str, Any]]:
     """Restore module, optimiser, scheduler and RNG states saved by ``save_state``."""
     if not has_state(directory):
         raise CheckpointError(f"{str(directory)!r} holds no resumable state ({PROGRESS} and {TENSORS})")
@@ -103,7 +112,7 @@ def load_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimi
     if sha256_file(directory / TENSORS) != record.get("digest"):
         raise CheckpointError(f"{str(directory / TENSORS)!r} is truncated or modified (digest mismatch)")
     tensors = load_file(str(directory / TENSORS))
-    module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+    module_state = {k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")}
     load_state_strict(module, module_state, f"resumable state {str(directory)!r}")
     optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
     scheduler.load_state_dict(record["scheduler"])

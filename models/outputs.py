@@ -14,7 +14,7 @@ class ModelOutput:
 
     Attributes:
         embedding: ``(B, D)`` embedding (L2-normalised only if the model was built with ``l2_norm``).
-        pooled: ``(B, C)`` pooled backbone feature before the embedding layer (GAP + GMP, summed); CRD uses it.
+        pooled: ``(B, C)`` pooled backbone feature before the embedding layer (GAP + GMP summed; CRD).
         features: the tapped stage maps ``(B, C_i, H_i, W_i)`` (seed-spec §3), only when asked for.
     """
 
@@ -24,7 +24,7 @@ class ModelOutput:
 
 
 class Batch(NamedTuple):
-    """A collated batch. With V views, ``images`` is view-major: row ``i + v * B`` is view ``v`` of image ``i``.
+    """A collated batch. With V views, ``images`` is view-major: row ``i + v * B`` is view ``v`` of image i.
 
     ``labels`` and ``indices`` (dataset positions) are repeated per view the same way.
     """

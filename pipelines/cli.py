@@ -21,16 +21,27 @@ def _split_sets(items: tuple[str, ...]) -> dict[str, list[str]]:
     for item in items:
         section, _, rest = item.partition(".")
         if section not in _SECTIONS or not rest:
-            raise ConfigError(f"--set {item!r}: pipeline overrides start with teacher., transfer. or data., "
-                              "e.g. teacher.optim.lr=1e-3 or transfer.train.epochs=10")
+            raise ConfigError(
+                f"--set {item!r}: pipeline overrides start with teacher., transfer. or data., "
+                "e.g. teacher.optim.lr=1e-3 or transfer.train.epochs=10"
+            )
         sections[section].append(rest)
     return sections
 
 
-def _knobs(teacher_epochs: int | None, epochs: int | None, max_steps: int | None, batch_size: int | None,
-           image_size: int | None) -> tuple[list[str], list[str]]:
-    both = {"train.max_steps": max_steps, "train.batch_size": batch_size, "train.image_size": image_size,
-            "eval.image_size": image_size}
+def _knobs(
+    teacher_epochs: int | None,
+    epochs: int | None,
+    max_steps: int | None,
+    batch_size: int | None,
+    image_size: int | None,
+) -> tuple[list[str], list[str]]:
+    both = {
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.image_size": image_size,
+        "eval.image_size": image_size,
+    }
     teacher = {**both, "train.epochs": teacher_epochs}
     transfer = {**both, "train.epochs": epochs}
 
@@ -44,30 +55,62 @@ def _make_command(name: str) -> click.Command:
     defaults = SCENARIOS[name]
 
     @click.command(name)
-    @click.option("--src", default=None, help=f"Teacher: a model spec (default {defaults.src}), a run or "
-                                              "checkpoint folder, or hf://ORG/NAME[@REVISION].")
+    @click.option(
+        "--src",
+        default=None,
+        help=f"Teacher: a model spec (default {defaults.src}), a run or "
+        "checkpoint folder, or hf://ORG/NAME[@REVISION].",
+    )
     @click.option("--dst", default=None, help=f"Student model spec (default {defaults.dst}).")
     @click.option("--dataset", default=None, help="Dataset name; default: the built-in glyphs demo.")
     @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
     @click.option("--out", default=None, help=f"Pipeline folder (default runs/{name}-<dataset>).")
-    @click.option("--methods", default="relaxed_contrastive",
-                  help="Comma-separated transfer methods, e.g. relaxed_contrastive,rkd,pkt.")
-    @click.option("--teacher-epochs", type=int, default=None, help="Epochs of the teacher stage (if trained).")
+    @click.option(
+        "--methods",
+        default="relaxed_contrastive",
+        help="Comma-separated transfer methods, e.g. relaxed_contrastive,rkd,pkt.",
+    )
+    @click.option(
+        "--teacher-epochs", type=int, default=None, help="Epochs of the teacher stage (if trained)."
+    )
     @click.option("--epochs", type=int, default=None, help="Epochs of each student.")
     @click.option("--max-steps", type=int, default=None, help="Cap every training stage at N steps.")
     @click.option("--batch-size", type=int, default=None)
     @click.option("--image-size", type=int, default=None)
-    @click.option("--export-format", type=click.Choice(["safetensors", "onnx", "torch.export"]),
-                  default="safetensors", help="Format of the exported students.")
+    @click.option(
+        "--export-format",
+        type=click.Choice(["safetensors", "onnx", "torch.export"]),
+        default="safetensors",
+        help="Format of the exported students.",
+    )
     @click.option("--device", default="auto", help="auto (default), cpu, cuda or cuda:N.")
     @click.option("--overwrite", is_flag=True, help="Replace a different pipeline run in --out.")
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
-    @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
-                  help="Stage override, e.g. --set teacher.optim.lr=1e-3 --set transfer.train.views=2.")
-    def command(src: str | None, dst: str | None, dataset: str | None, data_root: str | None,
-                out: str | None, methods: str, teacher_epochs: int | None, epochs: int | None,
-                max_steps: int | None, batch_size: int | None, image_size: int | None, export_format: str,
-                device: str, overwrite: bool, no_progress: bool, overrides: tuple[str, ...]) -> None:
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="STAGE.KEY=VALUE",
+        help="Stage override, e.g. --set teacher.optim.lr=1e-3 --set transfer.train.views=2.",
+    )
+    def command(
+        src: str | None,
+        dst: str | None,
+        dataset: str | None,
+        data_root: str | None,
+        out: str | None,
+        methods: str,
+        teacher_epochs: int | None,
+        epochs: int | None,
+        max_steps: int | None,
+        batch_size: int | None,
+        image_size: int | None,
+        export_format: str,
+        device: str,
+        overwrite: bool,
+        no_progress: bool,
+        overrides: tuple[str, ...],
+    ) -> None:
         from pathlib import Path
 
         from dmlkd.config import DataConfig, load_config, to_dict
@@ -77,12 +120,18 @@ def _make_command(name: str) -> click.Command:
         teacher_knobs, transfer_knobs = _knobs(teacher_epochs, epochs, max_steps, batch_size, image_size)
         dataset_name = dataset or "glyphs"
         config = PipelineConfig(
-            scenario=name, src=src or defaults.src, dst=dst or defaults.dst,
-            data=load_config(DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]),
+            scenario=name,
+            src=src or defaults.src,
+            dst=dst or defaults.dst,
+            data=load_config(
+                DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]
+            ),
             methods=[m.strip() for m in methods.split(",") if m.strip()],
             teacher_overrides=[*teacher_knobs, *sets["teacher"]],
             transfer_overrides=[*transfer_knobs, *sets["transfer"]],
-            export_format=export_format, device=device, progress=not no_progress,
+            export_format=export_format,
+            device=device,
+            progress=not no_progress,
         )
         from dmlkd.pipelines.report import format_summary
         from dmlkd.pipelines.runner import run_pipeline, validate_pipeline
@@ -94,9 +143,11 @@ def _make_command(name: str) -> click.Command:
         click.echo(format_summary(results))
         click.echo(f"report: {folder / 'report.md'}")
 
-    command.help = (f"{defaults.summary.capitalize()}: {defaults.src} -> {defaults.dst} by default.\n\n"
-                    f"Trains (or pulls) the teacher, re-checks it, caches its outputs, trains one student per "
-                    f"method, exports them and writes report.md, results.json and plots into --out.")
+    command.help = (
+        f"{defaults.summary.capitalize()}: {defaults.src} -> {defaults.dst} by default.\n\n"
+        f"Trains (or pulls) the teacher, re-checks it, caches its outputs, trains one student per "
+        f"method, exports them and writes report.md, results.json and plots into --out."
+    )
     return command
 
 

@@ -1,4 +1,4 @@
-"""Run a scenario end to end: teacher (pull, convert or train) -> teacher check -> students -> export -> report.
+"""Run a scenario end to end: teacher (pull or train) -> teacher check -> students -> export -> report.
 
 Every stage records its completion in ``<out>/pipeline.json``; rerunning the same command skips finished
 stages and resumes an interrupted training run from its saved state. A different command on an existing
@@ -24,8 +24,17 @@ from dmlkd.pipelines.scenarios import MIN_IMAGE_SIZE
 log = logging.getLogger(__name__)
 
 STATE_FILE = "pipeline.json"
-_PIPELINE_CONTENT = {STATE_FILE, "teacher", "students", "exports", "report.md", "results.json",
-                     "recall_per_epoch.png", "recall_at_k.png", "retrieval_grid.png"}
+_PIPELINE_CONTENT = {
+    STATE_FILE,
+    "teacher",
+    "students",
+    "exports",
+    "report.md",
+    "results.json",
+    "recall_per_epoch.png",
+    "recall_at_k.png",
+    "retrieval_grid.png",
+}
 
 
 class TeacherCheckError(DmlkdError):
@@ -49,14 +58,17 @@ class PipelineState:
             if record.get("config") == wanted and not overwrite:
                 return cls(out, record)
             if not overwrite:
+                difference = _first_difference(record.get("config", {}), wanted)
                 raise ConfigError(
-                    f"{str(out)!r} holds a pipeline run with different options ({_first_difference(record.get('config', {}), wanted)}); "
+                    f"{str(out)!r} holds a pipeline run with different options ({difference}); "
                     "rerun the same command to resume it, or pass --overwrite to replace it"
                 )
             _clear(out)
         elif out.exists() and any(out.iterdir()):
-            raise ConfigError(f"output folder {str(out)!r} is not empty and holds no dmlkd pipeline; "
-                              "choose an empty or new --out folder")
+            raise ConfigError(
+                f"output folder {str(out)!r} is not empty and holds no dmlkd pipeline; "
+                "choose an empty or new --out folder"
+            )
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -104,9 +116,13 @@ def _image_size_overrides(arch: str, dataset: str) -> list[str]:
 
 
 def _common(config: PipelineConfig) -> list[str]:
-    items = [f"data.name={json.dumps(config.data.name)}", f"data.options={json.dumps(config.data.options)}",
-             f"data.skip_bad_images={json.dumps(config.data.skip_bad_images)}",
-             f"train.device={json.dumps(config.device)}", f"train.progress={json.dumps(config.progress)}"]
+    items = [
+        f"data.name={json.dumps(config.data.name)}",
+        f"data.options={json.dumps(config.data.options)}",
+        f"data.skip_bad_images={json.dumps(config.data.skip_bad_images)}",
+        f"train.device={json.dumps(config.device)}",
+        f"train.progress={json.dumps(config.progress)}",
+    ]
     if config.data.root:
         items.append(f"data.root={json.dumps(config.data.root)}")
     return items
@@ -117,8 +133,13 @@ def teacher_config_tree(config: PipelineConfig) -> dict[str, Any]:
     from dmlkd.teacher.config import start_tree
 
     spec = parse_spec(config.src)
-    items = [f"model.arch={json.dumps(spec.arch)}", f"model.embedding_dim={spec.dim}", *_common(config),
-             *_image_size_overrides(spec.arch, config.data.name), *config.teacher_overrides]
+    items = [
+        f"model.arch={json.dumps(spec.arch)}",
+        f"model.embedding_dim={spec.dim}",
+        *_common(config),
+        *_image_size_overrides(spec.arch, config.data.name),
+        *config.teacher_overrides,
+    ]
     return apply_overrides(start_tree(None, config.data.name, spec.arch), items)
 
 
@@ -127,14 +148,21 @@ def student_config_tree(config: PipelineConfig, teacher_ref: Path, method: str) 
     from dmlkd.transfer.config import start_tree
 
     spec = parse_spec(config.dst)
-    items = [f"teacher.ref={json.dumps(str(teacher_ref))}", f"student.arch={json.dumps(spec.arch)}",
-             f"student.embedding_dim={spec.dim}", f"method.name={json.dumps(method)}", *_common(config),
-             *_image_size_overrides(spec.arch, config.data.name), *config.transfer_overrides]
+    items = [
+        f"teacher.ref={json.dumps(str(teacher_ref))}",
+        f"student.arch={json.dumps(spec.arch)}",
+        f"student.embedding_dim={spec.dim}",
+        f"method.name={json.dumps(method)}",
+        *_common(config),
+        *_image_size_overrides(spec.arch, config.data.name),
+        *config.transfer_overrides,
+    ]
     return apply_overrides(start_tree(None, config.data.name), items)
 
 
-def _train_stage(run_dir: Path, stage: str, tree: dict[str, Any], train: Callable[[Any, Path, bool], Any],
-                 config_cls: type) -> Any:
+def _train_stage(
+    run_dir: Path, stage: str, tree: dict[str, Any], train: Callable[[Any, Path, bool], Any], config_cls: type
+) -> Any:
     """Train one stage into ``run_dir``, resuming it if an earlier attempt was interrupted."""
     from dmlkd.engine.rundir import prepare_run_dir, read_run
 
@@ -146,7 +174,7 @@ def _train_stage(run_dir: Path, stage: str, tree: dict[str, Any], train: Callabl
 
 
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
-    """A checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry, or a trained teacher."""
+    """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
     from dmlkd.checkpoints import resolve_checkpoint_dir
 
     src = config.src
@@ -192,8 +220,12 @@ def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineStat
     device = resolve_device(config.device)
     measured = evaluate_model(model.to(device), splits, eval_config, device, progress=config.progress)
     expected = recorded.get("recall@1")
-    info = {"teacher": str(teacher_dir), "recall@1": measured["recall@1"], "recorded_recall@1": expected,
-            "metric": eval_config.metric}
+    info = {
+        "teacher": str(teacher_dir),
+        "recall@1": measured["recall@1"],
+        "recorded_recall@1": expected,
+        "metric": eval_config.metric,
+    }
     if expected is None:
         log.warning("teacher %s records no Recall@1; skipping the sanity check", teacher_dir)
     elif measured["recall@1"] < expected - config.teacher_check_tolerance:
@@ -214,10 +246,19 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
     for method in config.methods:
         run_dir = state.out / "students" / method
         if not state.done(f"student:{method}"):
-            result = _train_stage(run_dir, "transfer", student_config_tree(config, teacher_dir, method),
-                                  train_transfer, TransferConfig)
-            state.finish(f"student:{method}", run_dir=str(run_dir), teacher_mode=result.teacher_mode,
-                         seconds=round(result.fit.seconds, 1))
+            result = _train_stage(
+                run_dir,
+                "transfer",
+                student_config_tree(config, teacher_dir, method),
+                train_transfer,
+                TransferConfig,
+            )
+            state.finish(
+                f"student:{method}",
+                run_dir=str(run_dir),
+                teacher_mode=result.teacher_mode,
+                seconds=round(result.fit.seconds, 1),
+            )
         run_dirs.append(run_dir)
     return run_dirs
 
@@ -235,7 +276,9 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
     return exported
 
 
-def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
+def make_report(
+    config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState
+) -> dict:
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
     from dmlkd.engine.evaluate import resolve_device
@@ -249,8 +292,16 @@ def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path],
     splits, _ = build_splits(config.data)
     student_tree = student_config_tree(config, teacher_dir, config.methods[0])
     eval_config = from_dict(EvalConfig, student_tree.get("eval", {}))
-    results = write_report(state.out, config.scenario, config.data.name, splits, entries, eval_config,
-                           resolve_device(config.device), progress=config.progress)
+    results = write_report(
+        state.out,
+        config.scenario,
+        config.data.name,
+        splits,
+        entries,
+        eval_config,
+        resolve_device(config.device),
+        progress=config.progress,
+    )
     state.finish("report", path=str(state.out / "report.md"))
     return results
 

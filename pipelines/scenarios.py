@@ -16,12 +16,21 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "self-transfer": Scenario("self-transfer", "bn_inception-512", "bn_inception-512",
-                              "same architecture and dimension: does transfer improve on the source itself?"),
-    "dim-reduction": Scenario("dim-reduction", "bn_inception-512", "bn_inception-64",
-                              "same backbone, 8x smaller embedding"),
-    "compress": Scenario("compress", "resnet50-512", "resnet18-128",
-                         "smaller backbone and smaller embedding (model compression)"),
+    "self-transfer": Scenario(
+        "self-transfer",
+        "bn_inception-512",
+        "bn_inception-512",
+        "same architecture and dimension: does transfer improve on the source itself?",
+    ),
+    "dim-reduction": Scenario(
+        "dim-reduction", "bn_inception-512", "bn_inception-64", "same backbone, 8x smaller embedding"
+    ),
+    "compress": Scenario(
+        "compress",
+        "resnet50-512",
+        "resnet18-128",
+        "smaller backbone and smaller embedding (model compression)",
+    ),
 }
 
 # BN-Inception's stride-2 branches need inputs of at least 64 px (and sizes where they line up).

@@ -43,12 +43,30 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def train_command(model_spec: str | None, loss: str | None, dataset: str | None, data_root: str | None, out: str,
-                  recipe: str | None, epochs: int | None, max_steps: int | None, batch_size: int | None,
-                  ipc: int | None, image_size: int | None, lr: float | None, seed: int | None,
-                  pretrained: bool | None, mixed_precision: str | None, num_workers: int | None,
-                  eval_every: int | None, device: str | None, resume: bool, overwrite: bool, no_progress: bool,
-                  overrides: tuple[str, ...]) -> None:
+def train_command(
+    model_spec: str | None,
+    loss: str | None,
+    dataset: str | None,
+    data_root: str | None,
+    out: str,
+    recipe: str | None,
+    epochs: int | None,
+    max_steps: int | None,
+    batch_size: int | None,
+    ipc: int | None,
+    image_size: int | None,
+    lr: float | None,
+    seed: int | None,
+    pretrained: bool | None,
+    mixed_precision: str | None,
+    num_workers: int | None,
+    eval_every: int | None,
+    device: str | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Train a teacher embedding and keep last/ and best/ checkpoints in --out.
 
     Example: dmlkd teacher train --model resnet50-512 --loss proxy_anchor --dataset cub --data-root data
@@ -61,12 +79,23 @@ def train_command(model_spec: str | None, loss: str | None, dataset: str | None,
 
     spec = parse_spec(model_spec) if model_spec else None
     shortcuts = {
-        "model.arch": spec.arch if spec else None, "model.embedding_dim": spec.dim if spec else None,
-        "loss.name": loss, "data.name": dataset, "data.root": data_root, "train.epochs": epochs,
-        "train.max_steps": max_steps, "train.batch_size": batch_size, "train.ipc": ipc,
-        "train.image_size": image_size, "optim.lr": lr, "train.seed": seed, "model.pretrained": pretrained,
-        "train.mixed_precision": mixed_precision, "train.num_workers": num_workers,
-        "train.eval_every": eval_every, "train.device": device,
+        "model.arch": spec.arch if spec else None,
+        "model.embedding_dim": spec.dim if spec else None,
+        "loss.name": loss,
+        "data.name": dataset,
+        "data.root": data_root,
+        "train.epochs": epochs,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.ipc": ipc,
+        "train.image_size": image_size,
+        "optim.lr": lr,
+        "train.seed": seed,
+        "model.pretrained": pretrained,
+        "train.mixed_precision": mixed_precision,
+        "train.num_workers": num_workers,
+        "train.eval_every": eval_every,
+        "train.device": device,
         "train.progress": False if no_progress else None,
     }
     items = _overrides(shortcuts, overrides)

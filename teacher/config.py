@@ -85,7 +85,14 @@ RECIPES: dict[str, dict[str, Any]] = {
             "bn_freeze": False,
             "clip_grad_value": 10.0,
         },
-        "train": {"epochs": 8, "batch_size": 128, "ipc": 4, "seed": 1, "eval_at_start": True, "eval_every": 2},
+        "train": {
+            "epochs": 8,
+            "batch_size": 128,
+            "ipc": 4,
+            "seed": 1,
+            "eval_at_start": True,
+            "eval_every": 2,
+        },
         "eval": {"metric": "cosine"},
     },
 }

@@ -43,13 +43,17 @@ def build_criterion(config: TeacherConfig, num_classes: int) -> nn.Module:
     valid = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embedding_size")]
     for key in config.loss.kwargs:
         if key not in valid:
-            raise ConfigError(f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}")
+            raise ConfigError(
+                f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}"
+            )
     return factory(num_classes, config.model.embedding_dim, **config.loss.kwargs)
 
 
 def param_groups(module: TeacherModule, config: TeacherConfig) -> list[tuple[str, list[nn.Parameter], float]]:
     model, criterion, optim = module.model, module.criterion, config.optim
-    loss_mult = optim.loss_lr_mult if optim.loss_lr_mult is not None else getattr(criterion, "lr_multiplier", 1.0)
+    loss_mult = (
+        optim.loss_lr_mult if optim.loss_lr_mult is not None else getattr(criterion, "lr_multiplier", 1.0)
+    )
     return [
         ("backbone", list(model.backbone.parameters()), optim.backbone_lr_mult),
         ("head", list(model.embedding.parameters()), optim.head_lr_mult),
@@ -86,8 +90,10 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
         splits=splits,
         eval_config=config.eval,
         checkpoint_extras=lambda: {"loss": dict(criterion.state_dict())},
-        record={"train_config": {"stage": "teacher", **to_dict(config)},
-                "provenance": _provenance(config, splits, bad)},
+        record={
+            "train_config": {"stage": "teacher", **to_dict(config)},
+            "provenance": _provenance(config, splits, bad),
+        },
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
     mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))

@@ -25,9 +25,23 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def tiny_glyph_args() -> list[str]:
     """CLI options for a fast teacher run on a 16-class glyph subset."""
-    return ["--dataset", "glyphs", "--set", "data.options.max_classes=16", "--model", "resnet18-16",
-            "--batch-size", "16", "--ipc", "4", "--no-progress", "--set", "eval.nmi=false",
-            "--set", "train.eval_at_start=false"]
+    return [
+        "--dataset",
+        "glyphs",
+        "--set",
+        "data.options.max_classes=16",
+        "--model",
+        "resnet18-16",
+        "--batch-size",
+        "16",
+        "--ipc",
+        "4",
+        "--no-progress",
+        "--set",
+        "eval.nmi=false",
+        "--set",
+        "train.eval_at_start=false",
+    ]
 
 
 def repo_root() -> Path:

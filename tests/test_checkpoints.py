@@ -29,8 +29,13 @@ def _images() -> torch.Tensor:
 
 def test_round_trip_bit_identical(model: torch.nn.Module, tmp_path: Path) -> None:
     proxies = torch.randn(5, 16)
-    save_checkpoint(tmp_path / "ckpt", model, extra_tensors={"loss": {"proxies": proxies}},
-                    metrics={"recall@1": 0.5}, provenance={"dataset": "glyphs"})
+    save_checkpoint(
+        tmp_path / "ckpt",
+        model,
+        extra_tensors={"loss": {"proxies": proxies}},
+        metrics={"recall@1": 0.5},
+        provenance={"dataset": "glyphs"},
+    )
     loaded, record = load_checkpoint(tmp_path / "ckpt")
     assert not loaded.training
     for key, value in model.state_dict().items():
@@ -38,8 +43,11 @@ def test_round_trip_bit_identical(model: torch.nn.Module, tmp_path: Path) -> Non
     assert torch.equal(model(_images()).embedding, loaded(_images()).embedding)
     assert record["metrics"]["recall@1"] == 0.5
     assert torch.equal(read_tensors(tmp_path / "ckpt", "loss.safetensors")["proxies"], proxies)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "loss.safetensors",
-                                                                     "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "loss.safetensors",
+        "model.safetensors",
+    ]
 
 
 def test_dmlkd_load_accepts_run_folder(model: torch.nn.Module, tmp_path: Path) -> None:
@@ -121,7 +129,9 @@ def test_embedding_size_mismatch(model: torch.nn.Module, tmp_path: Path) -> None
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     record["model"]["embedding_dim"] = 32
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match=r"embedding\.(weight|bias) has shape \(16,.*the model expects \(32,"):
+    with pytest.raises(
+        CheckpointError, match=r"embedding\.(weight|bias) has shape \(16,.*the model expects \(32,"
+    ):
         load_checkpoint(tmp_path / "ckpt")
 
 

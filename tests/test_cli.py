@@ -64,8 +64,18 @@ def test_eval_json_and_table(checkpoint: Path) -> None:
     results = json.loads(out)
     assert set(results) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
     assert all(0.0 <= value <= 1.0 for value in results.values())
-    code, out, err = _invoke("eval", "--checkpoint", str(checkpoint), *GLYPHS, "--metric", "euclidean",
-                             "--set", "eval.ks=[1,3]", "--set", "eval.nmi=false")
+    code, out, err = _invoke(
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        *GLYPHS,
+        "--metric",
+        "euclidean",
+        "--set",
+        "eval.ks=[1,3]",
+        "--set",
+        "eval.nmi=false",
+    )
     assert code == 0, err
     assert out.split("\n")[0].split() == ["R@1", "R@3", "MAP@R"]
 
@@ -74,10 +84,19 @@ def test_eval_json_and_table(checkpoint: Path) -> None:
     ("args", "message"),
     [
         (["--checkpoint", "{nowhere}"], "does not exist"),
-        (["--checkpoint", "{ckpt}", "--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from: cars, csv"),
+        (
+            ["--checkpoint", "{ckpt}", "--dataset", "imagenet"],
+            "unknown dataset 'imagenet'; choose from: cars, csv",
+        ),
         (["--checkpoint", "{ckpt}", "--dataset", "cub", "--data-root", "{nowhere}"], "nowhere"),
-        (["--checkpoint", "{ckpt}", "--set", "eval.metric=l1"], "'l1' is not valid; choose from: cosine, euclidean"),
-        (["--checkpoint", "{ckpt}", "--set", "data.options.colour=1"], "dataset 'glyphs' has no option 'colour'"),
+        (
+            ["--checkpoint", "{ckpt}", "--set", "eval.metric=l1"],
+            "'l1' is not valid; choose from: cosine, euclidean",
+        ),
+        (
+            ["--checkpoint", "{ckpt}", "--set", "data.options.colour=1"],
+            "dataset 'glyphs' has no option 'colour'",
+        ),
         (["--checkpoint", "{ckpt}", "--device", "cuda:7"], "cuda"),
         (["--checkpoint", "{empty}"], "holds no checkpoint"),
     ],
@@ -93,10 +112,16 @@ def test_eval_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[s
 
 
 def test_real_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "dmlkd", "eval", "--checkpoint", str(tmp_path / "x")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dmlkd", "eval", "--checkpoint", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
-    debug = subprocess.run([sys.executable, "-m", "dmlkd", "--debug", "eval", "--checkpoint",
-                            str(tmp_path / "x")], capture_output=True, text=True)
+    debug = subprocess.run(
+        [sys.executable, "-m", "dmlkd", "--debug", "eval", "--checkpoint", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -27,8 +27,11 @@ def test_parse_value_types() -> None:
 
 
 def test_overrides_nested_and_typed() -> None:
-    config = load_config(EvalCommandConfig, {"checkpoint": "x"},
-                         ["eval.metric=euclidean", "data.options.verify_counts=false", "eval.ks=[1,10]"])
+    config = load_config(
+        EvalCommandConfig,
+        {"checkpoint": "x"},
+        ["eval.metric=euclidean", "data.options.verify_counts=false", "eval.ks=[1,10]"],
+    )
     assert config.eval.metric == "euclidean"
     assert config.data.options == {"verify_counts": False}
     assert config.eval.ks == [1, 10]

@@ -33,7 +33,7 @@ def _images() -> torch.Tensor:
 
 
 def _torchvision_reference(arch: str, dim: int, path: Path) -> torch.nn.Module:
-    """A PA/LR-style ResNet teacher: torchvision net (fc kept, unused) + ``embedding`` Linear; saved as PA does."""
+    """A PA/LR-style ResNet teacher: torchvision net (unused fc kept) + ``embedding`` Linear, saved as PA."""
     torch.manual_seed(2)
     net = getattr(torchvision.models, arch)()
     net.embedding = torch.nn.Linear(net.fc.in_features, dim)
@@ -62,8 +62,9 @@ def resnet18_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch
     return path, _torchvision_reference("resnet18", 16, path)
 
 
-def test_convert_resnet18_matches_reference_forward(resnet18_file: tuple[Path, torch.nn.Module],
-                                                    tmp_path: Path) -> None:
+def test_convert_resnet18_matches_reference_forward(
+    resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
     path, reference = resnet18_file
     result = convert_reference_checkpoint(path, "resnet18-16", "cub", tmp_path / "teacher")
     assert result.dropped_keys == ("fc.bias", "fc.weight")
@@ -73,7 +74,9 @@ def test_convert_resnet18_matches_reference_forward(resnet18_file: tuple[Path, t
     provenance = record["provenance"]
     assert provenance["source"] == SOURCE_NOTE and provenance["dataset"] == "cub"
     assert provenance["source_file"] == path.name
-    assert provenance["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == result.source_sha256
+    assert (
+        provenance["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == result.source_sha256
+    )
     assert record["metrics"] == {}  # no published numbers for a 16-d ResNet18
     with torch.no_grad():
         ours, theirs = model(_images()).embedding, _reference_forward(reference, _images())
@@ -110,8 +113,9 @@ WRONG_MODELS = {
 
 
 @pytest.mark.parametrize("spec", sorted(WRONG_MODELS))
-def test_wrong_model_is_one_line_error(spec: str, resnet18_file: tuple[Path, torch.nn.Module],
-                                       tmp_path: Path) -> None:
+def test_wrong_model_is_one_line_error(
+    spec: str, resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
     path, _ = resnet18_file
     with pytest.raises(CheckpointError, match=WRONG_MODELS[spec]) as caught:
         convert_reference_checkpoint(path, spec, "cub", tmp_path / "out")
@@ -130,11 +134,11 @@ def test_unsafe_or_foreign_files_are_rejected(tmp_path: Path) -> None:
         convert_reference_checkpoint(pickled, "resnet18-16", "cub", tmp_path / "a")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read .*garbage.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot read .*garbage.pth"):
         convert_reference_checkpoint(garbage, "resnet18-16", "cub", tmp_path / "b")
     plain = tmp_path / "torchvision.pth"
     torch.save(torchvision.models.resnet18().state_dict(), plain)  # no model. prefix: not a PA/LR teacher
-    with pytest.raises(CheckpointError, match="expected keys of the form model.<name>"):
+    with pytest.raises(CheckpointError, match=r"expected keys of the form model.<name>"):
         convert_reference_checkpoint(plain, "resnet18-16", "cub", tmp_path / "c")
     with pytest.raises(CheckpointError, match="does not exist"):
         convert_reference_checkpoint(tmp_path / "absent.pth", "resnet18-16", "cub", tmp_path / "d")
@@ -143,11 +147,11 @@ def test_unsafe_or_foreign_files_are_rejected(tmp_path: Path) -> None:
 
 def test_bad_options(resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     path, _ = resnet18_file
-    with pytest.raises(ConfigError, match="unknown dataset 'birds'; choose from: .*cub"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'birds'; choose from: .*cub"):
         convert_reference_checkpoint(path, "resnet18-16", "birds", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+    with pytest.raises(CheckpointError, match=r"already exists.*--overwrite"):
         convert_reference_checkpoint(path, "resnet18-16", "cub", tmp_path / "out")
     convert_reference_checkpoint(path, "resnet18-16", "cub", tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -156,12 +160,25 @@ def test_bad_options(resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path
 def test_cli_convert(resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     path, _ = resnet18_file
     group = _Group(commands=[convert_command])
-    ok = CliRunner().invoke(group, ["convert", str(path), "--model", "resnet18-16", "--dataset", "cub",
-                                    "--out", str(tmp_path / "t")])
+    ok = CliRunner().invoke(
+        group,
+        ["convert", str(path), "--model", "resnet18-16", "--dataset", "cub", "--out", str(tmp_path / "t")],
+    )
     assert ok.exit_code == 0, ok.output
     assert "as resnet18-16" in ok.output and "dropped unused fc.bias, fc.weight" in ok.output
-    bad = CliRunner().invoke(group, ["convert", str(path), "--model", "bn_inception-16", "--dataset", "cub",
-                                     "--out", str(tmp_path / "u")])
+    bad = CliRunner().invoke(
+        group,
+        [
+            "convert",
+            str(path),
+            "--model",
+            "bn_inception-16",
+            "--dataset",
+            "cub",
+            "--out",
+            str(tmp_path / "u"),
+        ],
+    )
     assert bad.exit_code == 2
     lines = bad.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing keys" in lines[0]
@@ -178,7 +195,8 @@ def test_convert_resnet50_512_cub_records_paper_numbers(tmp_path: Path) -> None:
     assert "not measured by dmlkd" in record["metrics"]["reported_by"]
     images = _images()[:1, :, :32, :32]
     with torch.no_grad():
-        torch.testing.assert_close(model(images).embedding, _reference_forward(reference, images),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model(images).embedding, _reference_forward(reference, images), atol=1e-5, rtol=1e-4
+        )
     card = model_card(json.loads((tmp_path / "teacher" / "config.json").read_text()), "me/cub-r50")
     assert "Reported by Proxy-Anchor README" in card and "| Recall@1 | 69.90 |" in card

@@ -51,8 +51,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The CLI as users run it; the hub group is added here so the test does not depend on dmlkd.cli's wiring.
-CLI = ("import sys; from dmlkd.cli import main; from dmlkd.checkpoints.cli import hub_group; "
-       "main.add_command(hub_group); main(sys.argv[1:], prog_name='dmlkd')")
+CLI = (
+    "import sys; from dmlkd.cli import main; from dmlkd.checkpoints.cli import hub_group; "
+    "main.add_command(hub_group); main(sys.argv[1:], prog_name='dmlkd')"
+)
 
 
 def _images() -> torch.Tensor:
@@ -65,12 +67,26 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = create_model("googlenet-8").eval()
     folder = tmp_path_factory.mktemp("ckpt") / "best"
-    save_checkpoint(folder, model, extra_tensors={"loss": {"proxies": torch.randn(4, 8)}},
-                    train_config={"stage": "transfer", "method": {"name": "relaxed_contrastive"}},
-                    metrics={"recall@1": 0.65, "recall@2": 0.75, "map@r": 0.3, "epoch": 3, "step": 30,
-                             "selected": "best"},
-                    provenance={"teacher": f"hf://dmlkd-test/teacher@{OTHER_COMMIT}", "dataset": "cub",
-                                "method": "relaxed_contrastive", "teacher_digest": "ab" * 32})
+    save_checkpoint(
+        folder,
+        model,
+        extra_tensors={"loss": {"proxies": torch.randn(4, 8)}},
+        train_config={"stage": "transfer", "method": {"name": "relaxed_contrastive"}},
+        metrics={
+            "recall@1": 0.65,
+            "recall@2": 0.75,
+            "map@r": 0.3,
+            "epoch": 3,
+            "step": 30,
+            "selected": "best",
+        },
+        provenance={
+            "teacher": f"hf://dmlkd-test/teacher@{OTHER_COMMIT}",
+            "dataset": "cub",
+            "method": "relaxed_contrastive",
+            "teacher_digest": "ab" * 32,
+        },
+    )
     return folder
 
 
@@ -119,10 +135,10 @@ class _HubHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._answer(send_body=True)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str], send_body: bool) -> None:
@@ -160,10 +176,16 @@ class _HubHandler(BaseHTTPRequestHandler):
             return
         repo, commit = found
         if kind == "revision":
-            payload: Any = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": f} for f in repo["files"]]}
+            payload: Any = {
+                "id": repo_id,
+                "sha": commit,
+                "siblings": [{"rfilename": f} for f in repo["files"]],
+            }
         else:
-            payload = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                       for name, data in repo["files"].items()]
+            payload = [
+                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for name, data in repo["files"].items()
+            ]
         self._send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, send_body)
 
     def _resolve(self, repo_id: str, revision: str, file_name: str, send_body: bool) -> None:
@@ -195,7 +217,11 @@ def hub_server() -> Iterator[Any]:
 def _serve(server: Any, files: dict[str, bytes]) -> None:
     # Files a dmlkd pull must never fetch sit next to the checkpoint files.
     extra = {"pytorch_model.bin": b"\x80\x04 pickle", "notes.txt": b"hello"}
-    server.repos[REPO] = {"commit": COMMIT, "refs": {"main": COMMIT, "v1": COMMIT}, "files": {**files, **extra}}
+    server.repos[REPO] = {
+        "commit": COMMIT,
+        "refs": {"main": COMMIT, "v1": COMMIT},
+        "files": {**files, **extra},
+    }
 
 
 def _point_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
@@ -203,12 +229,14 @@ def _point_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
 
 
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub_server: Any) -> Any:
-    """In-process: offline mode off, temp cache; calls pass endpoint= so the import-time URL template is unused."""
+    """In-process: offline mode off, a temp cache, the endpoint constants pointed at the stand-in Hub."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -225,11 +253,23 @@ def _closed_port() -> int:
 
 
 def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
-                **env}
-    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=REPO_ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=120)
+    full_env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", CLI, *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -251,8 +291,9 @@ def test_parse_hub_ref() -> None:
 # --------------------------------------------------------------------------------------------- (A) cache
 
 
-def test_load_hf_reference_from_offline_cache(checkpoint: Path, reference_embedding: torch.Tensor,
-                                              offline_cache: Path) -> None:
+def test_load_hf_reference_from_offline_cache(
+    checkpoint: Path, reference_embedding: torch.Tensor, offline_cache: Path
+) -> None:
     snapshot = _write_cache(offline_cache, _repo_files(checkpoint))
     for ref in (f"hf://{REPO}", f"hf://{REPO}@main", f"hf://{REPO}@{COMMIT}"):
         assert resolve_checkpoint_dir(ref) == snapshot
@@ -266,8 +307,9 @@ def test_load_hf_reference_from_offline_cache(checkpoint: Path, reference_embedd
     assert record["provenance"]["dataset"] == "cub"  # the checkpoint's own provenance is kept
 
 
-def test_offline_pull_to_out_records_commit(checkpoint: Path, reference_embedding: torch.Tensor,
-                                            offline_cache: Path, tmp_path: Path) -> None:
+def test_offline_pull_to_out_records_commit(
+    checkpoint: Path, reference_embedding: torch.Tensor, offline_cache: Path, tmp_path: Path
+) -> None:
     files = _repo_files(checkpoint)
     _write_cache(offline_cache, {**files, "README.md": b"# card\n"})
     result = pull(f"{REPO}@main", tmp_path / "out" / "teacher")
@@ -275,20 +317,26 @@ def test_offline_pull_to_out_records_commit(checkpoint: Path, reference_embeddin
     assert _leftovers(tmp_path / "out") == ["teacher"]
     assert _leftovers(result.path) == ["README.md", "config.json", "loss.safetensors", "model.safetensors"]
     model, record = load_checkpoint(result.path)
-    assert record["provenance"]["hub"] == {"repo_id": REPO, "revision": "main", "commit": COMMIT,
-                                           "ref": f"hf://{REPO}@{COMMIT}"}
+    assert record["provenance"]["hub"] == {
+        "repo_id": REPO,
+        "revision": "main",
+        "commit": COMMIT,
+        "ref": f"hf://{REPO}@{COMMIT}",
+    }
     with torch.no_grad():
         assert torch.equal(model(_images()).embedding, reference_embedding)
-    with pytest.raises(CheckpointError, match="already exists and is not empty.*--overwrite"):
+    with pytest.raises(CheckpointError, match=r"already exists and is not empty.*--overwrite"):
         pull(REPO, result.path)
     assert pull(REPO, result.path, overwrite=True).path == result.path
 
 
-def test_offline_cache_with_trailing_newline_in_ref_is_not_found(checkpoint: Path, offline_cache: Path) -> None:
+def test_offline_cache_with_trailing_newline_in_ref_is_not_found(
+    checkpoint: Path, offline_cache: Path
+) -> None:
     # The pitfall from offline-testing.md: the ref file is read verbatim, so "sha\n" names no snapshot.
     _write_cache(offline_cache, _repo_files(checkpoint), commit=COMMIT)
     (offline_cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text(COMMIT + "\n")
-    with pytest.raises(CheckpointError, match="not .*in the local Hub cache"):
+    with pytest.raises(CheckpointError, match=r"not .*in the local Hub cache"):
         load_from_hub(REPO)
 
 
@@ -302,24 +350,41 @@ def test_cli_offline_with_empty_cache_is_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "pulled").exists()
 
 
-# --------------------------------------------------------------------------------------------- (B) stand-in Hub
+# ----------------------------------------------------------------------------------------- (B) stand-in Hub
 
 
-def test_cli_pull_from_stand_in_hub_then_offline(checkpoint: Path, reference_embedding: torch.Tensor,
-                                                 hub_server: Any, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_pull_from_stand_in_hub_then_offline(
+    checkpoint: Path,
+    reference_embedding: torch.Tensor,
+    hub_server: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _serve(hub_server, {**_repo_files(checkpoint), "README.md": b"# card\n"})
     out = tmp_path / "pulled"
-    result = _run_cli(["hub", "pull", f"{REPO}@v1", "--out", str(out), "--json"], tmp_path,
-                      HF_ENDPOINT=hub_server.url, HF_HUB_OFFLINE="0")
+    result = _run_cli(
+        ["hub", "pull", f"{REPO}@v1", "--out", str(out), "--json"],
+        tmp_path,
+        HF_ENDPOINT=hub_server.url,
+        HF_HUB_OFFLINE="0",
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info == {"repo_id": REPO, "revision": "v1", "commit": COMMIT, "ref": f"hf://{REPO}@{COMMIT}",
-                    "path": str(out)}
+    assert info == {
+        "repo_id": REPO,
+        "revision": "v1",
+        "commit": COMMIT,
+        "ref": f"hf://{REPO}@{COMMIT}",
+        "path": str(out),
+    }
     assert _leftovers(out) == ["README.md", "config.json", "loss.safetensors", "model.safetensors"]
     fetched = {path for method, path in hub_server.requests if "/resolve/" in path}
-    assert {path.rsplit("/", 1)[1] for path in fetched} == {"README.md", "config.json", "loss.safetensors",
-                                                            "model.safetensors"}
+    assert {path.rsplit("/", 1)[1] for path in fetched} == {
+        "README.md",
+        "config.json",
+        "loss.safetensors",
+        "model.safetensors",
+    }
     assert any(path.startswith(f"api/models/{REPO}/revision/v1") for _, path in hub_server.requests)
     # The cache the real library wrote now serves hf:// loads with the network off (0 requests).
     from huggingface_hub import constants
@@ -340,7 +405,10 @@ def _tampered(files: dict[str, bytes]) -> dict[str, bytes]:
 
 FAILURES = {
     "unknown repository": ("dmlkd-test/nope", "was not found at .*check the ORG/NAME spelling"),
-    "unknown revision": (f"{REPO}@no-such-branch", "revision 'no-such-branch' does not exist in Hub repository"),
+    "unknown revision": (
+        f"{REPO}@no-such-branch",
+        "revision 'no-such-branch' does not exist in Hub repository",
+    ),
     "unknown commit": (f"{REPO}@{OTHER_COMMIT}", f"revision '{OTHER_COMMIT}' does not exist"),
     "missing config.json": (REPO, "has no config.json: it is not a dmlkd checkpoint"),
     "tampered safetensors": (REPO, "does not match the digest"),
@@ -348,8 +416,9 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
-def test_pull_failures_are_one_line_and_leave_nothing(case: str, checkpoint: Path, online: Any,
-                                                      tmp_path: Path) -> None:
+def test_pull_failures_are_one_line_and_leave_nothing(
+    case: str, checkpoint: Path, online: Any, tmp_path: Path
+) -> None:
     files = _repo_files(checkpoint)
     if case == "missing config.json":
         files.pop("config.json")
@@ -364,13 +433,16 @@ def test_pull_failures_are_one_line_and_leave_nothing(case: str, checkpoint: Pat
     assert not (tmp_path / "out").exists() or _leftovers(tmp_path / "out") == []
 
 
-def test_pull_with_hub_down_is_fast_one_line_error(online: Any, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pull_with_hub_down_is_fast_one_line_error(
+    online: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Connection refused on the first API call: snapshot_download does not retry it, so this is fast.
     down = f"http://127.0.0.1:{_closed_port()}"
     _point_at(monkeypatch, down)
     started = time.perf_counter()
-    with pytest.raises(CheckpointError, match="no network: cannot reach the Hub.*HF_HUB_OFFLINE=1") as caught:
+    with pytest.raises(
+        CheckpointError, match=r"no network: cannot reach the Hub.*HF_HUB_OFFLINE=1"
+    ) as caught:
         pull(f"{REPO}@main", tmp_path / "out", endpoint=down)
     assert time.perf_counter() - started < 10, "connection refused must not be retried for long"
     assert REPO in str(caught.value) and "\n" not in str(caught.value)
@@ -401,14 +473,26 @@ def fake_hub_api(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         calls["create_repo"] = (repo_id, kwargs)
         return f"https://hub.test/{repo_id}"
 
-    def upload_folder(self: Any, *, repo_id: str, folder_path: Any, allow_patterns: Any = None,
-                      **kwargs: Any) -> CommitInfo:
-        sent = {path.name: path.read_bytes() for path in Path(folder_path).iterdir()
-                if any(fnmatch(path.name, pattern) for pattern in allow_patterns)}
-        calls["upload"] = {"repo_id": repo_id, "files": sent, "everything": sorted(os.listdir(folder_path)),
-                           **kwargs}
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}", commit_message="m",
-                          commit_description="", oid=COMMIT)
+    def upload_folder(
+        self: Any, *, repo_id: str, folder_path: Any, allow_patterns: Any = None, **kwargs: Any
+    ) -> CommitInfo:
+        sent = {
+            path.name: path.read_bytes()
+            for path in Path(folder_path).iterdir()
+            if any(fnmatch(path.name, pattern) for pattern in allow_patterns)
+        }
+        calls["upload"] = {
+            "repo_id": repo_id,
+            "files": sent,
+            "everything": sorted(os.listdir(folder_path)),
+            **kwargs,
+        }
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}",
+            commit_message="m",
+            commit_description="",
+            oid=COMMIT,
+        )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -424,8 +508,9 @@ def _run_folder(tmp_path: Path, checkpoint: Path) -> Path:
     return run
 
 
-def test_push_run_folder_uploads_checkpoint_and_card(checkpoint: Path, tmp_path: Path,
-                                                     fake_hub_api: dict[str, Any]) -> None:
+def test_push_run_folder_uploads_checkpoint_and_card(
+    checkpoint: Path, tmp_path: Path, fake_hub_api: dict[str, Any]
+) -> None:
     run = _run_folder(tmp_path, checkpoint)
     main = click.Group(commands=[hub_group])
     result = CliRunner().invoke(main, ["hub", "push", str(run), "my-org/cub-student", "--which", "last"])
@@ -439,8 +524,9 @@ def test_push_run_folder_uploads_checkpoint_and_card(checkpoint: Path, tmp_path:
     assert 'dmlkd.load("hf://my-org/cub-student")' in upload["files"]["README.md"].decode()
 
 
-def test_push_picks_best_and_rejects_bad_sources(checkpoint: Path, tmp_path: Path,
-                                                 fake_hub_api: dict[str, Any]) -> None:
+def test_push_picks_best_and_rejects_bad_sources(
+    checkpoint: Path, tmp_path: Path, fake_hub_api: dict[str, Any]
+) -> None:
     run = _run_folder(tmp_path, checkpoint)
     assert push(run, "my-org/x").source == run / "best"
     assert push(checkpoint, "my-org/x").source == checkpoint
@@ -460,10 +546,12 @@ def test_push_refused_by_hub_is_one_line(checkpoint: Path, monkeypatch: pytest.M
 
     def refuse(self: Any, repo_id: str, **kwargs: Any) -> None:
         request = httpx2.Request("POST", "https://hub.test/api/repos/create")
-        raise HfHubHTTPError("401 Unauthorized: invalid token", response=httpx2.Response(401, request=request))
+        raise HfHubHTTPError(
+            "401 Unauthorized: invalid token", response=httpx2.Response(401, request=request)
+        )
 
     monkeypatch.setattr(HfApi, "create_repo", refuse)
-    with pytest.raises(CheckpointError, match="push to Hub repository my-org/x .*HF_TOKEN") as caught:
+    with pytest.raises(CheckpointError, match=r"push to Hub repository my-org/x .*HF_TOKEN") as caught:
         push(checkpoint, "my-org/x")
     assert "\n" not in str(caught.value)
 
@@ -495,8 +583,14 @@ def zoo_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path / "config" / "dmlkd" / "zoo.json"
 
 
-ENTRY = {"dataset": "cub", "model": "resnet50-512", "repo_id": "my-org/cub-r50", "revision": COMMIT,
-         "metrics": {"recall@1": 0.699}, "notes": "converted"}
+ENTRY = {
+    "dataset": "cub",
+    "model": "resnet50-512",
+    "repo_id": "my-org/cub-r50",
+    "revision": COMMIT,
+    "metrics": {"recall@1": 0.699},
+    "notes": "converted",
+}
 
 
 def test_builtin_zoo_is_empty(zoo_env: Path) -> None:
@@ -512,7 +606,7 @@ def test_user_zoo_file_entries(zoo_env: Path, tmp_path: Path, monkeypatch: pytes
     student = {**ENTRY, "model": "resnet18-128", "role": "student", "method": "relaxed_contrastive"}
     zoo_env.write_text(json.dumps({"entries": [ENTRY, student]}))
     teacher = find_teacher("cub", " resnet50-512")
-    assert teacher is not None and teacher.ref == f"hf://my-org/cub-r50@{COMMIT}"
+    assert teacher is not None and teacher.reference == f"hf://my-org/cub-r50@{COMMIT}"
     assert teacher.source == str(zoo_env) and teacher.metrics == {"recall@1": 0.699}
     assert find_teacher("cars", "resnet50-512") is None and find_teacher("cub", "resnet18-128") is None
     result = CliRunner().invoke(zoo_command, ["--json"])
@@ -525,7 +619,7 @@ def test_user_zoo_file_entries(zoo_env: Path, tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("DMLKD_ZOO", str(named))
     assert zoo_entries() == []
     monkeypatch.setenv("DMLKD_ZOO", str(tmp_path / "absent.json"))
-    with pytest.raises(ConfigError, match="DMLKD_ZOO=.*does not exist"):
+    with pytest.raises(ConfigError, match=r"DMLKD_ZOO=.*does not exist"):
         zoo_entries()
 
 
@@ -535,7 +629,7 @@ BAD_ENTRIES = {
     "missing field": ({k: v for k, v in ENTRY.items() if k != "repo_id"}, "entry 0: missing field 'repo_id'"),
     "bad spec": ({**ENTRY, "model": "resnet51-512"}, "entry 0: unknown architecture 'resnet51'"),
     "bad repo": ({**ENTRY, "repo_id": "no-slash"}, "entry 0: repo_id 'no-slash' is not a Hub repository id"),
-    "bad role": ({**ENTRY, "role": "oracle"}, "entry 0: role \"oracle\" is not valid"),
+    "bad role": ({**ENTRY, "role": "oracle"}, 'entry 0: role "oracle" is not valid'),
     "bad metrics": ({**ENTRY, "metrics": {"recall@1": "high"}}, "entry 0: metrics must map names to numbers"),
 }
 
@@ -552,8 +646,11 @@ def test_zoo_rejects_bad_entries(case: str, zoo_env: Path) -> None:
 
 def test_zoo_rejects_bad_files(zoo_env: Path) -> None:
     zoo_env.parent.mkdir(parents=True)
-    for text, pattern in (("{not json", "not valid JSON"), ("[]", 'must hold one object {"entries"'),
-                          (json.dumps({"entries": [ENTRY, ENTRY]}), "entry 1: duplicate teacher")):
+    for text, pattern in (
+        ("{not json", "not valid JSON"),
+        ("[]", 'must hold one object {"entries"'),
+        (json.dumps({"entries": [ENTRY, ENTRY]}), "entry 1: duplicate teacher"),
+    ):
         zoo_env.write_text(text)
         with pytest.raises(ConfigError, match=pattern):
             zoo_entries()

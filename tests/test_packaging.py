@@ -22,8 +22,11 @@ def _package_folders() -> set[str]:
     found = {"dmlkd"}
     for init in ROOT.rglob("__init__.py"):
         relative = init.parent.relative_to(ROOT)
-        if relative.parts and (relative.parts[0] in SKIP_DIRS or relative.parts[0].startswith(".")
-                               or relative.parts[0].endswith(".egg-info")):
+        if relative.parts and (
+            relative.parts[0] in SKIP_DIRS
+            or relative.parts[0].startswith(".")
+            or relative.parts[0].endswith(".egg-info")
+        ):
             continue
         if relative.parts:
             found.add(".".join(("dmlkd", *relative.parts)))
@@ -47,8 +50,11 @@ def test_root_python_files_are_package_modules() -> None:
 
 
 def test_no_bare_top_level_imports() -> None:
-    pattern = re.compile(r"^\s*(from|import) (teacher|student|transfer|pipelines|checkpoints|models|data|"
-                         r"evaluation|engine|registry|config|errors|cli)\b", re.MULTILINE)
+    pattern = re.compile(
+        r"^\s*(from|import) (teacher|student|transfer|pipelines|checkpoints|models|data|"
+        r"evaluation|engine|registry|config|errors|cli)\b",
+        re.MULTILINE,
+    )
     offenders = []
     for path in ROOT.rglob("*.py"):
         relative = path.relative_to(ROOT)
@@ -65,10 +71,12 @@ def test_root_init_uses_absolute_imports() -> None:
 
 
 def test_help_and_version_do_not_import_torch() -> None:
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom dmlkd.cli import main\n"
-            "r1 = CliRunner().invoke(main, ['--help'])\nr2 = CliRunner().invoke(main, ['--version'])\n"
-            "assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom dmlkd.cli import main\n"
+        "r1 = CliRunner().invoke(main, ['--help'])\nr2 = CliRunner().invoke(main, ['--version'])\n"
+        "assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)\n"
+        "print('torch' in sys.modules)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -76,6 +84,7 @@ def test_help_and_version_do_not_import_torch() -> None:
 def test_version_matches_package() -> None:
     import dmlkd
 
-    result = subprocess.run([sys.executable, "-m", "dmlkd", "--version"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dmlkd", "--version"], capture_output=True, text=True, check=True
+    )
     assert dmlkd.__version__ in result.stdout

@@ -93,8 +93,9 @@ def _run(args: list[str]) -> tuple[int, str, str]:
 
 def test_short_run_writes_checkpoints(tmp_path: Path, tiny_glyph_args: list[str]) -> None:
     out = tmp_path / "run"
-    code, output, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "3", "--epochs", "2",
-                                 *tiny_glyph_args])
+    code, output, stderr = _run(
+        ["teacher", "train", "--out", str(out), "--max-steps", "3", "--epochs", "2", *tiny_glyph_args]
+    )
     assert code == 0, stderr
     assert "R@1" in output
     for name in ("last", "best"):
@@ -109,8 +110,18 @@ def test_short_run_writes_checkpoints(tmp_path: Path, tiny_glyph_args: list[str]
     assert saved["train"]["max_steps"] == 3 and saved["model"]["embedding_dim"] == 16
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     # The run folder is itself a checkpoint for `dmlkd eval`.
-    code, output, stderr = _run(["eval", "--checkpoint", str(out), "--dataset", "glyphs", "--set",
-                                 "data.options.max_classes=16", "--json"])
+    code, output, stderr = _run(
+        [
+            "eval",
+            "--checkpoint",
+            str(out),
+            "--dataset",
+            "glyphs",
+            "--set",
+            "data.options.max_classes=16",
+            "--json",
+        ]
+    )
     assert code == 0, stderr
     assert 0.0 <= json.loads(output)["recall@1"] <= 1.0
 
@@ -133,15 +144,31 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: list[str]) -> None:
-    common = ["teacher", "train", "--epochs", "3", "--max-steps", "10", "--set", "train.save_every=1",
-              "--set", "train.eval_every=5", *tiny_glyph_args]
+    common = [
+        "teacher",
+        "train",
+        "--epochs",
+        "3",
+        "--max-steps",
+        "10",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.eval_every=5",
+        *tiny_glyph_args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_cli(*common, "--out", str(reference)), check=True, env=env, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(_cli(*common, "--out", str(interrupted)), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _cli(*common, "--out", str(interrupted)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     progress = interrupted / "state" / "progress.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -155,8 +182,9 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
     stopped_at = json.loads(progress.read_text())["progress"]["global_step"]
     assert 3 <= stopped_at < 10
 
-    resumed = subprocess.run(_cli(*common, "--out", str(interrupted), "--resume"), env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli(*common, "--out", str(interrupted), "--resume"), env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     expected, actual = _weights(reference), _weights(interrupted)
     assert expected.keys() == actual.keys()
@@ -167,7 +195,10 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--loss", "triplett"], "unknown loss 'triplett'; choose from: arcmargin, norm_softmax, proxy_anchor"),
+        (
+            ["--loss", "triplett"],
+            "unknown loss 'triplett'; choose from: arcmargin, norm_softmax, proxy_anchor",
+        ),
         (["--model", "resnet51-128"], "unknown architecture 'resnet51'"),
         (["--model", "resnet50-"], "malformed model spec 'resnet50-'"),
         (["--model", "resnet50-0"], "embedding dimension must be a positive integer"),
@@ -181,9 +212,13 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
         (["--set", "loss.kwargs.alfa=3"], "loss 'proxy_anchor' has no option 'alfa'"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path: Path, tiny_glyph_args: list[str], args: list[str], message: str) -> None:
+def test_bad_input_is_one_line(
+    tmp_path: Path, tiny_glyph_args: list[str], args: list[str], message: str
+) -> None:
     out = tmp_path / "run"
-    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args, *args])
+    code, _, stderr = _run(
+        ["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args, *args]
+    )
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
@@ -191,8 +226,18 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny_glyph_args: list[str], args:
 
 
 def test_missing_data_root(tmp_path: Path) -> None:
-    code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "run"), "--dataset", "cub",
-                            "--data-root", str(tmp_path / "nowhere")])
+    code, _, stderr = _run(
+        [
+            "teacher",
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "--dataset",
+            "cub",
+            "--data-root",
+            str(tmp_path / "nowhere"),
+        ]
+    )
     assert code == 2 and stderr.startswith("error: ") and "nowhere" in stderr
 
 

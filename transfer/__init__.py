@@ -2,7 +2,8 @@
 
 Methods (registered in ``dmlkd.registry.TRANSFER_METHODS``): ``relaxed_contrastive``, ``relaxed_ms``, ``rkd``,
 ``pkt``, ``darkrank``, ``fitnet``, ``attention``, ``crd``. The pure tensor math lives in
-``dmlkd.transfer.functional``; training in ``dmlkd.transfer.trainer.train_transfer`` / ``dmlkd transfer train``.
+``dmlkd.transfer.functional``; training in ``dmlkd.transfer.trainer.train_transfer``
+(``dmlkd transfer train``).
 Names are loaded on first use so that ``dmlkd --help`` does not import torch.
 """
 

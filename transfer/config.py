@@ -41,7 +41,9 @@ class TeacherSourceConfig:
         if self.cache_views <= 0:
             raise ConfigError(f"cache-views must be a positive integer, got {self.cache_views}")
         if self.cache_batch_size <= 0:
-            raise ConfigError(f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}")
+            raise ConfigError(
+                f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}"
+            )
 
 
 @dataclasses.dataclass
@@ -49,7 +51,9 @@ class TransferConfig:
     """Everything ``dmlkd transfer train`` needs; saved resolved as ``run_config.json`` in the run folder."""
 
     teacher: TeacherSourceConfig = dataclasses.field(default_factory=TeacherSourceConfig)
-    student: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="resnet18", embedding_dim=128))
+    student: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(arch="resnet18", embedding_dim=128)
+    )
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -61,12 +65,24 @@ class TransferConfig:
 def _lr(dataset: str, epochs: int) -> dict[str, Any]:
     """The LR README command: batch 90 = 45 classes x IPC 2, 2 views, AdamW 1e-4, cosine, raw student."""
     return {
-        "student": {"arch": "resnet18", "embedding_dim": 128, "l2_norm": False, "head_init": "orthogonal",
-                    "pretrained": True},
+        "student": {
+            "arch": "resnet18",
+            "embedding_dim": 128,
+            "l2_norm": False,
+            "head_init": "orthogonal",
+            "pretrained": True,
+        },
         "method": {"name": "relaxed_contrastive", "kwargs": {"sigma": 1.0, "delta": 1.0}},
         "data": {"name": dataset},
-        "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "scheduler": "cosine",
-                  "clip_grad_value": None, "warmup_epochs": 0, "bn_freeze": False},
+        "optim": {
+            "optimizer": "adamw",
+            "lr": 1e-4,
+            "weight_decay": 1e-4,
+            "scheduler": "cosine",
+            "clip_grad_value": None,
+            "warmup_epochs": 0,
+            "bn_freeze": False,
+        },
         "train": {"epochs": epochs, "batch_size": 90, "ipc": 2, "views": 2, "seed": 0, "image_size": 224},
         "eval": {"metric": "euclidean", "second_metric": "cosine"},
     }
@@ -77,11 +93,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lr-cars": _lr("cars", 90),
     "lr-sop": _lr("sop", 150),
     # The built-in demo: minutes on 2 CPU cores, student from scratch.
-    "demo-glyphs": merge(_lr("glyphs", 4), {
-        "student": {"embedding_dim": 64, "pretrained": False},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 64, "image_size": None, "eval_at_start": False},
-    }),
+    "demo-glyphs": merge(
+        _lr("glyphs", 4),
+        {
+            "student": {"embedding_dim": 64, "pretrained": False},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 64, "image_size": None, "eval_at_start": False},
+        },
+    ),
 }
 
 

@@ -1,0 +1,235 @@
+"""Scenarios end to end on tiny settings, stage skipping and resume, the teacher check, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import dmlkd
+from dmlkd.cli import main
+from dmlkd.errors import Interrupted
+
+
+def tiny(tmp: Path) -> list[str]:
+    """A 16-class glyph subset (8 train classes), 2 optimiser steps per stage, a 2-view cache in ``tmp``."""
+    return [
+        "--set",
+        "data.options.max_classes=16",
+        "--max-steps",
+        "2",
+        "--teacher-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--set",
+        "teacher.train.ipc=4",
+        "--set",
+        "transfer.train.ipc=2",
+        "--set",
+        "teacher.eval.nmi=false",
+        "--set",
+        "transfer.eval.nmi=false",
+        "--set",
+        "teacher.train.eval_at_start=false",
+        "--set",
+        "transfer.teacher.cache_views=2",
+        "--set",
+        f"transfer.teacher.cache_dir={json.dumps(str(tmp / 'cache'))}",
+        "--no-progress",
+    ]
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def compress_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("compress")
+    code, out, err = invoke(
+        "pipeline",
+        "compress",
+        "--src",
+        "resnet50-16",
+        "--dst",
+        "resnet18-8",
+        "--out",
+        str(tmp / "run"),
+        *tiny(tmp),
+    )
+    assert code == 0, err
+    assert "report:" in out and "relaxed_contrastive" in out
+    return tmp / "run"
+
+
+def test_compress_end_to_end(compress_run: Path) -> None:
+    stages = json.loads((compress_run / "pipeline.json").read_text())["stages"]
+    assert set(stages) == {
+        "teacher",
+        "teacher_check",
+        "student:relaxed_contrastive",
+        "export:relaxed_contrastive",
+        "report",
+    }
+    results = json.loads((compress_run / "results.json").read_text())
+    text = json.dumps(results)
+    assert "relaxed_contrastive" in text
+    for name in ("recall_per_epoch.png", "recall_at_k.png", "retrieval_grid.png"):
+        with Image.open(compress_run / name) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+    report = (compress_run / "report.md").read_text()
+    assert "teacher" in report and "recall_at_k.png" in report
+    teacher = dmlkd.load(str(compress_run / "teacher"))
+    student = dmlkd.load(str(compress_run / "exports" / "relaxed_contrastive"))
+    assert teacher.embedding_dim == 16 and student.embedding_dim == 8
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_same_command_skips_finished_stages(compress_run: Path, tmp_path: Path) -> None:
+    weights = compress_run / "teacher" / "last" / "model.safetensors"
+    student = compress_run / "students" / "relaxed_contrastive" / "last" / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, student.stat().st_mtime_ns)
+    cache = compress_run.parent  # tiny() used the fixture's tmp folder for the cache
+    code, _, err = invoke(
+        "pipeline",
+        "compress",
+        "--src",
+        "resnet50-16",
+        "--dst",
+        "resnet18-8",
+        "--out",
+        str(compress_run),
+        *tiny(cache),
+    )
+    assert code == 0, err
+    assert (weights.stat().st_mtime_ns, student.stat().st_mtime_ns) == before
+
+
+def test_different_command_is_refused(compress_run: Path) -> None:
+    before = (compress_run / "pipeline.json").read_text()
+    code, _, err = invoke(
+        "pipeline",
+        "compress",
+        "--src",
+        "resnet50-16",
+        "--dst",
+        "resnet18-4",
+        "--out",
+        str(compress_run),
+        *tiny(compress_run.parent),
+    )
+    assert code == 2 and "holds a pipeline run with different options" in err and "dst" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (compress_run / "pipeline.json").read_text() == before
+
+
+def test_resume_after_interruption_between_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmlkd.pipelines import runner
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise Interrupted(15, 0, "students")
+
+    args = [
+        "pipeline",
+        "compress",
+        "--src",
+        "resnet18-16",
+        "--dst",
+        "resnet18-8",
+        "--out",
+        str(tmp_path / "run"),
+        *tiny(tmp_path),
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "train_students", interrupted)
+        code, _, err = invoke(*args)
+    assert code == 128 + 15 and "stopped at step" in err
+    stages = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
+    assert set(stages) == {"teacher", "teacher_check"}
+    teacher_weights = tmp_path / "run" / "teacher" / "last" / "model.safetensors"
+    mtime = teacher_weights.stat().st_mtime_ns
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    assert teacher_weights.stat().st_mtime_ns == mtime  # the teacher was not trained again
+    assert "report" in json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
+
+
+def test_self_transfer_and_dim_reduction_from_a_teacher_folder(compress_run: Path, tmp_path: Path) -> None:
+    code, _, err = invoke(
+        "pipeline",
+        "self-transfer",
+        "--src",
+        "bn_inception-16",
+        "--dst",
+        "bn_inception-16",
+        "--out",
+        str(tmp_path / "self"),
+        *tiny(tmp_path),
+    )
+    assert code == 0, err
+    teacher = tmp_path / "self" / "teacher"
+    code, _, err = invoke(
+        "pipeline",
+        "dim-reduction",
+        "--src",
+        str(teacher),
+        "--dst",
+        "bn_inception-8",
+        "--out",
+        str(tmp_path / "dim"),
+        *tiny(tmp_path),
+    )
+    assert code == 0, err
+    assert not (tmp_path / "dim" / "teacher").exists()  # SRC was a folder: nothing trained
+    student = dmlkd.load(str(tmp_path / "dim" / "students" / "relaxed_contrastive"))
+    assert student.embedding_dim == 8 and student.config.arch == "bn_inception"
+
+
+def test_teacher_check_stops_on_a_teacher_that_does_not_reproduce(compress_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    fake = tmp_path / "teacher"
+    shutil.copytree(compress_run / "teacher" / "last", fake)
+    record = json.loads((fake / "config.json").read_text())
+    record["metrics"]["recall@1"] = 0.99  # what a user sees when the weights silently did not load
+    (fake / "config.json").write_text(json.dumps(record))
+    code, _, err = invoke(
+        "pipeline",
+        "compress",
+        "--src",
+        str(fake),
+        "--dst",
+        "resnet18-8",
+        "--out",
+        str(tmp_path / "run"),
+        *tiny(tmp_path),
+    )
+    assert code == 2, err
+    assert err.startswith("error: ") and "far below the 99.0 recorded" in err
+    assert not (tmp_path / "run" / "students").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "relaxed_contrastive,rkdd"], "unknown transfer method 'rkdd'"),
+        (["--dst", "resnet18-"], "malformed model spec 'resnet18-'"),
+        (["--src", "vgg16-512"], "unknown architecture 'vgg16'"),
+        (["--set", "optim.lr=1"], "pipeline overrides start with teacher., transfer. or data."),
+        (["--set", "teacher.optim.lrr=1"], "unknown config key optim.lrr"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--methods", "rkd,rkd"], "lists a method twice"),
+    ],
+)
+def test_bad_pipeline_input(tmp_path: Path, args: list[str], message: str) -> None:
+    code, _, err = invoke("pipeline", "compress", "--out", str(tmp_path / "run"), "--no-progress", *args)
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
