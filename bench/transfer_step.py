@@ -48,10 +48,17 @@ def make_random_teacher(folder: Path) -> Path:
 
 def bench_config(args: argparse.Namespace, teacher: Path, image_size: int) -> TransferConfig:
     items = [
-        f"teacher.ref={teacher}", f"teacher.cache_dir={args.work / 'cache'}",
-        f"teacher.cache_views={args.cache_views}", "student.arch=resnet18", "student.embedding_dim=128",
-        f"train.batch_size={args.batch_size}", f"train.ipc={args.ipc}", "train.views=2",
-        f"train.image_size={image_size}", "train.progress=false", "train.device=cpu",
+        f"teacher.ref={teacher}",
+        f"teacher.cache_dir={args.work / 'cache'}",
+        f"teacher.cache_views={args.cache_views}",
+        "student.arch=resnet18",
+        "student.embedding_dim=128",
+        f"train.batch_size={args.batch_size}",
+        f"train.ipc={args.ipc}",
+        "train.views=2",
+        f"train.image_size={image_size}",
+        "train.progress=false",
+        "train.device=cpu",
     ]
     return from_dict(TransferConfig, apply_overrides(start_tree("demo-glyphs", "glyphs"), items))
 
@@ -75,7 +82,7 @@ def collect_batches(config: TransferConfig, splits, count: int) -> list:
 
 
 class Step:
-    """One optimiser step of a module returning ``{"loss": ...}``, as the training loop does it (fp32, CPU)."""
+    """One optimiser step of a module returning ``{"loss": ...}``, as the training loop does it (fp32)."""
 
     def __init__(self, name: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.name, self.module, self.optimizer = name, module.train(), optimizer
@@ -122,8 +129,10 @@ def build_steps(config: TransferConfig, splits) -> list[Step]:
     device = torch.device("cpu")
     steps = []
     floor_student = copy.deepcopy(student)
-    floor_groups = [("backbone", list(floor_student.backbone.parameters()), 1.0),
-                    ("head", list(floor_student.embedding.parameters()), 1.0)]
+    floor_groups = [
+        ("backbone", list(floor_student.backbone.parameters()), 1.0),
+        ("head", list(floor_student.embedding.parameters()), 1.0),
+    ]
     steps.append(Step("floor", StudentOnly(floor_student), build_optimizer(floor_groups, config.optim)))
     for mode in ("cached", "online"):
         copy_ = copy.deepcopy(student)
@@ -146,8 +155,10 @@ def measure(args: argparse.Namespace, teacher: Path, image_size: int) -> dict[st
         for step in steps:  # interleaved: floor, cached, online, floor, ...
             step(batch, replay_k, record=index >= args.warmup)
     medians = {step.name: statistics.median(step.seconds) for step in steps}
-    print(f"image size {image_size}: {rows} rows per step ({args.batch_size} images x 2 views), "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"image size {image_size}: {rows} rows per step ({args.batch_size} images x 2 views), "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
     for step in steps:
         spread = f"{min(step.seconds) * 1e3:.0f}-{max(step.seconds) * 1e3:.0f}"
         print(f"  {step.name:<7} {medians[step.name] * 1e3:8.0f} ms  (range {spread} ms)")
@@ -158,7 +169,7 @@ def measure(args: argparse.Namespace, teacher: Path, image_size: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path, default=None, help="teacher checkpoint (default: random r50-512)")
+    parser.add_argument("--teacher", type=Path, default=None, help="teacher (default: random r50-512)")
     parser.add_argument("--image-size", default="32", help="comma-separated, e.g. 32,64")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -166,15 +177,21 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=2)
     parser.add_argument("--cache-views", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/dmlkd-bench-transfer"),
-                        help="folder for the random teacher and the cache")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/dmlkd-bench-transfer"),
+        help="folder for the random teacher and the cache",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher or make_random_teacher(args.work / "teacher-r50-512")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"teacher {teacher}; cache views {args.cache_views}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"teacher {teacher}; cache views {args.cache_views}"
+    )
     for size in (int(value) for value in args.image_size.split(",")):
         measure(args, teacher, size)
 

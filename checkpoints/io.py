@@ -35,8 +35,16 @@ FORMAT_NAME = "dmlkd-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
-_ALLOWED_TOP_KEYS = {"format", "format_version", "dmlkd_version", "model", "files", "train_config", "metrics",
-                     "provenance"}
+_ALLOWED_TOP_KEYS = {
+    "format",
+    "format_version",
+    "dmlkd_version",
+    "model",
+    "files",
+    "train_config",
+    "metrics",
+    "provenance",
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -141,7 +149,9 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {error}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})")
+        raise CheckpointError(
+            f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})"
+        )
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{str(config_path)!r} has format_version {record.get('format_version')!r}; "
@@ -171,7 +181,9 @@ def _model_config(record: Mapping[str, Any], directory: Path) -> Any:
         raise CheckpointError(f"invalid model section in {str(directory / CONFIG_FILE)!r}: {error}") from None
 
 
-def read_tensors(directory: str | Path, file_name: str, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def read_tensors(
+    directory: str | Path, file_name: str, record: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Load one safetensors file of a checkpoint after checking its digest against ``config.json``."""
     directory = Path(directory)
     record = record if record is not None else read_checkpoint_config(directory)
@@ -252,8 +264,12 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     model = build_model(_without_pretrained(model_config))
     state = read_tensors(directory, MODEL_FILE, record)
     load_state_strict(model, state, f"checkpoint {str(directory)!r}")
+    from dmlkd.checkpoints.hub import hub_provenance
     from dmlkd.student.embed import attach_embed_defaults
 
+    hub = hub_provenance(directory)
+    if hub:  # loaded through hf://: record the repository and the resolved commit
+        record.setdefault("provenance", {})["hub"] = hub
     attach_embed_defaults(model, record)  # the image size `model.embed(...)` uses by default
     return model.to(device).eval(), record
 

@@ -36,8 +36,15 @@ def _num_classes(labels: Any) -> int:
     return len(classes)
 
 
-def build_train_data(splits: DatasetSplits, train: TrainConfig, replay: Any = None) -> TrainData:
-    """The train split wrapped in replayable multi-view augmentation, a batch sampler and a loader factory."""
+def build_train_data(
+    splits: DatasetSplits, train: TrainConfig, replay: Any = None, rank: int = 0, world_size: int = 1
+) -> TrainData:
+    """The train split wrapped in replayable multi-view augmentation, a batch sampler and a loader factory.
+
+    ``train.batch_size`` is the global batch: with ``world_size`` processes, process ``rank`` loads the
+    contiguous ``batch_size / world_size`` slice of every global batch (``dmlkd.data.samplers``), so equal
+    global batches give the same sampled images and augmentations for any number of processes.
+    """
     from dmlkd.data.loading import make_train_loader
     from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
     from dmlkd.data.transforms import TrainDataset
@@ -56,10 +63,18 @@ def build_train_data(splits: DatasetSplits, train: TrainConfig, replay: Any = No
     )
     if train.ipc is not None:
         sampler = ClassBalancedBatchSampler(
-            collection.labels, train.batch_size, train.ipc, seed=train.seed, mode=train.sampler_mode
+            collection.labels,
+            train.batch_size,
+            train.ipc,
+            seed=train.seed,
+            mode=train.sampler_mode,
+            rank=rank,
+            world_size=world_size,
         )
     else:
-        sampler = RandomBatchSampler(len(collection), train.batch_size, seed=train.seed)
+        sampler = RandomBatchSampler(
+            len(collection), train.batch_size, seed=train.seed, rank=rank, world_size=world_size
+        )
 
     loader = make_train_loader(dataset, sampler, num_workers=train.num_workers)
 

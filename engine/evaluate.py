@@ -9,6 +9,7 @@ from torch import nn
 
 from dmlkd.config import EvalCommandConfig, EvalConfig
 from dmlkd.data.base import DatasetSplits, ImageCollection
+from dmlkd.engine.distributed import call_on_main, gather_uneven, is_main, rank, shard_batches, world_size
 from dmlkd.errors import ConfigError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -39,7 +40,16 @@ def embed_collection(
     resize_ratio: float | None,
     device: torch.device,
     progress: bool = True,
+    distributed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeddings (N, D) float32, labels (N,))`` of ``collection`` in dataset order, on the CPU.
+
+    With ``distributed`` (every process of the group must call it), each process embeds its share of the
+    single-process batches and the rows are gathered and put in dataset order by sample index (repeats
+    dropped), so every process returns the single-process result.
+    """
+    if distributed and world_size() > 1:
+        return _embed_distributed(model, collection, config, image_size, resize_ratio, device, progress)
     from dmlkd.data.loading import make_eval_loader
     from dmlkd.evaluation import extract_embeddings
 
@@ -53,28 +63,96 @@ def embed_collection(
     return extract_embeddings(model, loader, device=device, progress=progress)
 
 
-def evaluate_model(
-    model: nn.Module, splits: DatasetSplits, config: EvalConfig, device: torch.device, progress: bool = True
-) -> dict[str, float]:
-    """Recall@K (the dataset's K unless ``config.ks``), MAP@R and NMI of ``model`` on the test split."""
-    from dmlkd.evaluation import evaluate_embeddings
+@torch.no_grad()
+def _embed_distributed(
+    model: nn.Module,
+    collection: ImageCollection,
+    config: EvalConfig,
+    image_size: int,
+    resize_ratio: float | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
+    from dmlkd.data.transforms import EvalDataset, collate_eval
+    from dmlkd.evaluation.extract import order_by_index
+
+    batches = shard_batches(len(collection), config.batch_size, rank(), world_size())
+    loader = DataLoader(
+        EvalDataset(collection, image_size, resize_ratio),
+        batch_sampler=batches,
+        num_workers=config.num_workers,
+        collate_fn=collate_eval,
+    )
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    rows, labels, indices = [], [], []
+    try:
+        for batch in tqdm(loader, desc="embedding", unit="batch", disable=not (progress and is_main())):
+            output = model(batch.images.to(device, non_blocking=True))
+            rows.append(getattr(output, "embedding", output).float().cpu())
+            labels.append(batch.labels)
+            indices.append(batch.indices)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    flat = torch.cat(rows).flatten() if rows else torch.zeros(0)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    all_indices = torch.cat(gather_uneven(local_indices))
+    all_labels = torch.cat(gather_uneven(local_labels))
+    values = torch.cat(gather_uneven(flat))
+    embeddings = values.reshape(all_indices.numel(), -1)
+    return order_by_index(embeddings, all_labels, all_indices, len(collection), duplicates="drop")
+
+
+def evaluate_model(
+    model: nn.Module,
+    splits: DatasetSplits,
+    config: EvalConfig,
+    device: torch.device,
+    progress: bool = True,
+    distributed: bool = False,
+) -> dict[str, float]:
+    """Recall@K (the dataset's K unless ``config.ks``), MAP@R and NMI of ``model`` on the test split.
+
+    With ``distributed`` every process of the group must call it: the processes share the embedding work
+    (:func:`embed_collection`), the main process computes the metrics from the gathered, de-duplicated
+    embeddings and every process returns them; the numbers are those of a single process.
+    """
+    distributed = distributed and world_size() > 1
     image_size = eval_image_size(config, splits)
     resize_ratio = splits.defaults.get("eval_resize_ratio", 256 / 224)
     ks = tuple(config.ks or splits.recall_ks)
     if splits.query is not None and splits.gallery is not None:
         query, query_labels = embed_collection(
-            model, splits.query, config, image_size, resize_ratio, device, progress
+            model, splits.query, config, image_size, resize_ratio, device, progress, distributed
         )
         gallery, gallery_labels = embed_collection(
-            model, splits.gallery, config, image_size, resize_ratio, device, progress
+            model, splits.gallery, config, image_size, resize_ratio, device, progress, distributed
         )
         sides = {"gallery": gallery, "gallery_labels": gallery_labels}
     else:
         query, query_labels = embed_collection(
-            model, splits.test, config, image_size, resize_ratio, device, progress
+            model, splits.test, config, image_size, resize_ratio, device, progress, distributed
         )
         sides = {}
+    if distributed:
+        return call_on_main(_metrics, query, query_labels, sides, config, ks)
+    return _metrics(query, query_labels, sides, config, ks)
+
+
+def _metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    sides: dict[str, torch.Tensor],
+    config: EvalConfig,
+    ks: tuple[int, ...],
+) -> dict[str, float]:
+    from dmlkd.evaluation import evaluate_embeddings
+
     results = evaluate_embeddings(
         query,
         query_labels,
@@ -96,11 +174,7 @@ def evaluate_model(
             **sides,
         )
         results.update(
-            {
-                f"{config.second_metric}/{key}": value
-                for key, value in extra.items()
-                if key.startswith("recall@")
-            }
+            {f"{config.second_metric}/{key}": value for key, value in extra.items() if key.startswith("recall@")}
         )
     return results
 

@@ -6,6 +6,11 @@ its parameter groups, the data, and the evaluation protocol. ``fit`` owns everyt
 (device, mixed precision), optimiser and schedule, warm-up and BN-freeze, gradient clipping, evaluation every
 ``eval_every`` epochs with ``last/`` and ``best/`` checkpoints, ``metrics.jsonl``, resumable state and a clean
 stop on SIGINT/SIGTERM.
+
+Under a launcher (``torchrun``, ``accelerate launch``) the module is wrapped in DDP and the stage's loader
+yields each process's slice of the global batch; the stage's module gathers what its loss compares
+(``dmlkd.engine.distributed``). Evaluation is shared by the processes; files are written by the main
+process only, while the others wait. Stop and non-finite-loss decisions are agreed by all processes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from dmlkd.checkpoints import save_checkpoint
 from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits
+from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, has_state, load_state, save_state
@@ -88,13 +94,22 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
-def make_accelerator(config: TrainConfig) -> Any:
+def make_accelerator(config: TrainConfig, find_unused_parameters: bool = False) -> Any:
+    """The run's ``Accelerator``; under a launcher it joins (or starts) the process group.
+
+    DDP does not broadcast buffers every step (the gathered losses keep loss buffers identical, and BN
+    statistics are synced from the main process before each evaluation). ``find_unused_parameters`` is
+    needed when some parameters get no gradient in a step (warm-up, BN-freeze).
+    """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     device = resolve_device(config.device)
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 or no")
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
+    dist_utils.init_processes(config.device)
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -107,11 +122,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _check_finite(terms: dict[str, torch.Tensor], step: int) -> bool:
-    if torch.isfinite(terms["loss"]).item():
-        return True
+def _nonfinite_error(terms: dict[str, torch.Tensor], step: int) -> NonFiniteLossError:
     values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
-    raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
+    return NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
 
 
 class _Run:
@@ -126,9 +139,18 @@ class _Run:
             self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def evaluate(self, device: torch.device, epoch: int, step: int, progress: bool) -> dict[str, float]:
+        """Evaluate (all processes; the model and its loss state are first synced from the main one)."""
         started = time.perf_counter()
+        distributed = dist_utils.world_size() > 1
+        if distributed:
+            dist_utils.broadcast_buffers(self.stage.module)
         metrics = evaluate_model(
-            self.stage.model, self.stage.splits, self.stage.eval_config, device, progress=progress
+            self.stage.model,
+            self.stage.splits,
+            self.stage.eval_config,
+            device,
+            progress=progress and dist_utils.is_main(),
+            distributed=distributed,
         )
         entry = {
             "epoch": epoch,
@@ -137,11 +159,18 @@ class _Run:
             "eval_seconds": round(time.perf_counter() - started, 2),
         }
         self.history.append(entry)
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        if dist_utils.is_main():
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
         return metrics
 
     def save(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
+        """Write checkpoint ``name`` from the main process; the others wait for it."""
+        if dist_utils.is_main():
+            self._write(name, metrics, epoch, step)
+        dist_utils.barrier()
+
+    def _write(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
         save_checkpoint(
             self.run_dir / name,
             self.stage.model,
@@ -152,12 +181,12 @@ class _Run:
         )
 
 
-def fit(
-    stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False
-) -> FitResult:
+def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train ``stage.module``; see the module docstring for what is written to ``run_dir``."""
-    accelerator = make_accelerator(train)
+    accelerator = make_accelerator(train, find_unused_parameters=optim.warmup_epochs > 0 or optim.bn_freeze)
     device = accelerator.device
+    if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
+        dist_utils.convert_sync_batchnorm(stage.module, device)
     optimizer = build_optimizer(stage.param_groups, optim)
     scheduler = build_scheduler(optimizer, optim, train.epochs)
     progress = Progress()
@@ -176,9 +205,11 @@ def fit(
         run.evaluate(device, 0, 0, train.progress)
 
     def save_progress() -> None:
-        save_state(state_dir, accelerator.unwrap_model(module), optimizer, scheduler, progress)
+        if dist_utils.is_main():
+            save_state(state_dir, accelerator.unwrap_model(module), optimizer, scheduler, progress)
+        dist_utils.barrier()
 
-    bar = _progress_bar(train, total_steps, progress.global_step)
+    bar = _progress_bar(train.progress and dist_utils.is_main(), total_steps, progress.global_step)
     with _StopFlag() as stop:
         while progress.global_step < total_steps and not progress.finished:
             epoch = progress.epoch
@@ -188,24 +219,16 @@ def fit(
             for batch, replay_k in stage.loader_factory(epoch, progress.batch_in_epoch):
                 step_started = time.perf_counter()
                 batch, replay_k = _to_device(batch, device), replay_k.to(device)
-                with accelerator.autocast():
-                    terms = module(batch, replay_k)
-                if train.on_nonfinite == "skip" and not torch.isfinite(terms["loss"]).item():
-                    log.warning("skipping step %d: non-finite loss", progress.global_step)
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    _check_finite(terms, progress.global_step)
-                    accelerator.backward(terms["loss"])
-                    _clip(accelerator, module, optim)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                terms, stopping = _step(
+                    accelerator, module, optimizer, optim, train, batch, replay_k, progress.global_step, stop
+                )
                 progress.global_step += 1
                 progress.batch_in_epoch += 1
                 _update_bar(bar, terms, optimizer, batch, time.perf_counter() - step_started)
-                if stop.signum is not None:
+                if stopping:
                     save_progress()
                     bar.close()
-                    raise Interrupted(stop.signum, progress.global_step, str(run_dir))
+                    raise Interrupted(stop.signum or signal.SIGTERM, progress.global_step, str(run_dir))
                 if train.save_every and progress.global_step % train.save_every == 0:
                     save_progress()
                 if progress.batch_in_epoch >= epoch_end:
@@ -222,17 +245,51 @@ def fit(
             save_progress()
     bar.close()
     if not last_metrics and run.history:
-        last_metrics = {
-            k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")
-        }
+        last_metrics = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")}
     return _result(run, progress, last_metrics, time.perf_counter() - started)
+
+
+def _step(
+    accelerator: Any,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    train: TrainConfig,
+    batch: Any,
+    replay_k: torch.Tensor,
+    step: int,
+    stop: _StopFlag,
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimiser step; returns the loss terms and whether to stop after it (agreed by all processes).
+
+    Whether the loss is finite and whether a stop signal arrived are decided together by every process
+    before the backward pass, so the processes skip, fail or stop at the same step.
+    """
+    with accelerator.autocast():
+        terms = module(batch, replay_k)
+    nonfinite, signalled = dist_utils.any_true(
+        not torch.isfinite(terms["loss"]).item(), stop.signum is not None, device=accelerator.device
+    )
+    if nonfinite and train.on_nonfinite == "skip":
+        log.warning("skipping step %d: non-finite loss", step)
+        optimizer.zero_grad(set_to_none=True)
+    elif nonfinite:
+        raise _nonfinite_error(terms, step)
+    else:
+        accelerator.backward(terms["loss"])
+        _clip(accelerator, module, optim)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if dist_utils.world_size() == 1:
+        return terms, stop.signum is not None  # a signal during the step stops right after it
+    return terms, signalled
 
 
 def _evaluate_and_save(
     run: _Run, progress: Progress, device: torch.device, train: TrainConfig, primary: str
 ) -> dict[str, float]:
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
-    metrics = run.evaluate(device, epoch_label, progress.global_step, train.progress)
+    metrics = run.evaluate(device, epoch_label, progress.global_step, train.progress)  # the same everywhere
     run.save("last", metrics, epoch_label, progress.global_step)
     score = metrics.get(primary, -math.inf)
     if progress.best_metric is None or score > progress.best_metric:
@@ -250,13 +307,13 @@ def _clip(accelerator: Any, module: nn.Module, optim: OptimConfig) -> None:
         accelerator.clip_grad_norm_(params, optim.clip_grad_norm)
 
 
-def _progress_bar(train: TrainConfig, total: int, initial: int) -> Any:
+def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
-        disable=not train.progress,
+        disable=not enabled,
         desc="train",
         unit="step",
         dynamic_ncols=True,
@@ -273,7 +330,7 @@ def _update_bar(
     bar.set_postfix(
         loss=f"{terms['loss'].item():.4f}",
         lr=f"{first_lr:.2e}",
-        img_s=f"{len(images) / max(seconds, 1e-9):.0f}",
+        img_s=f"{len(images) * dist_utils.world_size() / max(seconds, 1e-9):.0f}",  # global
     )
     bar.update(1)
 

@@ -39,6 +39,7 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 @click.option("--num-workers", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="Evaluate on the test split every N epochs.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N.")
+@click.option("--init", "init_ref", default=None, help="Start the network from this checkpoint or run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -62,6 +63,7 @@ def train_command(
     num_workers: int | None,
     eval_every: int | None,
     device: str | None,
+    init_ref: str | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -97,6 +99,7 @@ def train_command(
         "train.eval_every": eval_every,
         "train.device": device,
         "train.progress": False if no_progress else None,
+        "init": init_ref,
     }
     items = _overrides(shortcuts, overrides)
     tree = apply_overrides(start_tree(recipe, dataset, spec.arch if spec else None), items)

@@ -31,6 +31,9 @@ class TeacherConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     recipe: str | None = None
+    # Start the embedding network from this checkpoint or run folder (PaddlePaddle's two-step recipe:
+    # pretrain with softmax/arcmargin, then fine-tune with a pair loss). Loss parameters start fresh.
+    init: str | None = None
 
 
 def _pa(

@@ -13,6 +13,7 @@ from torch import nn
 
 from dmlkd.config import to_dict
 from dmlkd.engine.data import build_train_data
+from dmlkd.engine.distributed import gather_view_major, init_processes, is_main
 from dmlkd.engine.loop import FitResult, Stage, fit
 from dmlkd.engine.rundir import mark_status
 from dmlkd.errors import ConfigError, choices
@@ -24,17 +25,24 @@ log = logging.getLogger(__name__)
 
 
 class TeacherModule(nn.Module):
-    """The embedding network and the loss's class vectors: the one module the optimiser and DDP see."""
+    """The embedding network and the loss's class vectors: the one module the optimiser and DDP see.
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, loss_name: str) -> None:
+    With several processes the loss sees the gathered global batch (embeddings with gradient, labels), in
+    single-process row order (``views`` view-major blocks), so every process computes the single-process
+    loss (``dmlkd.engine.distributed``).
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, loss_name: str, views: int = 1) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.loss_name = loss_name
+        self.views = views
 
     def forward(self, batch: Batch, replay_k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         output = self.model(batch.images)
-        loss = self.criterion(output.embedding, batch.labels)
+        embedding = gather_view_major(output.embedding, self.views, with_grad=True)
+        loss = self.criterion(embedding, gather_view_major(batch.labels, self.views))
         return {"loss": loss, self.loss_name: loss.detach()}
 
 
@@ -76,10 +84,12 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
     splits, bad = build_splits(config.data)
     for identifier, reason in bad:
         log.warning("skipped bad image %s: %s", identifier, reason)
-    data = build_train_data(splits, config.train)
+    processes = init_processes(config.train.device)
+    data = build_train_data(splits, config.train, rank=processes.rank, world_size=processes.world_size)
     model = build_model(config.model)
+    init_digest = initialise_from(model, config.init) if config.init else None
     criterion = build_criterion(config, data.num_classes)
-    module = TeacherModule(model, criterion, config.loss.name)
+    module = TeacherModule(model, criterion, config.loss.name, views=config.train.views)
     stage = Stage(
         module=module,
         model=model,
@@ -92,12 +102,28 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
         checkpoint_extras=lambda: {"loss": dict(criterion.state_dict())},
         record={
             "train_config": {"stage": "teacher", **to_dict(config)},
-            "provenance": _provenance(config, splits, bad),
+            "provenance": {**_provenance(config, splits, bad), "init": config.init, "init_digest": init_digest},
         },
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
-    mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))
+    if is_main():
+        mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))
     return TeacherResult(run_dir, result)
+
+
+def initialise_from(model: nn.Module, ref: str) -> str:
+    """Load the embedding network's weights from a checkpoint (same architecture and dimension, strictly)."""
+    from dmlkd.checkpoints import load_checkpoint, load_state_strict
+
+    source, record = load_checkpoint(ref)
+    wanted, found = model.config, source.config
+    if (wanted.arch, wanted.embedding_dim) != (found.arch, found.embedding_dim):
+        raise ConfigError(
+            f"--init {ref!r} holds a {found.arch}-{found.embedding_dim} model, but this run trains "
+            f"{wanted.arch}-{wanted.embedding_dim}; pass --model {found.arch}-{found.embedding_dim}"
+        )
+    load_state_strict(model, source.state_dict(), f"--init {ref!r}")
+    return record["files"]["model.safetensors"]
 
 
 def _provenance(config: TeacherConfig, splits: Any, bad: list[tuple[str, str]]) -> dict[str, Any]:

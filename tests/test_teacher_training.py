@@ -245,3 +245,23 @@ def test_resume_without_a_run(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "empty"), "--resume"])
     assert code == 2 and "holds no dmlkd run" in stderr
+
+
+def test_init_from_a_pretrained_run(tmp_path: Path, tiny_glyph_args: list[str]) -> None:
+    from dmlkd.teacher.trainer import initialise_from
+
+    first = tmp_path / "pretrain"
+    assert _run(["teacher", "train", "--out", str(first), "--max-steps", "1", "--loss", "norm_softmax",
+                 *tiny_glyph_args])[0] == 0
+    model = create_model("resnet18-16")
+    initialise_from(model, str(first))
+    trained = load_file(str(first / "last" / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in trained.items())
+    code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "finetune"), "--max-steps", "1",
+                            "--init", str(first), *tiny_glyph_args])
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "finetune" / "last" / "config.json").read_text())
+    assert record["provenance"]["init"] == str(first)
+    code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "bad"), "--max-steps", "1",
+                            "--init", str(first), *tiny_glyph_args, "--model", "resnet18-32"])
+    assert code == 2 and "holds a resnet18-16 model, but this run trains resnet18-32" in stderr

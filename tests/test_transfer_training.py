@@ -24,8 +24,21 @@ from dmlkd.transfer.cache import describe_cache
 
 STUDENT = "resnet18-8"
 # Tiny runs: a 16-class glyph subset, 4 classes x 4 images x 2 views per step, 2 steps, no NMI.
-TINY = ["--dataset", "glyphs", "--set", "data.options.max_classes=16", "--batch-size", "16", "--ipc", "4",
-        "--no-progress", "--set", "eval.nmi=false", "--set", "train.eval_at_start=false"]
+TINY = [
+    "--dataset",
+    "glyphs",
+    "--set",
+    "data.options.max_classes=16",
+    "--batch-size",
+    "16",
+    "--ipc",
+    "4",
+    "--no-progress",
+    "--set",
+    "eval.nmi=false",
+    "--set",
+    "train.eval_at_start=false",
+]
 # Keeps CRD's negatives per row small; every other method runs with its defaults.
 METHOD_OPTIONS = {"crd": ["--set", "method.kwargs.nce_k=64"]}
 
@@ -46,8 +59,9 @@ def _one_line_error(code: int, stderr: str) -> str:
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny resnet18-16 teacher (2 steps) shared by the module's tests."""
     out = tmp_path_factory.mktemp("transfer") / "teacher"
-    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "2", "--model", "resnet18-16",
-                            *TINY])
+    code, _, stderr = _run(
+        ["teacher", "train", "--out", str(out), "--max-steps", "2", "--model", "resnet18-16", *TINY]
+    )
     assert code == 0, stderr
     return out
 
@@ -59,8 +73,21 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _transfer(out: Path, teacher: Path | None, cache_dir: Path, *extra: str, steps: int = 2) -> list[str]:
     teacher_args = ["--teacher", str(teacher)] if teacher is not None else []
-    return ["transfer", "train", "--out", str(out), *teacher_args, "--student", STUDENT, "--max-steps",
-            str(steps), *TINY, "--set", f"teacher.cache_dir={cache_dir}", *extra]
+    return [
+        "transfer",
+        "train",
+        "--out",
+        str(out),
+        *teacher_args,
+        "--student",
+        STUDENT,
+        "--max-steps",
+        str(steps),
+        *TINY,
+        "--set",
+        f"teacher.cache_dir={cache_dir}",
+        *extra,
+    ]
 
 
 def _record(out: Path, name: str = "last") -> dict:
@@ -71,16 +98,26 @@ def _has_state(method: str) -> bool:
     """Whether the method owns tensors (regressors, memory, proxies), built independently of the trainer."""
     info = ModelInfo.from_model(create_model(STUDENT))
     teacher_info = ModelInfo.from_model(create_model("resnet18-16"))
-    built = TRANSFER_METHODS.build(method, student=info, teacher=teacher_info, num_classes=8, num_train=64,
-                                   num_views=2, **({"nce_k": 64} if method == "crd" else {}))
+    built = TRANSFER_METHODS.build(
+        method,
+        student=info,
+        teacher=teacher_info,
+        num_classes=8,
+        num_train=64,
+        num_views=2,
+        **({"nce_k": 64} if method == "crd" else {}),
+    )
     return len(built.state_dict()) > 0
 
 
 @pytest.mark.parametrize("method", TRANSFER_METHODS.names())
-def test_every_method_trains_end_to_end(tmp_path: Path, teacher: Path, shared_cache: Path, method: str) -> None:
+def test_every_method_trains_end_to_end(
+    tmp_path: Path, teacher: Path, shared_cache: Path, method: str
+) -> None:
     out = tmp_path / "student"
-    code, stdout, stderr = _run(_transfer(out, teacher, shared_cache, "--method", method,
-                                          *METHOD_OPTIONS.get(method, [])))
+    code, stdout, stderr = _run(
+        _transfer(out, teacher, shared_cache, "--method", method, *METHOD_OPTIONS.get(method, []))
+    )
     assert code == 0, stderr
     expected_mode = "cached" if TRANSFER_METHODS.get(method).cacheable else "online"
     assert f"teacher mode: {expected_mode}" in stdout
@@ -104,9 +141,13 @@ def test_every_method_trains_end_to_end(tmp_path: Path, teacher: Path, shared_ca
 
 
 @pytest.mark.parametrize("method", ["fitnet", "attention"])
-def test_feature_methods_refuse_a_cache(tmp_path: Path, teacher: Path, shared_cache: Path, method: str) -> None:
+def test_feature_methods_refuse_a_cache(
+    tmp_path: Path, teacher: Path, shared_cache: Path, method: str
+) -> None:
     out = tmp_path / "student"
-    code, _, stderr = _run(_transfer(out, teacher, shared_cache, "--method", method, "--teacher-mode", "cached"))
+    code, _, stderr = _run(
+        _transfer(out, teacher, shared_cache, "--method", method, "--teacher-mode", "cached")
+    )
     line = _one_line_error(code, stderr)
     assert method in line and "feature maps" in line and "--teacher-mode online" in line
     assert not out.exists()
@@ -139,14 +180,27 @@ def _files(folder: Path) -> dict[str, int]:
 
 def test_cache_is_built_once_reused_and_rebuilt_for_other_views(tmp_path: Path, teacher: Path) -> None:
     cache_dir = tmp_path / "cache"
-    build = ["cache", "build", "--teacher", str(teacher), "--student", STUDENT, *TINY,
-             "--set", f"teacher.cache_dir={cache_dir}"]
+    build = [
+        "cache",
+        "build",
+        "--teacher",
+        str(teacher),
+        "--student",
+        STUDENT,
+        *TINY,
+        "--set",
+        f"teacher.cache_dir={cache_dir}",
+    ]
     code, stdout, stderr = _run(build)
     assert code == 0, stderr
     description = json.loads(stdout)
     built = _files(cache_dir)
     assert list(built) == [Path(description["path"]).name]
-    assert description["mode"] == "cached" and description["num_sets"] == 8 and description["embedding_dim"] == 16
+    assert (
+        description["mode"] == "cached"
+        and description["num_sets"] == 8
+        and description["embedding_dim"] == 16
+    )
     assert description["teacher_digest"] == _record(teacher, "best")["files"]["model.safetensors"]
 
     for name in ("first", "second"):  # both training runs replay the file `cache build` wrote
@@ -163,8 +217,19 @@ def test_cache_is_built_once_reused_and_rebuilt_for_other_views(tmp_path: Path, 
 
 
 def test_cache_build_refuses_online_mode(teacher: Path, tmp_path: Path) -> None:
-    code, _, stderr = _run(["cache", "build", "--teacher", str(teacher), "--method", "fitnet", *TINY,
-                            "--set", f"teacher.cache_dir={tmp_path}"])
+    code, _, stderr = _run(
+        [
+            "cache",
+            "build",
+            "--teacher",
+            str(teacher),
+            "--method",
+            "fitnet",
+            *TINY,
+            "--set",
+            f"teacher.cache_dir={tmp_path}",
+        ]
+    )
     assert "online uses no cache" in _one_line_error(code, stderr)
 
 
@@ -189,13 +254,25 @@ def _wait_for_step(progress: Path, step: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigint_then_resume_is_bit_identical_with_cached_teacher(tmp_path: Path, teacher: Path,
-                                                                 shared_cache: Path) -> None:
+def test_sigint_then_resume_is_bit_identical_with_cached_teacher(
+    tmp_path: Path, teacher: Path, shared_cache: Path
+) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path, *extra: str) -> list[str]:
-        args = _transfer(out, teacher, shared_cache, "--epochs", "3", "--set", "train.save_every=1",
-                         "--set", "train.eval_every=5", *extra, steps=8)
+        args = _transfer(
+            out,
+            teacher,
+            shared_cache,
+            "--epochs",
+            "3",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.eval_every=5",
+            *extra,
+            steps=8,
+        )
         return _cli(*args)
 
     reference = tmp_path / "reference"
@@ -204,8 +281,9 @@ def test_sigint_then_resume_is_bit_identical_with_cached_teacher(tmp_path: Path,
     assert _record(reference)["provenance"]["teacher_mode"] == "cached"
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     progress = interrupted / "state" / "progress.json"
     _wait_for_step(progress, 3)
     process.send_signal(signal.SIGINT)

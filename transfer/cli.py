@@ -95,7 +95,6 @@ def train_command(method: str | None, out: str, resume: bool, overwrite: bool, *
     from dmlkd.config import apply_overrides, from_dict, to_dict
     from dmlkd.engine.rundir import prepare_run_dir
     from dmlkd.transfer.config import TransferConfig
-
     from dmlkd.transfer.trainer import check_transfer_config
 
     items, tree = build_config_tree(params, method)

@@ -42,8 +42,9 @@ class TeacherSource:
     optimised, never saved with the student and never wrapped for DDP.
     """
 
-    def __init__(self, mode: str, model: nn.Module | None = None, cache: Any = None,
-                 with_features: bool = False) -> None:
+    def __init__(
+        self, mode: str, model: nn.Module | None = None, cache: Any = None, with_features: bool = False
+    ) -> None:
         self.mode = mode
         self.model = model
         self.cache = cache
@@ -76,7 +77,9 @@ class TransferModule(nn.Module):
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
 
 
-def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[str, list[nn.Parameter], float]]:
+def param_groups(
+    module: TransferModule, config: TransferConfig
+) -> list[tuple[str, list[nn.Parameter], float]]:
     student, optim = module.student, config.optim
     groups = [
         ("backbone", list(student.backbone.parameters()), optim.backbone_lr_mult),
@@ -88,7 +91,7 @@ def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[s
 
 
 def check_transfer_config(config: TransferConfig) -> str:
-    """Cheap checks before a run folder is created: method, teacher mode and teacher folder; returns the mode."""
+    """Checks made before the run folder exists (method, teacher mode, teacher folder); returns the mode."""
     from dmlkd.checkpoints import resolve_checkpoint_dir
 
     mode = resolve_mode(config.teacher.mode, TRANSFER_METHODS.get(config.method.name))
@@ -119,8 +122,15 @@ def _cache_folder(config: TransferConfig) -> Path:
     return Path(cache_folder()) / "teacher-outputs"
 
 
-def build_teacher_source(config: TransferConfig, teacher: nn.Module, digest: str, splits: DatasetSplits,
-                         method_cls: Any, mode: str, device: torch.device) -> TeacherSource:
+def build_teacher_source(
+    config: TransferConfig,
+    teacher: nn.Module,
+    digest: str,
+    splits: DatasetSplits,
+    method_cls: Any,
+    mode: str,
+    device: torch.device,
+) -> TeacherSource:
     if mode == "online":
         return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
     from dmlkd.transfer.cache import CacheSpec, load_or_build_cache
@@ -137,9 +147,17 @@ def build_teacher_source(config: TransferConfig, teacher: nn.Module, digest: str
         eval_resize_ratio=splits.defaults.get("eval_resize_ratio", 256 / 224),
         with_pooled=bool(method_cls.needs_pooled),
     )
-    cache = load_or_build_cache(teacher, splits.train, spec, _cache_folder(config), teacher_digest=digest,
-                                batch_size=config.teacher.cache_batch_size, num_workers=train.num_workers,
-                                device=device, progress=train.progress)
+    cache = load_or_build_cache(
+        teacher,
+        splits.train,
+        spec,
+        _cache_folder(config),
+        teacher_digest=digest,
+        batch_size=config.teacher.cache_batch_size,
+        num_workers=train.num_workers,
+        device=device,
+        progress=train.progress,
+    )
     return TeacherSource(mode, cache=cache.to(device))
 
 
@@ -150,14 +168,20 @@ class TransferResult:
     teacher_mode: str
 
 
-def build_method(config: TransferConfig, student: nn.Module, teacher: nn.Module, splits: DatasetSplits,
-                 num_classes: int) -> nn.Module:
+def build_method(
+    config: TransferConfig, student: nn.Module, teacher: nn.Module, splits: DatasetSplits, num_classes: int
+) -> nn.Module:
     from dmlkd.transfer.base import ModelInfo
 
     factory = TRANSFER_METHODS.get(config.method.name)
-    method = factory(student=ModelInfo.from_model(student), teacher=ModelInfo.from_model(teacher),
-                     num_classes=num_classes, num_train=len(splits.train), num_views=config.train.views,
-                     **config.method.kwargs)
+    method = factory(
+        student=ModelInfo.from_model(student),
+        teacher=ModelInfo.from_model(teacher),
+        num_classes=num_classes,
+        num_train=len(splits.train),
+        num_views=config.train.views,
+        **config.method.kwargs,
+    )
     method.set_train_labels(torch.as_tensor(splits.train.labels, dtype=torch.long))
     return method
 
@@ -191,15 +215,29 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
         splits=splits,
         eval_config=config.eval,
         checkpoint_extras=lambda: {"method": state} if (state := _tensor_state(method)) else {},
-        record={"train_config": {"stage": "transfer", **to_dict(config)},
-                "provenance": {"teacher": config.teacher.ref, "teacher_digest": digest, "teacher_mode": mode,
-                               "teacher_metrics": teacher_record.get("metrics", {}),
-                               "teacher_model": teacher_record.get("model", {}), "dataset": config.data.name,
-                               "method": config.method.name, "skipped_images": [i for i, _ in bad]}},
+        record={
+            "train_config": {"stage": "transfer", **to_dict(config)},
+            "provenance": {
+                "teacher": config.teacher.ref,
+                "teacher_digest": digest,
+                "teacher_mode": mode,
+                "teacher_metrics": teacher_record.get("metrics", {}),
+                "teacher_hub": teacher_record.get("provenance", {}).get("hub"),
+                "teacher_model": teacher_record.get("model", {}),
+                "dataset": config.data.name,
+                "method": config.method.name,
+                "skipped_images": [i for i, _ in bad],
+            },
+        },
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
-    mark_status(run_dir, "finished", global_step=result.global_step, teacher_mode=mode,
-                train_seconds=round(result.seconds, 1))
+    mark_status(
+        run_dir,
+        "finished",
+        global_step=result.global_step,
+        teacher_mode=mode,
+        train_seconds=round(result.seconds, 1),
+    )
     return TransferResult(run_dir, result, mode)
 
 
@@ -216,10 +254,13 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls)
     if mode == "online":
-        raise ConfigError(f"teacher mode online uses no cache; choose --teacher-mode cached or clean "
-                          f"(method {config.method.name!r})")
+        raise ConfigError(
+            f"teacher mode online uses no cache; choose --teacher-mode cached or clean "
+            f"(method {config.method.name!r})"
+        )
     teacher, _record, digest = load_teacher(config.teacher.ref)
     splits, _bad = build_splits(config.data)
-    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode,
-                                  resolve_device(config.train.device))
+    source = build_teacher_source(
+        config, teacher, digest, splits, method_cls, mode, resolve_device(config.train.device)
+    )
     return describe_cache(cache_path(_cache_folder(config), source.cache.key))
