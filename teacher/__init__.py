@@ -4,6 +4,9 @@ Losses: each is an ``nn.Module`` whose ``forward(embeddings, labels)`` returns a
 learnable class vectors (``proxies`` for Proxy-Anchor, ``weight`` for the classifiers), trained with the model
 at ``lr * loss.lr_multiplier`` and saved in the checkpoint. They are registered in
 ``dmlkd.registry.TEACHER_LOSSES`` as ``proxy_anchor``, ``arcmargin``, ``softmax`` and ``norm_softmax``.
+Pair losses without class vectors (batches need several images per class, ``--ipc``): ``triplet``,
+``quadruplet``, ``eml``, ``npairs`` (PaddlePaddle's fine-tuning losses), ``multi_similarity``, ``contrastive``,
+and ``margin`` (Wu et al., with a learnable boundary β).
 Training: ``dmlkd.teacher.trainer.train_teacher`` / ``dmlkd teacher train``.
 
 The names below are loaded on first use so that ``dmlkd --help`` does not import torch.
@@ -13,7 +16,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ArcMarginLoss", "NormSoftmaxLoss", "ProxyAnchorLoss", "SoftmaxLoss"]
+__all__ = [
+    "ArcMarginLoss",
+    "ContrastiveLoss",
+    "EMLLoss",
+    "MarginLoss",
+    "MultiSimilarityLoss",
+    "NPairsLoss",
+    "NormSoftmaxLoss",
+    "ProxyAnchorLoss",
+    "QuadrupletLoss",
+    "SoftmaxLoss",
+    "TripletLoss",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,15 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 
 @teacher_group.command("train")
 @click.option("--model", "model_spec", default=None, help="ARCH-DIM, e.g. resnet50-512 (see `dmlkd models`).")
-@click.option("--loss", default=None, help="proxy_anchor, arcmargin, softmax or norm_softmax.")
+@click.option(
+    "--loss",
+    default=None,
+    help="proxy_anchor (default), arcmargin, softmax, norm_softmax, multi_similarity, contrastive, margin, "
+    "triplet, quadruplet, eml or npairs.",
+)
+@click.option("--intra", is_flag=True, default=None, help="Intra-class adaptive augmentation around the loss.")
+@click.option("--intra-lambda", type=float, default=None, help="IAA: scale of the synthetic offsets (0.8).")
+@click.option("--aug-num", type=int, default=None, help="IAA: synthetic samples per real sample (3).")
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs (demo).")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
 @click.option("--out", required=True, help="Run folder to create (or resume).")
@@ -38,6 +46,8 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
 @click.option("--num-workers", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="Evaluate on the test split every N epochs.")
+@click.option("--save-every", type=int, default=None, help="Save a resumable state every N optimiser steps.")
+@click.option("--deterministic", is_flag=True, default=None, help="Deterministic algorithms (slower on GPUs).")
 @click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N.")
 @click.option("--init", "init_ref", default=None, help="Start the network from this checkpoint or run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
@@ -62,8 +72,13 @@ def train_command(
     mixed_precision: str | None,
     num_workers: int | None,
     eval_every: int | None,
+    save_every: int | None,
+    deterministic: bool | None,
     device: str | None,
     init_ref: str | None,
+    intra: bool | None,
+    intra_lambda: float | None,
+    aug_num: int | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -77,6 +92,7 @@ def train_command(
     from dmlkd.config import apply_overrides, from_dict, to_dict
     from dmlkd.engine.rundir import prepare_run_dir
     from dmlkd.models.spec import parse_spec
+    from dmlkd.registry import TEACHER_LOSSES
     from dmlkd.teacher.config import TeacherConfig, start_tree
 
     spec = parse_spec(model_spec) if model_spec else None
@@ -97,13 +113,19 @@ def train_command(
         "train.mixed_precision": mixed_precision,
         "train.num_workers": num_workers,
         "train.eval_every": eval_every,
+        "train.save_every": save_every,
+        "train.deterministic": deterministic or None,
         "train.device": device,
         "train.progress": False if no_progress else None,
         "init": init_ref,
+        "iaa.enabled": intra,
+        "iaa.intra_lambda": intra_lambda,
+        "iaa.aug_num": aug_num,
     }
     items = _overrides(shortcuts, overrides)
     tree = apply_overrides(start_tree(recipe, dataset, spec.arch if spec else None), items)
     config = from_dict(TeacherConfig, tree)  # validate before touching the output folder
+    TEACHER_LOSSES.get(config.loss.name)  # an unknown loss too, not only after the data is read
     given = apply_overrides({}, items) if resume else to_dict(config)
     run_dir, tree = prepare_run_dir(out, "teacher", given, resume=resume, overwrite=overwrite)
     config = from_dict(TeacherConfig, tree)

@@ -19,6 +19,24 @@ class LossConfig:
 
 
 @dataclasses.dataclass
+class IAAConfig:
+    """Intra-class adaptive augmentation (Fu et al., TMM 2022) around the loss; see ``dmlkd.teacher.iaa``.
+
+    Defaults are the authors' CUB/Cars command (``--intra_lamda 0.8 --aug_num 3``, synthesis from epoch 30).
+    """
+
+    enabled: bool = False
+    intra_lambda: float = 0.8
+    aug_num: int = 3
+    start_epoch: int = 30
+    momentum: float = 0.2
+    beta: float = 0.1
+    gamma: float = 0.1
+    neighbors: int = 25
+    count_limit: int = 40
+
+
+@dataclasses.dataclass
 class TeacherConfig:
     """Everything ``dmlkd teacher train`` needs; saved resolved as ``run_config.json`` in the run folder."""
 
@@ -26,6 +44,7 @@ class TeacherConfig:
         default_factory=lambda: ModelConfig(arch="resnet50", embedding_dim=512)
     )
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    iaa: IAAConfig = dataclasses.field(default_factory=IAAConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -99,6 +118,67 @@ RECIPES: dict[str, dict[str, Any]] = {
         "eval": {"metric": "cosine"},
     },
 }
+
+
+# PaddlePaddle metric_learning two-step SOP recipe (seed-spec §2.2, §2.13; PD README and train_elem.py /
+# train_pair.py). PD counts iterations; our scheduler steps per epoch, so the schedule is mapped with SOP's
+# 59,551 training images:
+# - pretrain (train_elem.py): batch 256 (232 iterations/epoch, uniformly random batches), 30k iterations
+#   = 129 epochs, lr 0.01 x0.1 at iterations 15k and 25k -> StepLR every 54 epochs (12.5k and 25.1k).
+# - fine-tune (train_pair.py): batch 160 at 2 images per class (372 iterations/epoch), 100k iterations
+#   = 269 epochs, lr 1e-4; PD's only lr step is at iteration 100k, so the lr is constant.
+# Both: SGD momentum 0.9 (dmlkd's SGD is Nesterov; PD's Momentum is not), L2 decay 1e-4, no gradient clipping,
+# BN trained, ResNet50 with global average pooling. PD's README run has no FC layer (2048-d pooled features);
+# dmlkd always has a linear head, 512-d here, not normalised in the model (the losses normalise as PD's do).
+# Evaluation: PD's recall_topk ranks by Euclidean distance of L2-normalised features, i.e. cosine.
+def _pd(loss: str, kwargs: dict[str, Any], finetune: bool) -> dict[str, Any]:
+    """A PaddlePaddle SOP command: the pretrain (softmax / arcmargin) or a fine-tune (pair loss) step."""
+    return {
+        "model": {
+            "arch": "resnet50",
+            "embedding_dim": 512,
+            "l2_norm": False,
+            "pooling": "avg",
+            "head_init": "kaiming",
+            "pretrained": True,
+        },
+        "loss": {"name": loss, "kwargs": kwargs},
+        "data": {"name": "sop"},
+        "optim": {
+            "optimizer": "sgd",
+            "lr": 1e-4 if finetune else 0.01,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "clip_grad_value": None,
+            "scheduler": "none" if finetune else "step",
+            "lr_decay_step": 54,
+            "lr_decay_gamma": 0.1,
+            "warmup_epochs": 0,
+            "bn_freeze": False,
+        },
+        "train": {
+            "epochs": 269 if finetune else 129,
+            "batch_size": 160 if finetune else 256,
+            "ipc": 2 if finetune else None,
+            "seed": 1,
+            "image_size": 224,
+        },
+        "eval": {"metric": "cosine"},
+    }
+
+
+RECIPES.update(
+    {
+        "pd-sop-softmax": _pd("softmax", {}, finetune=False),
+        "pd-sop-arcmargin": _pd("arcmargin", {"scale": 80.0, "margin": 0.15, "easy_margin": False}, finetune=False),
+        # The fine-tune steps start from a pretrain run's weights: pass `--init RUN_DIR` (a pd-sop-softmax or
+        # pd-sop-arcmargin run folder); without it they would start from ImageNet weights.
+        "pd-sop-finetune-triplet": _pd("triplet", {"margin": 0.1}, finetune=True),
+        "pd-sop-finetune-quadruplet": _pd("quadruplet", {"margin": 0.1}, finetune=True),
+        "pd-sop-finetune-eml": _pd("eml", {"beta": 1e5, "threshold": 20.0}, finetune=True),
+        "pd-sop-finetune-npairs": _pd("npairs", {"reg_lambda": 0.01}, finetune=True),
+    }
+)
 
 DEFAULT_RECIPE = "demo-glyphs"
 

@@ -51,17 +51,33 @@ def build_criterion(config: TeacherConfig, num_classes: int) -> nn.Module:
     valid = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embedding_size")]
     for key in config.loss.kwargs:
         if key not in valid:
-            raise ConfigError(
-                f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}"
-            )
-    return factory(num_classes, config.model.embedding_dim, **config.loss.kwargs)
+            raise ConfigError(f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}")
+    criterion = factory(num_classes, config.model.embedding_dim, **config.loss.kwargs)
+    if config.iaa.enabled:
+        from dmlkd.teacher.iaa import IntraClassAugmentation
+
+        options = {k: v for k, v in to_dict(config.iaa).items() if k != "enabled"}
+        criterion = IntraClassAugmentation(
+            criterion, num_classes, config.model.embedding_dim, seed=config.train.seed, **options
+        )
+    return criterion
+
+
+def epoch_aware(loader_factory: Any, criterion: nn.Module, epochs: int) -> Any:
+    """Tell an epoch-dependent loss (IAA) which epoch starts whenever the loop asks for the epoch's batches."""
+    if not hasattr(criterion, "set_epoch"):
+        return loader_factory
+
+    def factory(epoch: int, start_batch: int) -> Any:
+        criterion.set_epoch(epoch, epochs)
+        return loader_factory(epoch, start_batch)
+
+    return factory
 
 
 def param_groups(module: TeacherModule, config: TeacherConfig) -> list[tuple[str, list[nn.Parameter], float]]:
     model, criterion, optim = module.model, module.criterion, config.optim
-    loss_mult = (
-        optim.loss_lr_mult if optim.loss_lr_mult is not None else getattr(criterion, "lr_multiplier", 1.0)
-    )
+    loss_mult = optim.loss_lr_mult if optim.loss_lr_mult is not None else getattr(criterion, "lr_multiplier", 1.0)
     return [
         ("backbone", list(model.backbone.parameters()), optim.backbone_lr_mult),
         ("head", list(model.embedding.parameters()), optim.head_lr_mult),
@@ -95,7 +111,7 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
         model=model,
         head=model.embedding,
         param_groups=param_groups(module, config),
-        loader_factory=data.loader_factory,
+        loader_factory=epoch_aware(data.loader_factory, criterion, config.train.epochs),
         batches_per_epoch=data.batches_per_epoch,
         splits=splits,
         eval_config=config.eval,

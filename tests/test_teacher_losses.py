@@ -285,7 +285,7 @@ def test_double_precision_is_kept(loss_class):
 
 
 def test_registry_names_factories_and_lr_multipliers():
-    assert TEACHER_LOSSES.names() == ["arcmargin", "norm_softmax", "proxy_anchor", "softmax"]
+    assert {"arcmargin", "norm_softmax", "proxy_anchor", "softmax"} <= set(TEACHER_LOSSES.names())
     expected = {"proxy_anchor": (ProxyAnchorLoss, 100.0), "arcmargin": (ArcMarginLoss, 1.0)}
     expected |= {"softmax": (SoftmaxLoss, 1.0), "norm_softmax": (NormSoftmaxLoss, 1.0)}
     for name, (loss_class, multiplier) in expected.items():

@@ -197,7 +197,7 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
     [
         (
             ["--loss", "triplett"],
-            "unknown loss 'triplett'; choose from: arcmargin, norm_softmax, proxy_anchor",
+            "unknown loss 'triplett'; choose from: arcmargin, contrastive, eml, margin, multi_similarity",
         ),
         (["--model", "resnet51-128"], "unknown architecture 'resnet51'"),
         (["--model", "resnet50-"], "malformed model spec 'resnet50-'"),
