@@ -32,6 +32,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a group called without a command: click prints its help
+        except click.UsageError as error:  # a bad option value, a missing option, an unknown command
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {_usage_line(error)}", err=True)
+            ctx.exit(error.exit_code)
         except Interrupted as stop:
             where = f" in {stop.where}/state" if stop.where else ""
             click.echo(
@@ -43,6 +50,16 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+
+def _usage_line(error: click.UsageError) -> str:
+    """Click's message on one line, the valid commands for an unknown one, and where the help is."""
+    text = error.format_message()
+    if error.ctx is None:
+        return text
+    if isinstance(error.ctx.command, click.Group) and text.startswith("No such command") and "?" not in text:
+        text = f"{text.rstrip('.')}; commands: {', '.join(error.ctx.command.list_commands(error.ctx))}"
+    return f"{text} (see '{error.ctx.command_path} --help')"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

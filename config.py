@@ -291,6 +291,9 @@ class TrainConfig:
     progress: bool = True
     eval_at_start: bool = False  # also evaluate the untrained network (epoch 0) for comparison
     on_nonfinite: typing.Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the step
+    sync_bn: bool = False  # SyncBatchNorm across processes (GPU/NCCL only)
+    # torch.use_deterministic_algorithms(True) (+ cuDNN/cuBLAS settings on a GPU): slower, reproducible on GPUs
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -310,6 +313,11 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.num_workers < 0:
             raise ConfigError(f"num-workers must be >= 0, got {self.num_workers}")
+        if self.ipc is not None and self.ipc > self.batch_size:
+            raise ConfigError(
+                f"ipc {self.ipc} is larger than the batch size {self.batch_size}; a batch holds P classes x "
+                f"ipc images, so use a batch size that is a multiple of ipc (e.g. {2 * self.ipc})"
+            )
         if self.ipc is not None and self.batch_size % self.ipc:
             raise ConfigError(
                 f"batch size {self.batch_size} is not a multiple of ipc {self.ipc}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,17 @@ def read_reference_file(path: Path) -> dict[str, Any]:
             f"reference checkpoint {str(path)!r} does not exist; pass the downloaded .pth file"
         )
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would add lines to the error
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        details = [line.strip() for line in str(error).partition("WeightsUnpickler error:")[2].splitlines()]
+        reason = next((line[:120] for line in details if line), "not a weights file")
+        raise CheckpointError(
+            f"refusing {str(path)!r}: it holds more than tensors ({reason}); dmlkd reads .pth files with "
+            "weights_only=True and never runs pickled code; re-save it with torch.save(model.state_dict(), ...)"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as error:
         reason = " ".join(str(error).split())[:300]
         raise CheckpointError(
             f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}"

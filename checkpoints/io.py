@@ -60,13 +60,23 @@ def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
 
 
+def _make_parent(target: Path) -> None:
+    """Create ``target``'s parent folders; a file in the way or a refused write is a one-line ``ConfigError``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in (target.parent, *target.parent.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{str(blocker)!r} is a file, not a folder" if blocker else error.strerror
+        raise ConfigError(f"cannot create {str(target)!r}: {reason}; choose a writable output folder") from None
+
+
 def write_folder_atomically(target: Path, fill: Any) -> Path:
     """Create ``target`` by calling ``fill(tmp_dir)`` on a sibling temporary folder and renaming it into place.
 
     If ``target`` exists it is replaced only after the new folder is complete.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -68,8 +68,14 @@ def view_generator(seed: int, draw: int, view: int) -> torch.Generator:
 
 
 def replay_choice(seed: int, draw: int, view: int, num_sets: int) -> int:
-    """Which stored parameter set ``k`` in ``[0, num_sets)`` the view ``(draw, view)`` replays."""
-    return _seed_int(seed, draw, view, spawn_key=(_REPLAY_CHOICE,)) % num_sets
+    """Which stored parameter set ``k`` in ``[0, num_sets)`` the view ``(draw, view)`` replays.
+
+    The views of one draw take the first entries of a random permutation of the K sets (seeded by the draw), so
+    two views of an image never replay the same crop unless there are more views than sets; independent
+    choices would make them identical with probability 1/K, which the online teacher never sees.
+    """
+    order = np.random.default_rng(_seed_int(seed, draw, spawn_key=(_REPLAY_CHOICE,))).permutation(num_sets)
+    return int(order[view % num_sets])
 
 
 def sample_view_params(

@@ -9,7 +9,16 @@ from torch import nn
 
 from dmlkd.config import EvalCommandConfig, EvalConfig
 from dmlkd.data.base import DatasetSplits, ImageCollection
-from dmlkd.engine.distributed import call_on_main, gather_uneven, is_main, rank, shard_batches, world_size
+from dmlkd.engine.distributed import (
+    call_on_main,
+    gather_uneven,
+    init_processes,
+    is_main,
+    launched,
+    rank,
+    shard_batches,
+    world_size,
+)
 from dmlkd.errors import ConfigError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -180,11 +189,11 @@ def _metrics(
 
 
 def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
-    """``dmlkd eval``: load the checkpoint, read the dataset, evaluate."""
+    """``dmlkd eval``: load the checkpoint, read the dataset, evaluate (shared by the processes of a launcher)."""
     from dmlkd.checkpoints import load_checkpoint
     from dmlkd.data.catalog import build_splits
 
-    device = resolve_device(config.device)
+    device = init_processes(config.device).device if launched() else resolve_device(config.device)
     model, _record = load_checkpoint(config.checkpoint, device=device)
     splits, _bad = build_splits(config.data)
-    return evaluate_model(model, splits, config.eval, device)
+    return evaluate_model(model, splits, config.eval, device, distributed=launched())

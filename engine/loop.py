@@ -34,10 +34,13 @@ from dmlkd.data.base import DatasetSplits
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
-from dmlkd.engine.state import Progress, has_state, load_state, save_state
+from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.errors import ConfigError, DmlkdError, Interrupted
 
 log = logging.getLogger(__name__)
+
+
+SKIPPED = "skipped"  # key ``_step`` adds to the loss terms of a step skipped for a non-finite loss
 
 
 class NonFiniteLossError(DmlkdError):
@@ -97,18 +100,18 @@ class _StopFlag:
 def make_accelerator(config: TrainConfig, find_unused_parameters: bool = False) -> Any:
     """The run's ``Accelerator``; under a launcher it joins (or starts) the process group.
 
-    DDP does not broadcast buffers every step (the gathered losses keep loss buffers identical, and BN
-    statistics are synced from the main process before each evaluation). ``find_unused_parameters`` is
-    needed when some parameters get no gradient in a step (warm-up, BN-freeze).
+    ``find_unused_parameters`` is needed when some parameters get no gradient in a step (warm-up, BN-freeze).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     device = resolve_device(config.device)
+    if config.deterministic:
+        enable_determinism(device)
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 or no")
     dist_utils.init_processes(config.device)
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
 
 
@@ -194,6 +197,10 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
     if resume and has_state(state_dir):
         progress, _ = load_state(state_dir, stage.module, optimizer, scheduler)
     module, optimizer = accelerator.prepare(stage.module, optimizer)
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        # Buffers were synced when DDP wrapped the module; no re-broadcast before every forward: the gathered
+        # losses keep loss buffers (CRD memory) identical, and BN statistics are synced before evaluation.
+        module.broadcast_buffers = False
     run = _Run(stage, run_dir)
     total_steps = stage.batches_per_epoch * train.epochs
     if train.max_steps is not None:
@@ -222,6 +229,13 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
                 terms, stopping = _step(
                     accelerator, module, optimizer, optim, train, batch, replay_k, progress.global_step, stop
                 )
+                if SKIPPED in terms:
+                    progress.skipped_steps += 1
+                    log.warning(
+                        "skipped step %d: non-finite loss; %d step(s) skipped in this run so far",
+                        progress.global_step,
+                        progress.skipped_steps,
+                    )
                 progress.global_step += 1
                 progress.batch_in_epoch += 1
                 _update_bar(bar, terms, optimizer, batch, time.perf_counter() - step_started)
@@ -271,8 +285,8 @@ def _step(
         not torch.isfinite(terms["loss"]).item(), stop.signum is not None, device=accelerator.device
     )
     if nonfinite and train.on_nonfinite == "skip":
-        log.warning("skipping step %d: non-finite loss", step)
         optimizer.zero_grad(set_to_none=True)
+        terms = {**terms, SKIPPED: terms["loss"].new_ones(())}  # counted by ``fit``
     elif nonfinite:
         raise _nonfinite_error(terms, step)
     else:

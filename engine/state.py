@@ -8,7 +8,10 @@ state loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ class Progress:
     best_metric: float | None = None
     best_epoch: int | None = None
     finished: bool = False
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
 
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -92,8 +96,47 @@ def save_state(
     write_folder_atomically(directory, fill)
 
 
-def has_state(directory: Path) -> bool:
+def _complete(directory: Path) -> bool:
     return (directory / PROGRESS).is_file() and (directory / TENSORS).is_file()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another process of the run
+        return 0.0
+
+
+def has_state(directory: Path) -> bool:
+    """Whether ``directory`` holds a resumable state; first repairs what a crash during a write left.
+
+    ``write_folder_atomically`` fills ``.state.tmp-*``, renames the old ``state`` to ``.state.old-*`` and the
+    new folder into place. A crash between the two renames leaves no ``state``: the old one is moved back.
+    Temporary folders of interrupted writes and stale old copies are removed.
+    """
+    directory = Path(directory)
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=_mtime)
+    if not directory.exists():
+        for old in reversed(olds):
+            if _complete(old):
+                with contextlib.suppress(OSError):  # another process of the run may have moved it already
+                    os.replace(old, directory)
+                break
+    for leftover in [*directory.parent.glob(f".{directory.name}.tmp-*"), *olds]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return _complete(directory)
+
+
+def enable_determinism(device: torch.device) -> None:
+    """Make torch pick deterministic kernels (``train.deterministic``); raises on ops that have none.
+
+    This sets process-wide flags; on a GPU it also fixes the cuBLAS workspace and turns cuDNN benchmarking off.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def load_state(

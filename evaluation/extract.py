@@ -120,7 +120,7 @@ def extract_embeddings(
         loader: yields ``Batch`` or ``(images, labels, indices)``; ``indices`` are dataset positions. When it
             has a ``dataset`` with a length, all of its samples must appear exactly once.
         device: where the forward pass runs (default: the model's parameter device).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (when stderr is a terminal).
         output_device: where the result is gathered (default CPU, so a large test set does not sit
             on the GPU).
 
@@ -132,7 +132,9 @@ def extract_embeddings(
     model.eval()
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     try:
-        for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress, leave=False):
+        # disable=None: no bar when stderr is not a terminal (logs, pipes), so an error stays one clean line
+        bar = tqdm(loader, desc="embedding", unit="batch", disable=None if progress else True, leave=False)
+        for batch in bar:
             images, labels, indices = _unpack(batch)
             embedding = _embedding_of(model(images.to(device, non_blocking=True)))
             parts.append(

@@ -31,6 +31,16 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 @click.option("--intra", is_flag=True, default=None, help="Intra-class adaptive augmentation around the loss.")
 @click.option("--intra-lambda", type=float, default=None, help="IAA: scale of the synthetic offsets (0.8).")
 @click.option("--aug-num", type=int, default=None, help="IAA: synthetic samples per real sample (3).")
+@click.option("--nb-clusters", type=int, default=None, help="Divide and conquer: K clusters and learners (1).")
+@click.option("--mod-epoch", type=int, default=None, help="Divide and conquer: recluster every N epochs (2).")
+@click.option(
+    "--force-full-embedding-epoch",
+    type=int,
+    default=None,
+    help="Divide and conquer: from this epoch on, train the full embedding.",
+)
+@click.option("--masking-lambda", type=float, default=None, help="D&C masks: weight of the L1 mask penalty (0.01).")
+@click.option("--mask-lr-mult", type=float, default=None, help="D&C masks: learning-rate multiplier (100).")
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs (demo).")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
 @click.option("--out", required=True, help="Run folder to create (or resume).")
@@ -79,6 +89,11 @@ def train_command(
     intra: bool | None,
     intra_lambda: float | None,
     aug_num: int | None,
+    nb_clusters: int | None,
+    mod_epoch: int | None,
+    force_full_embedding_epoch: int | None,
+    masking_lambda: float | None,
+    mask_lr_mult: float | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -90,7 +105,7 @@ def train_command(
     --out runs/cub-r50
     """
     from dmlkd.config import apply_overrides, from_dict, to_dict
-    from dmlkd.engine.rundir import prepare_run_dir
+    from dmlkd.engine.distributed import prepare_run_dir_on_main
     from dmlkd.models.spec import parse_spec
     from dmlkd.registry import TEACHER_LOSSES
     from dmlkd.teacher.config import TeacherConfig, start_tree
@@ -121,13 +136,20 @@ def train_command(
         "iaa.enabled": intra,
         "iaa.intra_lambda": intra_lambda,
         "iaa.aug_num": aug_num,
+        "divide.nb_clusters": nb_clusters,
+        "divide.mod_epoch": mod_epoch,
+        "divide.force_full_embedding_epoch": force_full_embedding_epoch,
+        "divide.masking_lambda": masking_lambda,
+        "divide.mask_lr_mult": mask_lr_mult,
     }
     items = _overrides(shortcuts, overrides)
     tree = apply_overrides(start_tree(recipe, dataset, spec.arch if spec else None), items)
     config = from_dict(TeacherConfig, tree)  # validate before touching the output folder
     TEACHER_LOSSES.get(config.loss.name)  # an unknown loss too, not only after the data is read
     given = apply_overrides({}, items) if resume else to_dict(config)
-    run_dir, tree = prepare_run_dir(out, "teacher", given, resume=resume, overwrite=overwrite)
+    run_dir, tree = prepare_run_dir_on_main(
+        config.train.device, out, "teacher", given, resume=resume, overwrite=overwrite
+    )
     config = from_dict(TeacherConfig, tree)
 
     from dmlkd.engine.report import summary_table

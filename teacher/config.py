@@ -37,6 +37,38 @@ class IAAConfig:
 
 
 @dataclasses.dataclass
+class DivideConfig:
+    """Divide and conquer (Sanakoyeu et al., CVPR 2019 / TPAMI 2021); see ``dmlkd.teacher.divide``.
+
+    ``nb_clusters = 1`` (the default) is ordinary training. ``force_full_embedding_epoch = None`` never switches
+    back to the full embedding before the end (the authors' default); ``masks`` are the TPAMI learnable masks.
+    """
+
+    nb_clusters: int = 1
+    mod_epoch: int = 2
+    force_full_embedding_epoch: int | None = None
+    masks: bool = False
+    masking_lambda: float = 0.01
+    mask_lr_mult: float = 100.0
+
+    def __post_init__(self) -> None:
+        for name in ("nb_clusters", "mod_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"divide.{name}={value!r} is invalid; expected an integer >= 1")
+        if self.force_full_embedding_epoch is not None and self.force_full_embedding_epoch < 0:
+            raise ConfigError(
+                f"divide.force_full_embedding_epoch={self.force_full_embedding_epoch} is invalid; "
+                "expected an epoch >= 0 (or null for never)"
+            )
+        if self.masking_lambda < 0 or self.mask_lr_mult < 0:
+            raise ConfigError(
+                f"divide.masking_lambda={self.masking_lambda} and divide.mask_lr_mult={self.mask_lr_mult} "
+                "must both be >= 0"
+            )
+
+
+@dataclasses.dataclass
 class TeacherConfig:
     """Everything ``dmlkd teacher train`` needs; saved resolved as ``run_config.json`` in the run folder."""
 
@@ -45,6 +77,7 @@ class TeacherConfig:
     )
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     iaa: IAAConfig = dataclasses.field(default_factory=IAAConfig)
+    divide: DivideConfig = dataclasses.field(default_factory=DivideConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -53,6 +86,16 @@ class TeacherConfig:
     # Start the embedding network from this checkpoint or run folder (PaddlePaddle's two-step recipe:
     # pretrain with softmax/arcmargin, then fine-tune with a pair loss). Loss parameters start fresh.
     init: str | None = None
+
+    def __post_init__(self) -> None:
+        clusters = self.divide.nb_clusters
+        if clusters > 1 and self.model.embedding_dim % clusters:
+            raise ConfigError(
+                f"embedding dimension {self.model.embedding_dim} is not divisible by --nb-clusters {clusters}; "
+                f"use a number of clusters that divides {self.model.embedding_dim}"
+            )
+        if clusters > 1 and self.train.ipc is None:
+            raise ConfigError(f"--nb-clusters {clusters} draws P classes x K images from one cluster; pass --ipc K")
 
 
 def _pa(

@@ -46,19 +46,21 @@ class TeacherModule(nn.Module):
         return {"loss": loss, self.loss_name: loss.detach()}
 
 
-def build_criterion(config: TeacherConfig, num_classes: int) -> nn.Module:
+def build_criterion(config: TeacherConfig, num_classes: int, embedding_size: int | None = None) -> nn.Module:
+    """The configured loss (IAA-wrapped if enabled) on ``embedding_size`` dimensions (default: the model's)."""
+    size = embedding_size or config.model.embedding_dim
     factory = TEACHER_LOSSES.get(config.loss.name)
     valid = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embedding_size")]
     for key in config.loss.kwargs:
         if key not in valid:
             raise ConfigError(f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}")
-    criterion = factory(num_classes, config.model.embedding_dim, **config.loss.kwargs)
+    criterion = factory(num_classes, size, **config.loss.kwargs)
     if config.iaa.enabled:
         from dmlkd.teacher.iaa import IntraClassAugmentation
 
         options = {k: v for k, v in to_dict(config.iaa).items() if k != "enabled"}
         criterion = IntraClassAugmentation(
-            criterion, num_classes, config.model.embedding_dim, seed=config.train.seed, **options
+            criterion, num_classes, size, seed=config.train.seed, **options
         )
     return criterion
 
@@ -104,14 +106,24 @@ def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) ->
     data = build_train_data(splits, config.train, rank=processes.rank, world_size=processes.world_size)
     model = build_model(config.model)
     init_digest = initialise_from(model, config.init) if config.init else None
-    criterion = build_criterion(config, data.num_classes)
-    module = TeacherModule(model, criterion, config.loss.name, views=config.train.views)
+    if config.divide.nb_clusters > 1:  # divide and conquer: K learners on sub-embeddings
+        from dmlkd.teacher.divide import build_divide
+
+        module, groups, loader_factory = build_divide(
+            config, model, splits, data, rank=processes.rank, world_size=processes.world_size
+        )
+        criterion = module.criterion
+    else:
+        criterion = build_criterion(config, data.num_classes)
+        module = TeacherModule(model, criterion, config.loss.name, views=config.train.views)
+        groups = param_groups(module, config)
+        loader_factory = epoch_aware(data.loader_factory, criterion, config.train.epochs)
     stage = Stage(
         module=module,
         model=model,
         head=model.embedding,
-        param_groups=param_groups(module, config),
-        loader_factory=epoch_aware(data.loader_factory, criterion, config.train.epochs),
+        param_groups=groups,
+        loader_factory=loader_factory,
         batches_per_epoch=data.batches_per_epoch,
         splits=splits,
         eval_config=config.eval,

@@ -228,3 +228,13 @@ def test_replay_spec_validation():
     with pytest.raises(ConfigError, match="num_sets=0"):
         ReplaySpec(0, 1)
     assert math.isclose(ReplaySpec(2, 0).num_sets, 2)
+
+
+def test_views_of_one_draw_replay_distinct_sets() -> None:
+    from dmlkd.data.transforms import replay_choice
+
+    for draw in range(200):
+        chosen = [replay_choice(3, draw, view, 8) for view in range(4)]
+        assert len(set(chosen)) == 4 and all(0 <= k < 8 for k in chosen)
+    assert {replay_choice(3, draw, 0, 8) for draw in range(200)} == set(range(8))  # every set gets used
+    assert [replay_choice(3, 7, view, 2) for view in range(4)][:2] != [replay_choice(3, 7, 0, 2)] * 2

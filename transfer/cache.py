@@ -44,6 +44,16 @@ from tqdm.auto import tqdm
 
 from dmlkd.data.base import ImageCollection
 from dmlkd.data.transforms import ReplaySpec, apply_view, eval_view, replay_view_params
+from dmlkd.engine.distributed import (
+    any_true,
+    barrier,
+    broadcast_object,
+    gather_uneven,
+    is_main,
+    rank,
+    shard_batches,
+    world_size,
+)
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import ModelOutput
 
@@ -338,11 +348,15 @@ def _run_teacher(
     num_workers: int,
     progress: bool,
 ) -> dict[str, Tensor]:
-    """Every cached output, on the CPU in fp16: ``{"embeddings": (N, K, D)[, "pooled": (N, K, P)]}``."""
+    """Every cached output, on the CPU in fp16: ``{"embeddings": (N, K, D)[, "pooled": (N, K, P)]}``.
+
+    With several processes each runs the teacher on its share of the single-process batches and the rows
+    are gathered, so every process returns the whole (identical) result.
+    """
     count, sets = len(collection), spec.num_sets
     loader = DataLoader(
         CacheViewDataset(collection, spec),
-        batch_size=max(1, batch_size // sets),
+        batch_sampler=shard_batches(count, max(1, batch_size // sets), rank(), world_size()),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -368,9 +382,29 @@ def _run_teacher(
                 store[name][indices] = value
             filled[indices] = True
             bar.update(len(indices))
+    if world_size() > 1:
+        store, filled = _gather_shards(store, filled, names, sets)
     if count == 0 or not bool(filled.all()):
         raise DataError(f"the teacher cache covers {int(filled.sum())} of {count} images; nothing to cache")
     return store
+
+
+def _gather_shards(
+    store: dict[str, Tensor], filled: Tensor, names: tuple[str, ...], sets: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Every process's filled rows put together (rows travel flattened: a process may have none)."""
+    mine = torch.nonzero(filled).squeeze(1)
+    rows = torch.cat(gather_uneven(mine))
+    merged: dict[str, Tensor] = {}
+    for name in names:
+        local = store[name][mine].flatten() if name in store else torch.zeros(0, dtype=torch.float16)
+        values = torch.cat(gather_uneven(local.float())).to(torch.float16)  # fp16 -> fp32 -> fp16 is exact
+        values = values.reshape(rows.numel(), sets, -1)
+        merged[name] = torch.zeros((filled.numel(), sets, values.shape[-1]), dtype=torch.float16)
+        merged[name][rows] = values
+    everywhere = torch.zeros_like(filled)
+    everywhere[rows] = True
+    return merged, everywhere
 
 
 def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -432,8 +466,11 @@ def build_cache(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher_config": json.dumps(asdict(config) if is_dataclass(config) else None, sort_keys=True),
     }
-    _write_atomically(Path(path), tensors, metadata)
-    logger.info("wrote teacher cache %s (%s images x %d views)", path, len(collection), spec.num_sets)
+    metadata = broadcast_object(metadata)
+    if is_main():  # the processes built it together; one writes it
+        _write_atomically(Path(path), tensors, metadata)
+        logger.info("wrote teacher cache %s (%s images x %d views)", path, len(collection), spec.num_sets)
+    barrier()
     pooled = tensors.get("pooled")
     return TeacherCache(
         tensors["embeddings"].to(device),
@@ -526,23 +563,26 @@ def load_or_build_cache(
     parts = _key_parts(spec, teacher_digest, collection.identifiers)
     key = _sha256_json(parts)
     path = cache_path(folder, key)
-    if path.is_file():
+    found = path.is_file()
+    if found:
         try:
             tensors, metadata = _read_checked(path, parts, spec)
         except _READ_ERRORS as error:
             logger.warning("teacher cache %s is not usable (%s); rebuilding it", path, error)
-        else:
-            logger.info("using teacher cache %s", path)
-            device = _device_of(teacher, device)
-            pooled = tensors.get("pooled")
-            return TeacherCache(
-                tensors["embeddings"].to(device),
-                None if pooled is None else pooled.to(device),
-                spec,
-                key,
-                metadata,
-            )
-    else:
+            found = False
+    (rebuild,) = any_true(not found)  # with several processes: all use the file, or all build together
+    if not rebuild:
+        logger.info("using teacher cache %s", path)
+        device = _device_of(teacher, device)
+        pooled = tensors.get("pooled")
+        return TeacherCache(
+            tensors["embeddings"].to(device),
+            None if pooled is None else pooled.to(device),
+            spec,
+            key,
+            metadata,
+        )
+    if is_main() and not path.is_file():
         _log_other_caches(Path(folder), parts, path)
     return build_cache(
         teacher,

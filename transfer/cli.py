@@ -37,6 +37,8 @@ def _common_options(function: Any) -> Any:
         click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None),
         click.option("--num-workers", type=int, default=None),
         click.option("--eval-every", type=int, default=None),
+        click.option("--save-every", type=int, default=None, help="Save a resumable state every N optimiser steps."),
+        click.option("--deterministic", is_flag=True, default=None, help="Deterministic algorithms (slower on GPUs)."),
         click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
@@ -63,6 +65,7 @@ def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[
         "optim.lr": params["lr"], "train.seed": params["seed"], "student.pretrained": params["pretrained"],
         "train.mixed_precision": params["mixed_precision"], "train.num_workers": params["num_workers"],
         "train.eval_every": params["eval_every"], "train.device": params["device"],
+        "train.save_every": params["save_every"], "train.deterministic": params["deterministic"] or None,
         "train.progress": False if params["no_progress"] else None,
     }
     items = _items(shortcuts, params["overrides"])
@@ -93,7 +96,7 @@ def train_command(method: str | None, out: str, resume: bool, overwrite: bool, *
     --dataset cub --data-root data --out runs/cub-r18
     """
     from dmlkd.config import apply_overrides, from_dict, to_dict
-    from dmlkd.engine.rundir import prepare_run_dir
+    from dmlkd.engine.distributed import prepare_run_dir_on_main
     from dmlkd.transfer.config import TransferConfig
     from dmlkd.transfer.trainer import check_transfer_config
 
@@ -101,7 +104,9 @@ def train_command(method: str | None, out: str, resume: bool, overwrite: bool, *
     config = from_dict(TransferConfig, tree)
     check_transfer_config(config)  # before the run folder is created
     given = apply_overrides({}, items) if resume else to_dict(config)
-    run_dir, tree = prepare_run_dir(out, "transfer", given, resume=resume, overwrite=overwrite)
+    run_dir, tree = prepare_run_dir_on_main(
+        config.train.device, out, "transfer", given, resume=resume, overwrite=overwrite
+    )
     config = from_dict(TransferConfig, tree)
 
     from dmlkd.engine.report import summary_table

@@ -13,6 +13,7 @@ from torch import nn
 from dmlkd.config import to_dict
 from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.data import build_train_data, train_image_size
+from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main
 from dmlkd.engine.loop import FitResult, Stage, fit
 from dmlkd.engine.rundir import mark_status
 from dmlkd.errors import ConfigError
@@ -61,7 +62,13 @@ class TeacherSource:
 
 
 class TransferModule(nn.Module):
-    """The student and every trainable part of the transfer method: the one module given to the optimiser."""
+    """The student and every trainable part of the transfer method: the one module given to the optimiser.
+
+    With several processes the method sees the gathered global batch in single-process row order: student
+    embedding and pooled feature with gradient, the teacher's without, labels and dataset indices (CRD's
+    memory is then updated with the gathered rows on every process). Stage maps stay per process (they
+    only enter per-sample mean terms); see ``dmlkd.engine.distributed``.
+    """
 
     def __init__(self, student: nn.Module, method: nn.Module, teacher: TeacherSource) -> None:
         super().__init__()
@@ -70,9 +77,11 @@ class TransferModule(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see TeacherSource
 
     def forward(self, batch: Batch, replay_k: torch.Tensor) -> dict[str, torch.Tensor]:
-        teacher_output = self.teacher(batch, replay_k)
+        views = self.method.num_views
+        teacher_output = gather_output(self.teacher(batch, replay_k), views, with_grad=False)
         student_output = self.student(batch.images, with_features=self.method.needs_features)
-        terms = self.method(student_output, teacher_output, batch)
+        student_output = gather_output(student_output, views, with_grad=True)
+        terms = self.method(student_output, teacher_output, gather_batch(batch, views))
         total = torch.stack([value.float() for value in terms.values()]).sum()
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
 
@@ -190,20 +199,21 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
     """Train a student against a frozen teacher; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
     from dmlkd.data.catalog import build_splits
     from dmlkd.data.transforms import ReplaySpec
-    from dmlkd.engine.evaluate import resolve_device
     from dmlkd.models import build_model
 
     torch.manual_seed(config.train.seed)
+    processes = init_processes(config.train.device)
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls)
     teacher, teacher_record, digest = load_teacher(config.teacher.ref)
     splits, bad = build_splits(config.data)
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
-    data = build_train_data(splits, config.train, replay=replay)
+    data = build_train_data(
+        splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size
+    )
     student = build_model(config.student)
     method = build_method(config, student, teacher, splits, data.num_classes)
-    device = resolve_device(config.train.device)
-    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, device)
+    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, processes.device)
     module = TransferModule(student, method, source)
     stage = Stage(
         module=module,
@@ -231,13 +241,14 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
         },
     )
     result = fit(stage, config.optim, config.train, run_dir, resume=resume)
-    mark_status(
-        run_dir,
-        "finished",
-        global_step=result.global_step,
-        teacher_mode=mode,
-        train_seconds=round(result.seconds, 1),
-    )
+    if is_main():
+        mark_status(
+            run_dir,
+            "finished",
+            global_step=result.global_step,
+            teacher_mode=mode,
+            train_seconds=round(result.seconds, 1),
+        )
     return TransferResult(run_dir, result, mode)
 
 
@@ -248,7 +259,6 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
     from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import resolve_device
     from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
@@ -260,7 +270,6 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
         )
     teacher, _record, digest = load_teacher(config.teacher.ref)
     splits, _bad = build_splits(config.data)
-    source = build_teacher_source(
-        config, teacher, digest, splits, method_cls, mode, resolve_device(config.train.device)
-    )
+    device = init_processes(config.train.device).device  # under a launcher the processes share the build
+    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, device)
     return describe_cache(cache_path(_cache_folder(config), source.cache.key))
