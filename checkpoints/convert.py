@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,20 @@ class ConversionResult:
     dropped_keys: tuple[str, ...]
 
 
+def _load_error(path: Path, error: Exception) -> CheckpointError:
+    """One line for a file ``torch.load(weights_only=True)`` refused; pickled code is named as such."""
+    text = str(error)
+    details = [line.strip() for line in text.partition("WeightsUnpickler error:")[2].splitlines() if line.strip()]
+    reason = details[0][:160] if details else " ".join(text.split())[:300]
+    called = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+    if called:
+        return CheckpointError(
+            f"refusing {str(path)!r}: loading it would call {called.group(1)}; dmlkd reads .pth files with "
+            "weights_only=True and never runs pickled code; re-save it with torch.save(model.state_dict(), ...)"
+        )
+    return CheckpointError(f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}")
+
+
 def read_reference_file(path: Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one-line errors; a dict of tensors, possibly wrapped."""
     import torch
@@ -56,18 +71,8 @@ def read_reference_file(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch's notes on pickle protocols would add lines to the error
             warnings.simplefilter("ignore", UserWarning)
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        details = [line.strip() for line in str(error).partition("WeightsUnpickler error:")[2].splitlines()]
-        reason = next((line[:120] for line in details if line), "not a weights file")
-        raise CheckpointError(
-            f"refusing {str(path)!r}: it holds more than tensors ({reason}); dmlkd reads .pth files with "
-            "weights_only=True and never runs pickled code; re-save it with torch.save(model.state_dict(), ...)"
-        ) from None
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(
-            f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}"
-        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise _load_error(path, error) from None
     inner = data.get("model_state_dict", data) if isinstance(data, dict) else None
     if (
         not isinstance(inner, dict)

@@ -127,7 +127,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _nonfinite_error(terms: dict[str, torch.Tensor], step: int) -> NonFiniteLossError:
     values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
-    return NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
+    return NonFiniteLossError(
+        f"non-finite loss at step {step}: {values}; checkpoints saved before it are kept "
+        "(lower the learning rate, or --set train.on_nonfinite=skip to skip such steps)"
+    )
 
 
 class _Run:

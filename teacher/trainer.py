@@ -59,9 +59,7 @@ def build_criterion(config: TeacherConfig, num_classes: int, embedding_size: int
         from dmlkd.teacher.iaa import IntraClassAugmentation
 
         options = {k: v for k, v in to_dict(config.iaa).items() if k != "enabled"}
-        criterion = IntraClassAugmentation(
-            criterion, num_classes, size, seed=config.train.seed, **options
-        )
+        criterion = IntraClassAugmentation(criterion, num_classes, size, seed=config.train.seed, **options)
     return criterion
 
 

@@ -30,7 +30,7 @@ from dmlkd.checkpoints import load_checkpoint, save_checkpoint
 from dmlkd.cli import main
 from dmlkd.config import from_dict
 from dmlkd.engine.optim import build_optimizer, build_scheduler
-from dmlkd.engine.state import Progress, enable_determinism, load_state
+from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.errors import CheckpointError
 from dmlkd.models import build_model, create_model
 from dmlkd.teacher.config import TeacherConfig
@@ -118,9 +118,11 @@ def _saved_step(run: Path) -> int:
         return -1
 
 
-def _wait_for(condition: Any, process: subprocess.Popen[str], what: str) -> None:
+def _wait_for(condition: Any, process: subprocess.Popen[str], what: str, may_end: bool = False) -> None:
     deadline = time.monotonic() + DEADLINE
     while not condition():
+        if may_end and process.poll() is not None:
+            return
         assert process.poll() is None, f"the run ended before {what}: {process.communicate()[1]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)
@@ -176,7 +178,7 @@ def test_sigkill_during_writes_and_at_random_then_resume_is_bit_identical(
 
     # 2. Resume, then SIGKILL at a random moment after it made progress (mid-step, mid-write or mid-eval).
     process = _start(run, resume=True)
-    _wait_for(lambda: _saved_step(run) > resumed_from, process, "progress after resuming")
+    _wait_for(lambda: _saved_step(run) > resumed_from, process, "progress after resuming", may_end=True)
     time.sleep(rng.uniform(0.0, 1.5))
     if process.poll() is None:
         _kill(process)
@@ -190,6 +192,21 @@ def test_sigkill_during_writes_and_at_random_then_resume_is_bit_identical(
     for name in ("model.safetensors", "loss.safetensors"):
         _assert_identical(_tensors(reference / "last", name), _tensors(run / "last", name), f"seed {seed} {name}")
     assert _saved_step(run) == STEPS
+
+
+def test_a_state_swap_cut_short_is_repaired(tmp_path: Path) -> None:
+    """A kill between the two renames of an atomic write leaves only ``.state.old-*``: it is moved back."""
+    model = create_model("googlenet-8")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    save_state(tmp_path / "state", model, optimizer, scheduler, Progress(global_step=7))
+    (tmp_path / "state").rename(tmp_path / ".state.old-1234abcd")
+    (tmp_path / ".state.tmp-5678abcd").mkdir()
+    (tmp_path / ".state.tmp-5678abcd" / "tensors.safetensors").write_bytes(b"half a file")
+    assert has_state(tmp_path / "state")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["state"]
+    progress, _ = load_state(tmp_path / "state", model, optimizer, scheduler)
+    assert progress.global_step == 7
 
 
 # --------------------------------------------------------------------------------------------- non-finite loss
@@ -239,7 +256,8 @@ def test_nonfinite_loss_stops_naming_step_and_terms_and_keeps_last(tmp_path: Pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
     assert lines[0] == (
-        "error: non-finite loss at step 5: loss=nan, proxy_anchor=nan; the last good checkpoint is kept"
+        "error: non-finite loss at step 5: loss=nan, proxy_anchor=nan; checkpoints saved before it are kept "
+        "(lower the learning rate, or --set train.on_nonfinite=skip to skip such steps)"
     )
     assert before and _fingerprint(run / "last") == before  # last/ as it was before the bad step
     model, record = load_checkpoint(run / "last")
