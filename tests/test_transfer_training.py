@@ -59,9 +59,7 @@ def _one_line_error(code: int, stderr: str) -> str:
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny resnet18-16 teacher (2 steps) shared by the module's tests."""
     out = tmp_path_factory.mktemp("transfer") / "teacher"
-    code, _, stderr = _run(
-        ["teacher", "train", "--out", str(out), "--max-steps", "2", "--model", "resnet18-16", *TINY]
-    )
+    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "2", "--model", "resnet18-16", *TINY])
     assert code == 0, stderr
     return out
 
@@ -111,9 +109,7 @@ def _has_state(method: str) -> bool:
 
 
 @pytest.mark.parametrize("method", TRANSFER_METHODS.names())
-def test_every_method_trains_end_to_end(
-    tmp_path: Path, teacher: Path, shared_cache: Path, method: str
-) -> None:
+def test_every_method_trains_end_to_end(tmp_path: Path, teacher: Path, shared_cache: Path, method: str) -> None:
     out = tmp_path / "student"
     code, stdout, stderr = _run(
         _transfer(out, teacher, shared_cache, "--method", method, *METHOD_OPTIONS.get(method, []))
@@ -141,13 +137,9 @@ def test_every_method_trains_end_to_end(
 
 
 @pytest.mark.parametrize("method", ["fitnet", "attention"])
-def test_feature_methods_refuse_a_cache(
-    tmp_path: Path, teacher: Path, shared_cache: Path, method: str
-) -> None:
+def test_feature_methods_refuse_a_cache(tmp_path: Path, teacher: Path, shared_cache: Path, method: str) -> None:
     out = tmp_path / "student"
-    code, _, stderr = _run(
-        _transfer(out, teacher, shared_cache, "--method", method, "--teacher-mode", "cached")
-    )
+    code, _, stderr = _run(_transfer(out, teacher, shared_cache, "--method", method, "--teacher-mode", "cached"))
     line = _one_line_error(code, stderr)
     assert method in line and "feature maps" in line and "--teacher-mode online" in line
     assert not out.exists()
@@ -196,11 +188,7 @@ def test_cache_is_built_once_reused_and_rebuilt_for_other_views(tmp_path: Path, 
     description = json.loads(stdout)
     built = _files(cache_dir)
     assert list(built) == [Path(description["path"]).name]
-    assert (
-        description["mode"] == "cached"
-        and description["num_sets"] == 8
-        and description["embedding_dim"] == 16
-    )
+    assert description["mode"] == "cached" and description["num_sets"] == 8 and description["embedding_dim"] == 16
     assert description["teacher_digest"] == _record(teacher, "best")["files"]["model.safetensors"]
 
     for name in ("first", "second"):  # both training runs replay the file `cache build` wrote
@@ -281,9 +269,7 @@ def test_sigint_then_resume_is_bit_identical_with_cached_teacher(
     assert _record(reference)["provenance"]["teacher_mode"] == "cached"
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress = interrupted / "state" / "progress.json"
     _wait_for_step(progress, 3)
     process.send_signal(signal.SIGINT)
