@@ -65,7 +65,9 @@ def glyph_collection() -> ImageCollection:
 def loader_rate(collection: ImageCollection, args: argparse.Namespace, workers: int) -> dict[str, float]:
     """Images/s and rows/s of the training loader over ``args.batches`` batches after one warm-up batch."""
     dataset = TrainDataset(collection, args.image_size, views=args.views, seed=0)
-    sampler = ClassBalancedBatchSampler(collection.labels, args.batch_size, images_per_class=2, seed=0)
+    sampler = ClassBalancedBatchSampler(
+        collection.labels, args.batch_size, images_per_class=2, seed=0, batches_per_epoch=args.batches + 1
+    )
     loader = make_train_loader(dataset, sampler, num_workers=workers)
     batches = iter(loader)
     next(batches)  # starts the workers

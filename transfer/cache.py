@@ -456,6 +456,7 @@ def build_cache(
             f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)"
         )
     device = _device_of(teacher, device)
+    teacher.to(device)  # the images go to ``device``; so must the teacher
     tensors = _run_teacher(teacher, collection, spec, device, batch_size, num_workers, progress)
     config = getattr(teacher, "config", None)
     metadata = {

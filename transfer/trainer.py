@@ -157,7 +157,7 @@ def build_teacher_source(
         with_pooled=bool(method_cls.needs_pooled),
     )
     cache = load_or_build_cache(
-        teacher,
+        teacher.to(device),  # the cache is built on the training device
         splits.train,
         spec,
         _cache_folder(config),
