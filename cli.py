@@ -122,9 +122,7 @@ def datasets_command(as_json: bool) -> None:
 @click.option("--checkpoint", required=True, help="Checkpoint or run folder.")
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs.")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file for --dataset csv).")
-@click.option(
-    "--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking."
-)
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking.")
 @click.option("--image-size", type=int, default=None, help="Evaluation crop size (default: the dataset's).")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto (default).")

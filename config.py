@@ -126,9 +126,7 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"missing config key(s) {', '.join(prefix + name for name in missing)}")
@@ -326,6 +324,4 @@ class TrainConfig:
         if self.crop_scale is not None and (
             len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
         ):
-            raise ConfigError(
-                f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}"
-            )
+            raise ConfigError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")

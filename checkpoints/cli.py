@@ -67,12 +67,8 @@ def push_command(
     """
     from dmlkd.checkpoints.hub import push
 
-    result = push(
-        run_dir, repo_id, which=which, private=private or None, revision=branch, commit_message=message
-    )
-    click.echo(
-        f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}"
-    )
+    result = push(run_dir, repo_id, which=which, private=private or None, revision=branch, commit_message=message)
+    click.echo(f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}")
     click.echo(f"{result.url}")
     click.echo(f'load it with dmlkd.load("hf://{result.repo_id}@{result.commit}")')
 
@@ -137,6 +133,4 @@ def convert_command(path: str, model_spec: str, dataset: str, out: str, overwrit
 
     result = convert_reference_checkpoint(path, model_spec, dataset, out, overwrite=overwrite)
     dropped = f"; dropped unused {', '.join(result.dropped_keys)}" if result.dropped_keys else ""
-    click.echo(
-        f"converted {path} (sha256 {result.source_sha256[:12]}) as {result.model} to {result.out}{dropped}"
-    )
+    click.echo(f"converted {path} (sha256 {result.source_sha256[:12]}) as {result.model} to {result.out}{dropped}")

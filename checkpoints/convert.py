@@ -64,9 +64,7 @@ def read_reference_file(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise CheckpointError(
-            f"reference checkpoint {str(path)!r} does not exist; pass the downloaded .pth file"
-        )
+        raise CheckpointError(f"reference checkpoint {str(path)!r} does not exist; pass the downloaded .pth file")
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols would add lines to the error
             warnings.simplefilter("ignore", UserWarning)
@@ -74,11 +72,7 @@ def read_reference_file(path: Path) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise _load_error(path, error) from None
     inner = data.get("model_state_dict", data) if isinstance(data, dict) else None
-    if (
-        not isinstance(inner, dict)
-        or not inner
-        or not all(torch.is_tensor(value) for value in inner.values())
-    ):
+    if not isinstance(inner, dict) or not inner or not all(torch.is_tensor(value) for value in inner.values()):
         raise CheckpointError(
             f"{str(path)!r} is not a reference teacher checkpoint: expected a dict with 'model_state_dict' "
             "mapping model.<name> keys to tensors"

@@ -266,8 +266,7 @@ def pull(
         raise CheckpointError(f"--out {str(out_path)!r} is a file; pass a folder to create")
     if out_path is not None and out_path.exists() and any(out_path.iterdir()) and not overwrite:
         raise CheckpointError(
-            f"--out {str(out_path)!r} already exists and is not empty; choose a new folder "
-            "or pass --overwrite"
+            f"--out {str(out_path)!r} already exists and is not empty; choose a new folder or pass --overwrite"
         )
     snapshot = download_snapshot(ref, cache_dir=cache_dir, endpoint=endpoint, token=token)
     _model, record = _load_verified(snapshot)
@@ -296,8 +295,7 @@ def resolve_push_source(source: str | Path, which: str = "best") -> Path:
         if not (path / which / CONFIG_FILE).is_file():
             other = "last" if which == "best" else "best"
             raise CheckpointError(
-                f"run folder {str(path)!r} has no {which}/ checkpoint; pass --which {other} "
-                "or a checkpoint folder"
+                f"run folder {str(path)!r} has no {which}/ checkpoint; pass --which {other} or a checkpoint folder"
             )
         return path / which
     if (path / CONFIG_FILE).is_file():
@@ -371,9 +369,7 @@ def _push_error(repo_id: str, error: Exception, endpoint: str | None) -> Excepti
 
     where = _endpoint(endpoint)
     if isinstance(error, (httpx2.TransportError, ConnectionError)):
-        return CheckpointError(
-            f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online"
-        )
+        return CheckpointError(f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online")
     if isinstance(error, (errors.HfHubHTTPError, errors.LocalTokenNotFoundError, errors.HFValidationError)):
         return CheckpointError(
             f"push to Hub repository {repo_id} at {where} failed: {_one_line(error)}; log in with "
@@ -447,9 +443,7 @@ def model_card(record: dict[str, Any], repo_id: str, run: dict[str, Any] | None 
     if rows:
         where = f" on the {dataset} test split" if dataset else ""
         extra = ", ".join(f"{key} {metrics[key]}" for key in ("selected", "epoch", "step") if key in metrics)
-        origin = (
-            f"Reported by {metrics['reported_by']}" if metrics.get("reported_by") else "Measured by dmlkd"
-        )
+        origin = f"Reported by {metrics['reported_by']}" if metrics.get("reported_by") else "Measured by dmlkd"
         lines += [
             f"{origin}{where}" + (f" ({extra})" if extra else "") + ", in %:",
             "",

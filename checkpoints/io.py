@@ -159,9 +159,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {error}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})"
-        )
+        raise CheckpointError(f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})")
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{str(config_path)!r} has format_version {record.get('format_version')!r}; "
@@ -191,9 +189,7 @@ def _model_config(record: Mapping[str, Any], directory: Path) -> Any:
         raise CheckpointError(f"invalid model section in {str(directory / CONFIG_FILE)!r}: {error}") from None
 
 
-def read_tensors(
-    directory: str | Path, file_name: str, record: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+def read_tensors(directory: str | Path, file_name: str, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load one safetensors file of a checkpoint after checking its digest against ``config.json``."""
     directory = Path(directory)
     record = record if record is not None else read_checkpoint_config(directory)

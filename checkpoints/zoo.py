@@ -110,9 +110,7 @@ def parse_entry(item: Any, path: Path, index: int) -> ZooEntry:
     unknown = sorted(set(item) - set(_REQUIRED) - set(_OPTIONAL))
     missing = [key for key in _REQUIRED if key not in item]
     if unknown:
-        raise _bad(
-            path, index, f"unknown field {unknown[0]!r}; valid fields: {choices(_REQUIRED + _OPTIONAL)}"
-        )
+        raise _bad(path, index, f"unknown field {unknown[0]!r}; valid fields: {choices(_REQUIRED + _OPTIONAL)}")
     if missing:
         raise _bad(path, index, f"missing field {missing[0]!r} (required: {', '.join(_REQUIRED)})")
     dataset, model = _text(item, "dataset", path, index), _text(item, "model", path, index)
@@ -126,9 +124,7 @@ def parse_entry(item: Any, path: Path, index: int) -> ZooEntry:
     if not _REPO_ID.match(repo_id) or "--" in repo_id:
         raise _bad(path, index, f"repo_id {repo_id!r} is not a Hub repository id ORG/NAME")
     if not _COMMIT.match(revision):
-        raise _bad(
-            path, index, f"revision {revision!r} must be a pinned 40-hex commit sha, not a branch or tag"
-        )
+        raise _bad(path, index, f"revision {revision!r} must be a pinned 40-hex commit sha, not a branch or tag")
     role = item.get("role", "teacher")
     if role not in ROLES:
         raise _bad(path, index, f"role {json.dumps(role)} is not valid; choose from: {choices(ROLES)}")
@@ -161,9 +157,7 @@ def read_zoo_file(path: str | Path) -> list[ZooEntry]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"zoo file {str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or set(data) != {"entries"} or not isinstance(data["entries"], list):
-        raise ConfigError(
-            f'zoo file {str(path)!r} must hold one object {{"entries": [...]}} and nothing else'
-        )
+        raise ConfigError(f'zoo file {str(path)!r} must hold one object {{"entries": [...]}} and nothing else')
     entries = [parse_entry(item, path, index) for index, item in enumerate(data["entries"])]
     _check_unique(entries, path)
     return entries
@@ -192,8 +186,7 @@ def zoo_entries() -> list[ZooEntry]:
     if not path.exists():
         if os.environ.get(ZOO_ENV):
             raise ConfigError(
-                f"{ZOO_ENV}={os.environ[ZOO_ENV]!r} names a file that does not exist; create it "
-                "or unset the variable"
+                f"{ZOO_ENV}={os.environ[ZOO_ENV]!r} names a file that does not exist; create it or unset the variable"
             )
         return list(BUILTIN_ENTRIES)
     return [*BUILTIN_ENTRIES, *read_zoo_file(path)]

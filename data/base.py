@@ -65,9 +65,7 @@ class FileImageCollection(ImageCollection):
 class ArrayImageCollection(ImageCollection):
     """Images held in memory as a ``(N, H, W)`` or ``(N, H, W, 3)`` uint8 array."""
 
-    def __init__(
-        self, images: np.ndarray, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray
-    ) -> None:
+    def __init__(self, images: np.ndarray, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
         super().__init__(identifiers, labels)
         self.images = images
 

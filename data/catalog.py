@@ -39,9 +39,7 @@ def _check_options(name: str, builder: Callable[..., Any], options: Mapping[str,
     valid = dataset_options(builder)
     for key in options:
         if key not in valid:
-            raise ConfigError(
-                f"dataset {name!r} has no option {key!r}; valid options: {choices(valid) or 'none'}"
-            )
+            raise ConfigError(f"dataset {name!r} has no option {key!r}; valid options: {choices(valid) or 'none'}")
 
 
 def describe_datasets() -> list[dict[str, Any]]:

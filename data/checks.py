@@ -103,9 +103,7 @@ def drop_bad_images(splits: DatasetSplits, workers: int = 0) -> tuple[DatasetSpl
             report.setdefault(collection.identifiers[index], reason)
         kept = [index for index in range(len(collection)) if index not in bad]
         if not kept:
-            raise DataError(
-                f"dataset {splits.name!r}: none of the {len(collection):,} {split} images is readable"
-            )
+            raise DataError(f"dataset {splits.name!r}: none of the {len(collection):,} {split} images is readable")
         replaced[split] = Subset(collection, kept)
     if report:
         logger.warning(

@@ -78,9 +78,7 @@ class GlyphOptions:
             if value is None and name == "max_classes":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(
-                    f"glyphs option {name}={value!r} is invalid; expected an integer >= {minimum}"
-                )
+                raise ConfigError(f"glyphs option {name}={value!r} is invalid; expected an integer >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +109,7 @@ def font_paths() -> list[Path]:
     paths = [folder / f"{face}.ttf" for face in FACES]
     for path in paths:
         if not path.is_file():
-            raise DataError(
-                f"font file {str(path)!r} is missing; the glyphs dataset needs matplotlib's fonts"
-            )
+            raise DataError(f"font file {str(path)!r} is missing; the glyphs dataset needs matplotlib's fonts")
     return paths
 
 
@@ -203,9 +199,7 @@ def select_classes(renderer: GlyphRenderer, candidates: list[int], max_classes: 
     return kept
 
 
-def render_instances(
-    renderer: GlyphRenderer, codes: list[int], renders_per_face: int, seed: int
-) -> np.ndarray:
+def render_instances(renderer: GlyphRenderer, codes: list[int], renders_per_face: int, seed: int) -> np.ndarray:
     """``(C, F, R, S, S)`` uint8 renders; distortion ``(c, f, k)`` depends only on (seed, codepoint, f, k)."""
     out = np.empty((len(codes), len(FACES), renders_per_face, renderer.size, renderer.size), np.uint8)
     for c, code in enumerate(codes):

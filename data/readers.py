@@ -27,9 +27,7 @@ from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 # split -> (images, classes); None = not checked. In-shop "test" is query followed by gallery.
 OFFICIAL_COUNTS: dict[str, dict[str, tuple[int, int | None]]] = {
@@ -134,9 +132,7 @@ def load_cars_annotations(path: Path) -> tuple[list[str], np.ndarray]:
     except Exception as error:  # scipy raises many error types on a damaged or foreign file
         raise DataError(f"cars: cannot read annotations from {str(path)!r}: {error!r}") from None
     names = set(annotations.dtype.names or ())
-    path_field, class_field = (
-        ("relative_im_path", "class") if {"relative_im_path", "class"} <= names else (0, 5)
-    )
+    path_field, class_field = ("relative_im_path", "class") if {"relative_im_path", "class"} <= names else (0, 5)
     relpaths, classes = [], []
     for k, record in enumerate(annotations.reshape(-1)):
         try:
@@ -163,9 +159,7 @@ class CsvTable:
 def _flag(value: str, where: str, column: str) -> bool:
     lowered = value.strip().lower()
     if lowered not in _TRUE | _FALSE:
-        raise DataError(
-            f"{where}: {column}={value!r} is not a boolean; use one of 0, 1, true, false, yes, no"
-        )
+        raise DataError(f"{where}: {column}={value!r} is not a boolean; use one of 0, 1, true, false, yes, no")
     return lowered in _TRUE
 
 
@@ -272,9 +266,7 @@ def _reader(name: str) -> Callable[[Callable[..., DatasetSplits]], Callable[...,
                 raise ConfigError(f"unknown option {unknown[0]!r} for dataset {name!r}; valid: {valid_text}")
             for flag in flags:
                 if not isinstance(options.get(flag, False), bool):
-                    raise ConfigError(
-                        f"option {flag}={options[flag]!r} of dataset {name!r} must be true or false"
-                    )
+                    raise ConfigError(f"option {flag}={options[flag]!r} of dataset {name!r} must be true or false")
             return func(root, **options)
 
         DATASETS.register(name)(build)
@@ -286,9 +278,7 @@ def _reader(name: str) -> Callable[[Callable[..., DatasetSplits]], Callable[...,
 def _dataset_dir(name: str, root: str | Path | None, folder: str, marker: str) -> Path:
     """``root/folder``, or ``root`` itself when it already is that folder (it holds ``marker``)."""
     if root is None:
-        raise DataError(
-            f"dataset {name!r} needs a data root (the folder that contains {folder}/); {HOW_TO_GET[name]}"
-        )
+        raise DataError(f"dataset {name!r} needs a data root (the folder that contains {folder}/); {HOW_TO_GET[name]}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -337,8 +327,7 @@ def _check_listed(name: str, collection: FileImageCollection, source: str) -> No
     for index in sorted({0, len(collection) - 1}):
         if not collection.path(index).is_file():
             raise DataError(
-                f"{name}: image {str(collection.path(index))!r} listed in {source} does not exist; "
-                f"{HOW_TO_GET[name]}"
+                f"{name}: image {str(collection.path(index))!r} listed in {source} does not exist; {HOW_TO_GET[name]}"
             )
 
 
@@ -376,9 +365,7 @@ def _image_files(folder: Path, recursive: bool) -> list[str]:
 
 
 def _class_folders(root: Path) -> list[str]:
-    return sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
 def _labelled_tree(base: Path, prefix: str, recursive: bool) -> tuple[list[str], np.ndarray]:
@@ -458,18 +445,13 @@ def read_inshop(root: str | Path | None, verify_counts: bool = True) -> DatasetS
     base = _dataset_dir("inshop", root, "Inshop_Clothes", "Eval/list_eval_partition.txt")
     rows = read_partition(_require_file("inshop", base / "Eval" / "list_eval_partition.txt"))
     image_root, rewrite = _inshop_image_root(base, rows[0][0])
-    parts = {
-        status: [(rewrite(path), item) for path, item, s in rows if s == status]
-        for status in ("train", "query")
-    }
+    parts = {status: [(rewrite(path), item) for path, item, s in rows if s == status] for status in ("train", "query")}
     gallery_rows = [(rewrite(path), item) for path, item, s in rows if s == "gallery"]
     evaluation = parts["query"] + gallery_rows
     train = FileImageCollection(
         image_root, [p for p, _ in parts["train"]], remap_labels([i for _, i in parts["train"]])
     )
-    test = FileImageCollection(
-        image_root, [p for p, _ in evaluation], remap_labels([i for _, i in evaluation])
-    )
+    test = FileImageCollection(image_root, [p for p, _ in evaluation], remap_labels([i for _, i in evaluation]))
     query = Subset(test, range(len(parts["query"])))
     gallery = Subset(test, range(len(parts["query"]), len(test)))
     found = {"train": train, "query": query, "gallery": gallery, "test": test}
@@ -482,14 +464,10 @@ def read_inshop(root: str | Path | None, verify_counts: bool = True) -> DatasetS
 def _train_class_count(option: Any, total: int) -> int:
     """Number of train classes from a fraction in (0, 1) (rounded half up) or a count."""
     if isinstance(option, bool) or not isinstance(option, (int, float)):
-        raise ConfigError(
-            f"option train_classes={option!r} of dataset 'folder' must be a fraction or a count"
-        )
+        raise ConfigError(f"option train_classes={option!r} of dataset 'folder' must be a fraction or a count")
     if isinstance(option, float):
         if not 0.0 < option < 1.0:
-            raise ConfigError(
-                f"option train_classes={option!r} of dataset 'folder' must be a fraction in (0, 1)"
-            )
+            raise ConfigError(f"option train_classes={option!r} of dataset 'folder' must be a fraction in (0, 1)")
         return int(option * total + 0.5)
     return option
 
@@ -502,9 +480,7 @@ def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> Da
     subfolders of a class folder; hidden files and folders are ignored.
     """
     if root is None or not Path(root).expanduser().is_dir():
-        raise DataError(
-            f"folder dataset root {str(root)!r} is not a folder; expected root/<class>/<image files>"
-        )
+        raise DataError(f"folder dataset root {str(root)!r} is not a folder; expected root/<class>/<image files>")
     base = Path(root).expanduser()
     relpaths, labels = _labelled_tree(base, "", recursive=True)
     total = int(labels.max()) + 1 if len(labels) else 0
@@ -529,9 +505,7 @@ def read_csv(root: str | Path | None) -> DatasetSplits:
     ``is_query``/``is_gallery`` columns, ``query`` and ``gallery`` are views of ``test``.
     """
     if root is None:
-        raise DataError(
-            "dataset 'csv' needs the path of a CSV file with columns path,label,split as its root"
-        )
+        raise DataError("dataset 'csv' needs the path of a CSV file with columns path,label,split as its root")
     table = read_csv_table(Path(root).expanduser())
     folder = table.path.parent
     train = FileImageCollection(folder, table.train_paths, remap_labels(table.train_labels))

@@ -47,8 +47,7 @@ class _GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         _check_ranks(seed, rank, world_size)
         if batch_size % world_size:
             raise ConfigError(
-                f"batch_size={batch_size} is not divisible by world_size={world_size}; "
-                f"use a multiple of {world_size}"
+                f"batch_size={batch_size} is not divisible by world_size={world_size}; use a multiple of {world_size}"
             )
         self.batch_size = batch_size
         self.seed = seed
@@ -92,8 +91,7 @@ class RandomBatchSampler(_GlobalBatchSampler):
         _check_positive(num_samples=num_samples)
         if batch_size > num_samples:
             raise ConfigError(
-                f"batch_size={batch_size} is larger than the dataset ({num_samples} images); "
-                f"use at most {num_samples}"
+                f"batch_size={batch_size} is larger than the dataset ({num_samples} images); use at most {num_samples}"
             )
         self.num_samples = num_samples
         self._order: tuple[int, np.ndarray] | None = None
@@ -180,8 +178,7 @@ class ClassBalancedBatchSampler(_GlobalBatchSampler):
             )
         if batch_size > len(labels):
             raise ConfigError(
-                f"batch_size={batch_size} is larger than the dataset ({len(labels)} images); "
-                f"use at most {len(labels)}"
+                f"batch_size={batch_size} is larger than the dataset ({len(labels)} images); use at most {len(labels)}"
             )
 
     def _natural_length(self) -> int:
@@ -203,9 +200,7 @@ class ClassBalancedBatchSampler(_GlobalBatchSampler):
     def _reference_batch(self, batch: int) -> np.ndarray:
         rng = _rng(self.seed, self.epoch, batch, _REFERENCE)
         chosen = rng.choice(len(self.members), self.classes_per_batch, replace=False)
-        picks = [
-            self.members[c][rng.integers(0, len(self.members[c]), self.images_per_class)] for c in chosen
-        ]
+        picks = [self.members[c][rng.integers(0, len(self.members[c]), self.images_per_class)] for c in chosen]
         return np.concatenate(picks)
 
     def _class_groups(self, rng: np.random.Generator, members: np.ndarray) -> np.ndarray:
@@ -240,9 +235,7 @@ class ClassBalancedBatchSampler(_GlobalBatchSampler):
             free = np.setdiff1d(np.arange(len(self.members)), grid_class[row])
             c = int(rng.choice(free))
             members = self.members[c]
-            grid[row, column] = rng.choice(
-                members, self.images_per_class, replace=len(members) < self.images_per_class
-            )
+            grid[row, column] = rng.choice(members, self.images_per_class, replace=len(members) < self.images_per_class)
             grid_class[row, column] = c
         grid = grid[rng.permutation(rows)]
         grid = np.stack([batch[rng.permutation(columns)] for batch in grid])

@@ -171,15 +171,9 @@ def replay_view_params(
     return sample_view_params(view_generator(replay.seed, index, k), width, height, scale, ratio, flip_p)
 
 
-def replay_keys(
-    keys: Sequence[tuple[int, int]], views: int, seed: int, replay: ReplaySpec
-) -> list[tuple[int, int]]:
+def replay_keys(keys: Sequence[tuple[int, int]], views: int, seed: int, replay: ReplaySpec) -> list[tuple[int, int]]:
     """The ``(image index, k)`` pair of every view of a sampler batch, view-major like ``Batch``."""
-    return [
-        (index, replay_choice(seed, draw, view, replay.num_sets))
-        for view in range(views)
-        for index, draw in keys
-    ]
+    return [(index, replay_choice(seed, draw, view, replay.num_sets)) for view in range(views) for index, draw in keys]
 
 
 def _check_scale_ratio(scale: tuple[float, float], ratio: tuple[float, float], flip_p: float) -> None:
@@ -224,9 +218,7 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.collection)
 
-    def view_params(
-        self, index: int, draw: int, view: int, width: int, height: int
-    ) -> tuple[ViewParams, int]:
+    def view_params(self, index: int, draw: int, view: int, width: int, height: int) -> tuple[ViewParams, int]:
         """The parameters of view ``view`` of draw ``draw`` and the replayed set ``k`` (-1 without replay)."""
         if self.replay is None:
             generator = view_generator(self.seed, draw, view)
@@ -250,9 +242,7 @@ class TrainDataset(Dataset):
 class EvalDataset(Dataset):
     """The deterministic eval view of every image: ``__getitem__(i) -> (tensor (3, S, S), label, i)``."""
 
-    def __init__(
-        self, collection: ImageCollection, image_size: int, resize_ratio: float | None = 256 / 224
-    ) -> None:
+    def __init__(self, collection: ImageCollection, image_size: int, resize_ratio: float | None = 256 / 224) -> None:
         if image_size < 1 or (resize_ratio is not None and resize_ratio < 1.0):
             raise ConfigError(
                 f"invalid image_size={image_size} or resize_ratio={resize_ratio}; need image_size >= 1 "

@@ -36,9 +36,7 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """StepLR or cosine annealing (T_max = epochs, eta_min = 0), both stepped once per epoch."""
     if config.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=config.lr_decay_step, gamma=config.lr_decay_gamma
-        )
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_step, gamma=config.lr_decay_gamma)
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)

@@ -47,9 +47,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ConfigError(
-            f"{str(path)!r} is corrupt (not JSON); use another --out or delete the folder"
-        ) from None
+        raise ConfigError(f"{str(path)!r} is corrupt (not JSON); use another --out or delete the folder") from None
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -73,13 +71,10 @@ def prepare_run_dir(
     if resume:
         if existing is None:
             raise ConfigError(
-                f"--resume: {str(run_dir)!r} holds no dmlkd run (no {RUN_FILE}); start a new run "
-                "without --resume"
+                f"--resume: {str(run_dir)!r} holds no dmlkd run (no {RUN_FILE}); start a new run without --resume"
             )
         if existing.get("stage") != stage:
-            raise ConfigError(
-                f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run"
-            )
+            raise ConfigError(f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run")
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
         _check_same(saved, config_tree, run_dir)
         _check_writable(run_dir)
@@ -93,8 +88,7 @@ def prepare_run_dir(
         _clear_run(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
-            f"output folder {str(run_dir)!r} is not empty and holds no dmlkd run; "
-            "choose an empty or new --out folder"
+            f"output folder {str(run_dir)!r} is not empty and holds no dmlkd run; choose an empty or new --out folder"
         )
     _check_writable(run_dir)
     _write_json(run_dir / CONFIG_FILE, config_tree)

@@ -34,9 +34,7 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
 def _embedding_of(output: Any) -> Tensor:
     embedding = getattr(output, "embedding", output)
     if not isinstance(embedding, Tensor) or embedding.ndim != 2:
-        raise DataError(
-            f"the model must return a ModelOutput with a (B, D) .embedding, got {type(output).__name__}"
-        )
+        raise DataError(f"the model must return a ModelOutput with a (B, D) .embedding, got {type(output).__name__}")
     return embedding
 
 
@@ -70,16 +68,12 @@ def order_by_index(
     indices = torch.as_tensor(indices, device=embeddings.device).long()
     labels = torch.as_tensor(labels, device=embeddings.device).long()
     if not embeddings.shape[0] == labels.shape[0] == indices.shape[0]:
-        raise DataError(
-            f"got {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {indices.shape[0]} indices"
-        )
+        raise DataError(f"got {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {indices.shape[0]} indices")
     if indices.numel() == 0:
         raise DataError("the evaluation loader yielded no samples")
     size = int(indices.max()) + 1 if num_samples is None else int(num_samples)
     if int(indices.min()) < 0 or int(indices.max()) >= size:
-        raise DataError(
-            f"sample indices must lie in [0, {size}), got [{int(indices.min())}, {int(indices.max())}]"
-        )
+        raise DataError(f"sample indices must lie in [0, {size}), got [{int(indices.min())}, {int(indices.max())}]")
     # A stable sort keeps the first occurrence of each index first within its run of repeats.
     order = torch.argsort(indices, stable=True)
     sorted_indices = indices[order]
@@ -88,9 +82,7 @@ def order_by_index(
     num_repeats = int((~first).sum())
     if num_repeats and duplicates == "error":
         repeated = sorted_indices[~first].unique()[:5].tolist()
-        raise DataError(
-            f"{num_repeats} samples were seen more than once (indices {repeated}...); a sampler bug?"
-        )
+        raise DataError(f"{num_repeats} samples were seen more than once (indices {repeated}...); a sampler bug?")
     keep = order[first]
     sorted_labels = labels[order]
     run = first.cumsum(dim=0) - 1  # which distinct index each sorted row belongs to
@@ -137,9 +129,7 @@ def extract_embeddings(
         for batch in bar:
             images, labels, indices = _unpack(batch)
             embedding = _embedding_of(model(images.to(device, non_blocking=True)))
-            parts.append(
-                (embedding.float().to(output_device), labels.to(output_device), indices.to(output_device))
-            )
+            parts.append((embedding.float().to(output_device), labels.to(output_device), indices.to(output_device)))
     finally:
         for module, training in modes.items():
             module.training = training

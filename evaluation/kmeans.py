@@ -35,9 +35,7 @@ def kmeans(
         max_bytes: memory budget of one distance chunk (default 1 GiB).
     """
     if not 1 <= num_clusters <= x.shape[0]:
-        raise ValueError(
-            f"num_clusters={num_clusters} must be between 1 and the number of points {x.shape[0]}"
-        )
+        raise ValueError(f"num_clusters={num_clusters} must be between 1 and the number of points {x.shape[0]}")
     if resolve_backend(backend) == "faiss":
         return _kmeans_faiss(x, num_clusters, seed, niter)
     generator = torch.Generator().manual_seed(seed)

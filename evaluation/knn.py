@@ -49,9 +49,7 @@ def as_embeddings(x: Tensor | np.ndarray, name: str = "embeddings") -> Tensor:
         tensor = tensor.float()
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
-        raise DataError(
-            f"{name} contain NaN or Inf in {bad} of {tensor.shape[0]} rows; the model has diverged"
-        )
+        raise DataError(f"{name} contain NaN or Inf in {bad} of {tensor.shape[0]} rows; the model has diverged")
     return tensor
 
 
@@ -74,9 +72,7 @@ def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise ConfigError(
-            'backend "faiss" needs faiss; install it with: pip install "dmlkd[faiss]"'
-        ) from None
+        raise ConfigError('backend "faiss" needs faiss; install it with: pip install "dmlkd[faiss]"') from None
     return faiss
 
 
@@ -169,9 +165,7 @@ def iter_knn(
     gallery = queries if gallery is None else prepare(as_embeddings(gallery, "gallery"), metric)
     gallery = gallery.to(device=queries.device, dtype=queries.dtype)
     if gallery.shape[1] != queries.shape[1]:
-        raise DataError(
-            f"query dimension {queries.shape[1]} differs from gallery dimension {gallery.shape[1]}"
-        )
+        raise DataError(f"query dimension {queries.shape[1]} differs from gallery dimension {gallery.shape[1]}")
     available = gallery.shape[0] - int(exclude_self)
     if not 1 <= k <= available:
         raise ConfigError(f"k={k} neighbours requested but only {available} candidates exist per query")
@@ -211,9 +205,7 @@ def _iter_faiss(
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     device = queries.device
     query_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-    gallery_np = (
-        query_np if exclude_self else np.ascontiguousarray(gallery.detach().cpu().numpy(), np.float32)
-    )
+    gallery_np = query_np if exclude_self else np.ascontiguousarray(gallery.detach().cpu().numpy(), np.float32)
     index = _faiss_index(gallery_np, metric, device.type == "cuda", device.index or 0)
     extra = int(exclude_self)  # search one more and drop the query itself (or the last item if it is absent)
     # faiss blocks the distance computation internally; the (c, k + 1) results and the copies made while

@@ -160,9 +160,7 @@ def recall_at_k(
         >>> recall_at_k(torch.randn(100, 16), torch.arange(100) // 5, ks=(1, 2, 4))  # doctest: +SKIP
         {1: 0.06, 2: 0.1, 4: 0.18}
     """
-    recall, _ = retrieval_metrics(
-        embeddings, labels, ks, metric, gallery, gallery_labels, False, backend, max_bytes
-    )
+    recall, _ = retrieval_metrics(embeddings, labels, ks, metric, gallery, gallery_labels, False, backend, max_bytes)
     return recall
 
 
@@ -180,9 +178,7 @@ def map_at_r(
     Arguments as in ``recall_at_k``. Only ``max R`` neighbours are searched (the largest class), never the
     whole gallery.
     """
-    _, value = retrieval_metrics(
-        embeddings, labels, (1,), metric, gallery, gallery_labels, True, backend, max_bytes
-    )
+    _, value = retrieval_metrics(embeddings, labels, (1,), metric, gallery, gallery_labels, True, backend, max_bytes)
     return float(value)
 
 

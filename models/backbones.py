@@ -47,9 +47,7 @@ class Backbone(nn.Module):
     def adapt_checkpoint(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Turn a pretrained file's state dict into this module's layout (drops ignored prefixes)."""
         prefixes = self.checkpoint_ignored_prefixes
-        return {
-            key: value for key, value in state_dict.items() if not (prefixes and key.startswith(prefixes))
-        }
+        return {key: value for key, value in state_dict.items() if not (prefixes and key.startswith(prefixes))}
 
     def set_bn_momentum(self, momentum: float) -> None:
         """Set the momentum of every BatchNorm layer (PyTorch semantics: weight of the new batch)."""
@@ -114,9 +112,7 @@ class GoogLeNetBackbone(Backbone):
         return [stage3, stage4, stage5]
 
 
-def finish_backbone(
-    backbone: Backbone, pretrained: bool | str, url: str, bn_momentum: float | None
-) -> Backbone:
+def finish_backbone(backbone: Backbone, pretrained: bool | str, url: str, bn_momentum: float | None) -> Backbone:
     """Load the requested weights into ``backbone`` and set its BatchNorm momentum if one is given."""
     load_pretrained(backbone, pretrained, url)
     if bn_momentum is not None:

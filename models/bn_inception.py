@@ -154,7 +154,5 @@ def _pool(block: InceptionBlock, x: Tensor) -> Tensor:
 @BACKBONES.register("bn_inception")
 def bn_inception(pretrained: bool | str = False, bn_momentum: float | None = None) -> Backbone:
     """BN-Inception; ``pretrained=True`` loads the Caffe port ``bn_inception-52deb4733.pth`` (ImageNet)."""
-    backbone = BNInception(
-        bn_momentum=BNInception.default_bn_momentum if bn_momentum is None else bn_momentum
-    )
+    backbone = BNInception(bn_momentum=BNInception.default_bn_momentum if bn_momentum is None else bn_momentum)
     return finish_backbone(backbone, pretrained, BN_INCEPTION_URL, None)

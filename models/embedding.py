@@ -56,9 +56,7 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.config = config
         if backbone is None:
-            backbone = BACKBONES.build(
-                config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum
-            )
+            backbone = BACKBONES.build(config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum)
         self.backbone = backbone
         self.embedding_dim = config.embedding_dim
         self.pooled_dim = backbone.out_channels
@@ -95,9 +93,7 @@ class EmbeddingNet(nn.Module):
         embedding = self.embedding(pooled)
         if self.config.l2_norm:
             embedding = F.normalize(embedding, p=2, dim=1)
-        return ModelOutput(
-            embedding=embedding, pooled=pooled, features=tuple(maps) if with_features else None
-        )
+        return ModelOutput(embedding=embedding, pooled=pooled, features=tuple(maps) if with_features else None)
 
     def embed(
         self,

@@ -71,9 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a local weight file: ``.safetensors``, or a pickled state dict loaded with ``weights_only``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"weights file {str(path)!r} does not exist; pass an existing .pth or .safetensors file"
-        )
+        raise CheckpointError(f"weights file {str(path)!r} does not exist; pass an existing .pth or .safetensors file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -119,9 +117,7 @@ def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]
         if key in given and given[key].shape != value.shape
     ]
     if shapes:
-        raise CheckpointError(
-            f"{source} does not fit the model: shape mismatch (file vs model) {_listing(shapes)}"
-        )
+        raise CheckpointError(f"{source} does not fit the model: shape mismatch (file vs model) {_listing(shapes)}")
 
 
 def load_backbone_state_dict(backbone: Backbone, state_dict: Mapping[str, Tensor], source: str) -> None:

@@ -38,9 +38,7 @@ class Preprocessing:
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # The Caffe-ported BN-Inception weights: BGR, 0-255, mean subtraction only (seed-spec §4).
-CAFFE_BGR = Preprocessing(
-    mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="BGR", value_range=255.0
-)
+CAFFE_BGR = Preprocessing(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="BGR", value_range=255.0)
 
 DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {
     "bn_inception": CAFFE_BGR,
@@ -80,9 +78,7 @@ def parse_spec(text: str) -> ModelSpec:
             f"unknown architecture {arch!r} in model spec {text!r}; choose from: {choices(ARCHITECTURES)}"
         )
     if dim <= 0:
-        raise ModelSpecError(
-            f"embedding dimension must be a positive integer, got {dim} in model spec {text!r}"
-        )
+        raise ModelSpecError(f"embedding dimension must be a positive integer, got {dim} in model spec {text!r}")
     return ModelSpec(arch, dim)
 
 
@@ -121,24 +117,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ModelSpecError(f"unknown architecture {self.arch!r}; choose from: {choices(ARCHITECTURES)}")
-        if (
-            isinstance(self.embedding_dim, bool)
-            or not isinstance(self.embedding_dim, int)
-            or self.embedding_dim <= 0
-        ):
+        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim <= 0:
             raise ModelSpecError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
         if self.head_init not in HEAD_INITS:
-            raise ConfigError(
-                f"model.head_init {self.head_init!r} is not valid; choose from: {choices(HEAD_INITS)}"
-            )
+            raise ConfigError(f"model.head_init {self.head_init!r} is not valid; choose from: {choices(HEAD_INITS)}")
         if self.pooling not in POOLINGS:
-            raise ConfigError(
-                f"model.pooling {self.pooling!r} is not valid; choose from: {choices(POOLINGS)}"
-            )
+            raise ConfigError(f"model.pooling {self.pooling!r} is not valid; choose from: {choices(POOLINGS)}")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
-            raise ConfigError(
-                f"model.bn_momentum must lie in [0, 1] (PyTorch semantics), got {self.bn_momentum!r}"
-            )
+            raise ConfigError(f"model.bn_momentum must lie in [0, 1] (PyTorch semantics), got {self.bn_momentum!r}")
         if self.preprocessing is not None:
             _check_preprocessing(self.preprocessing)
 
@@ -168,14 +154,10 @@ class ModelConfig:
 
 def _check_preprocessing(prep: Preprocessing) -> None:
     if len(prep.mean) != 3 or len(prep.std) != 3:
-        raise ConfigError(
-            f"model.preprocessing needs 3 mean and 3 std values, got {prep.mean!r} and {prep.std!r}"
-        )
+        raise ConfigError(f"model.preprocessing needs 3 mean and 3 std values, got {prep.mean!r} and {prep.std!r}")
     if any(value <= 0 for value in prep.std):
         raise ConfigError(f"model.preprocessing.std must be positive, got {prep.std!r}")
     if prep.color_order not in ("RGB", "BGR"):
-        raise ConfigError(
-            f"model.preprocessing.color_order {prep.color_order!r} is not valid; choose from: BGR, RGB"
-        )
+        raise ConfigError(f"model.preprocessing.color_order {prep.color_order!r} is not valid; choose from: BGR, RGB")
     if prep.value_range <= 0:
         raise ConfigError(f"model.preprocessing.value_range must be positive, got {prep.value_range!r}")

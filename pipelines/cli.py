@@ -70,9 +70,7 @@ def _make_command(name: str) -> click.Command:
         default="relaxed_contrastive",
         help="Comma-separated transfer methods, e.g. relaxed_contrastive,rkd,pkt.",
     )
-    @click.option(
-        "--teacher-epochs", type=int, default=None, help="Epochs of the teacher stage (if trained)."
-    )
+    @click.option("--teacher-epochs", type=int, default=None, help="Epochs of the teacher stage (if trained).")
     @click.option("--epochs", type=int, default=None, help="Epochs of each student.")
     @click.option("--max-steps", type=int, default=None, help="Cap every training stage at N steps.")
     @click.option("--batch-size", type=int, default=None)
@@ -123,9 +121,7 @@ def _make_command(name: str) -> click.Command:
             scenario=name,
             src=src or defaults.src,
             dst=dst or defaults.dst,
-            data=load_config(
-                DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]
-            ),
+            data=load_config(DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]),
             methods=[m.strip() for m in methods.split(",") if m.strip()],
             teacher_overrides=[*teacher_knobs, *sets["teacher"]],
             transfer_overrides=[*transfer_knobs, *sets["transfer"]],

@@ -36,6 +36,4 @@ class PipelineConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"--methods lists a method twice: {','.join(self.methods)}")
         if not 0 <= self.teacher_check_tolerance <= 1:
-            raise ConfigError(
-                f"teacher_check_tolerance must be in [0, 1], got {self.teacher_check_tolerance}"
-            )
+            raise ConfigError(f"teacher_check_tolerance must be in [0, 1], got {self.teacher_check_tolerance}")

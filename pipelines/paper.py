@@ -55,9 +55,7 @@ class PaperResult:
         }
 
 
-_CUB_R50_TYPO = (
-    "probable typo in the LR README: the Proxy-Anchor README gives CUB ResNet50 R@4 = 86.6, not 88.6"
-)
+_CUB_R50_TYPO = "probable typo in the LR README: the Proxy-Anchor README gives CUB ResNet50 R@4 = 86.6, not 88.6"
 _SOP_R50_TYPO = (
     "probable typo in the LR README: SOP R@100 = 98.8 is implausibly close to R@1000, and this SOP ResNet50 "
     "source row has no Proxy-Anchor counterpart"
@@ -116,12 +114,8 @@ TRANSFER_RESULTS: dict[str, dict[str, dict[str, PaperResult]]] = {
     ),
 }
 # The two probable typos of the LR README (seed-spec §8.2, marked (*) there).
-TRANSFER_RESULTS["compress"]["cub"]["source"] = PaperResult(
-    (1, 2, 4), (69.9, 79.6, 88.6), (4,), _CUB_R50_TYPO
-)
-TRANSFER_RESULTS["compress"]["sop"]["source"] = PaperResult(
-    (1, 10, 100), (80.5, 91.8, 98.8), (100,), _SOP_R50_TYPO
-)
+TRANSFER_RESULTS["compress"]["cub"]["source"] = PaperResult((1, 2, 4), (69.9, 79.6, 88.6), (4,), _CUB_R50_TYPO)
+TRANSFER_RESULTS["compress"]["sop"]["source"] = PaperResult((1, 10, 100), (80.5, 91.8, 98.8), (100,), _SOP_R50_TYPO)
 
 # Proxy-Anchor README, d=512 sources (seed-spec §8.1): backbone × dataset.
 SOURCE_RESULTS: dict[str, dict[str, PaperResult]] = {
@@ -163,9 +157,7 @@ def paper_table(scenario: str, dataset: str) -> dict[str, PaperResult] | None:
     return TRANSFER_RESULTS[key].get(dataset.strip().lower())
 
 
-def paper_result(
-    scenario: str, dataset: str, method: str | None, role: str = "student"
-) -> PaperResult | None:
+def paper_result(scenario: str, dataset: str, method: str | None, role: str = "student") -> PaperResult | None:
     """The published cell for one method (``role="teacher"`` → the source row), or None."""
     table = paper_table(scenario, dataset)
     row = canonical_method(method, role)

@@ -91,9 +91,7 @@ def plot_recall_per_epoch(
     return _save(figure, path)
 
 
-def plot_recall_at_k(
-    curves: Mapping[str, Mapping[int, float]], path: Path, marked_ks: Sequence[int] = ()
-) -> Path:
+def plot_recall_at_k(curves: Mapping[str, Mapping[int, float]], path: Path, marked_ks: Sequence[int] = ()) -> Path:
     """Recall@K (fractions, drawn in percent) against K on a log axis, one line per model.
 
     Args:
@@ -222,14 +220,10 @@ def grid_rows(
     gallery = embedded.query if leave_one_out else embedded.gallery
     gallery_labels = embedded.query_labels if leave_one_out else embedded.gallery_labels
     count = embedded.query.shape[0]
-    chosen = np.random.default_rng(eval_config.seed).choice(
-        count, size=min(num_queries, count), replace=False
-    )
+    chosen = np.random.default_rng(eval_config.seed).choice(count, size=min(num_queries, count), replace=False)
     chosen = chosen.tolist()
     k = min(num_neighbours + int(leave_one_out), gallery.shape[0])
-    _, indices = knn(
-        embedded.query[chosen], gallery, k, metric=eval_config.metric, backend=eval_config.backend
-    )
+    _, indices = knn(embedded.query[chosen], gallery, k, metric=eval_config.metric, backend=eval_config.backend)
     rows = []
     for query, neighbours in zip(chosen, indices.tolist()):
         neighbours = [n for n in neighbours if not (leave_one_out and n == query)][:num_neighbours]
@@ -265,9 +259,7 @@ def write_plots(
     Sets ``results["retrieval_grid_model"]`` to the entry whose neighbours the grid shows.
     """
     entries = results["entries"]
-    plot_recall_per_epoch(
-        {entry_label(e): histories[e["name"]] for e in entries}, out_dir / FILES["recall_per_epoch"]
-    )
+    plot_recall_per_epoch({entry_label(e): histories[e["name"]] for e in entries}, out_dir / FILES["recall_per_epoch"])
     curves = {entry_label(e): {int(k): v for k, v in e["recall_curve"].items()} for e in entries}
     plot_recall_at_k(curves, out_dir / FILES["recall_at_k"], marked_ks=results["ks"])
     chosen = grid_model(entries)

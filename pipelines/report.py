@@ -323,9 +323,7 @@ def _embed(
     resize_ratio = splits.defaults.get("eval_resize_ratio", 256 / 224)
     if splits.query is not None and splits.gallery is not None:
         query = embed_collection(model, splits.query, eval_config, image_size, resize_ratio, device, progress)
-        gallery = embed_collection(
-            model, splits.gallery, eval_config, image_size, resize_ratio, device, progress
-        )
+        gallery = embed_collection(model, splits.gallery, eval_config, image_size, resize_ratio, device, progress)
         return ModelEmbeddings(*query, *gallery)
     return ModelEmbeddings(
         *embed_collection(model, splits.test, eval_config, image_size, resize_ratio, device, progress)
@@ -489,9 +487,7 @@ def _notes(results: dict[str, Any]) -> list[str]:
             f"Paper numbers: {results['paper_source']}. The paper ranks its students by Euclidean "
             "distance on the raw embedding and its sources by cosine; all are selected on test."
         )
-        notes += [
-            f"\\* {e['name']}: {e['paper']['note']}." for e in entries if e["paper"] and e["paper"]["note"]
-        ]
+        notes += [f"\\* {e['name']}: {e['paper']['note']}." for e in entries if e["paper"] and e["paper"]["note"]]
     return [f"- {note}" for note in notes]
 
 

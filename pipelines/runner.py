@@ -276,9 +276,7 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
     return exported
 
 
-def make_report(
-    config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState
-) -> dict:
+def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
     from dmlkd.engine.evaluate import resolve_device

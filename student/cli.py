@@ -15,9 +15,7 @@ FORMAT_HELP = "onnx (model.onnx), safetensors (checkpoint folder for dmlkd.load)
 @click.option("--format", "export_format", required=True, metavar="FORMAT", help=FORMAT_HELP)
 @click.option("--out", required=True, help="Export folder to create.")
 @click.option("--normalize", is_flag=True, help="Bake L2 normalisation of the embedding into the export.")
-@click.option(
-    "--image-size", type=int, default=None, help="Input size S (default: the checkpoint's, else 224)."
-)
+@click.option("--image-size", type=int, default=None, help="Input size S (default: the checkpoint's, else 224).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def export_command(
     ref: str, export_format: str, out: str, normalize: bool, image_size: int | None, overwrite: bool
@@ -33,9 +31,7 @@ def export_command(
     """
     from dmlkd.student.export import export_model
 
-    record = export_model(
-        ref, out, export_format, normalize=normalize, image_size=image_size, overwrite=overwrite
-    )
+    record = export_model(ref, out, export_format, normalize=normalize, image_size=image_size, overwrite=overwrite)
     click.echo(
         f"exported {record['source']['spec']} as {export_format} to {out}/{record['artefact']} "
         f"(input {tuple(record['input']['shape'])}, normalized={record['output']['l2_normalized']})"
@@ -57,9 +53,7 @@ def _parity_line(parity: dict) -> str:
 @click.argument("ref")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, help="Output .safetensors file (embeddings + image paths in metadata).")
-@click.option(
-    "--image-size", type=int, default=None, help="Eval crop size (default: the checkpoint's, else 224)."
-)
+@click.option("--image-size", type=int, default=None, help="Eval crop size (default: the checkpoint's, else 224).")
 @click.option(
     "--resize-ratio",
     type=float,

@@ -65,15 +65,11 @@ def _check_tensor(images: Tensor) -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[1] != 3:
-        raise DataError(
-            f"embed expects image tensors of shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}"
-        )
+        raise DataError(f"embed expects image tensors of shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return images
     if not images.is_floating_point():
-        raise DataError(
-            f"embed expects a float tensor in [0, 1] or a uint8 tensor in 0-255, got {images.dtype}"
-        )
+        raise DataError(f"embed expects a float tensor in [0, 1] or a uint8 tensor in 0-255, got {images.dtype}")
     if images.numel():
         low, high = float(images.min()), float(images.max())
         if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
@@ -204,9 +200,7 @@ def expand_image_paths(sources: Sequence[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             paths.append(path)
         else:
-            raise DataError(
-                f"image path {str(path)!r} does not exist (give image files or folders of images)"
-            )
+            raise DataError(f"image path {str(path)!r} does not exist (give image files or folders of images)")
     if not paths:
         raise DataError("no images given; pass image files or folders of images")
     return paths

@@ -72,9 +72,7 @@ class DivideConfig:
 class TeacherConfig:
     """Everything ``dmlkd teacher train`` needs; saved resolved as ``run_config.json`` in the run folder."""
 
-    model: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(arch="resnet50", embedding_dim=512)
-    )
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="resnet50", embedding_dim=512))
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     iaa: IAAConfig = dataclasses.field(default_factory=IAAConfig)
     divide: DivideConfig = dataclasses.field(default_factory=DivideConfig)

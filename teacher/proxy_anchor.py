@@ -43,9 +43,7 @@ def check_real(name: str, value: float, low: float, high: float = math.inf, clos
     return float(value)
 
 
-def check_batch(
-    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, embedding_size: int
-) -> None:
+def check_batch(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, embedding_size: int) -> None:
     """Validate a (N, D) embedding batch and its (N,) integer labels in [0, num_classes).
 
     Raises:
@@ -131,9 +129,7 @@ class ProxyAnchorLoss(nn.Module):
 
     lr_multiplier: float = 100.0  # PA:code/train.py puts the proxies at lr × 100
 
-    def __init__(
-        self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32.0
-    ) -> None:
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32.0) -> None:
         super().__init__()
         check_class_count(num_classes, embedding_size)
         self.num_classes = num_classes

@@ -99,10 +99,7 @@ class NormSoftmaxLoss(nn.Module):
         nn.init.normal_(self.weight)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"temperature={self.temperature}"
-        )
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, temperature={self.temperature}"
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Return the (N, C) logits ``cos / temperature``, in at least float32 with autocast disabled."""

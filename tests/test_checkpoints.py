@@ -129,9 +129,7 @@ def test_embedding_size_mismatch(model: torch.nn.Module, tmp_path: Path) -> None
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     record["model"]["embedding_dim"] = 32
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(record))
-    with pytest.raises(
-        CheckpointError, match=r"embedding\.(weight|bias) has shape \(16,.*the model expects \(32,"
-    ):
+    with pytest.raises(CheckpointError, match=r"embedding\.(weight|bias) has shape \(16,.*the model expects \(32,"):
         load_checkpoint(tmp_path / "ckpt")
 
 

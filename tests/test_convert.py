@@ -74,9 +74,7 @@ def test_convert_resnet18_matches_reference_forward(
     provenance = record["provenance"]
     assert provenance["source"] == SOURCE_NOTE and provenance["dataset"] == "cub"
     assert provenance["source_file"] == path.name
-    assert (
-        provenance["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == result.source_sha256
-    )
+    assert provenance["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == result.source_sha256
     assert record["metrics"] == {}  # no published numbers for a 16-d ResNet18
     with torch.no_grad():
         ours, theirs = model(_images()).embedding, _reference_forward(reference, _images())
@@ -113,9 +111,7 @@ WRONG_MODELS = {
 
 
 @pytest.mark.parametrize("spec", sorted(WRONG_MODELS))
-def test_wrong_model_is_one_line_error(
-    spec: str, resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path
-) -> None:
+def test_wrong_model_is_one_line_error(spec: str, resnet18_file: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     path, _ = resnet18_file
     with pytest.raises(CheckpointError, match=WRONG_MODELS[spec]) as caught:
         convert_reference_checkpoint(path, spec, "cub", tmp_path / "out")
@@ -195,8 +191,6 @@ def test_convert_resnet50_512_cub_records_paper_numbers(tmp_path: Path) -> None:
     assert "not measured by dmlkd" in record["metrics"]["reported_by"]
     images = _images()[:1, :, :32, :32]
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(images).embedding, _reference_forward(reference, images), atol=1e-5, rtol=1e-4
-        )
+        torch.testing.assert_close(model(images).embedding, _reference_forward(reference, images), atol=1e-5, rtol=1e-4)
     card = model_card(json.loads((tmp_path / "teacher" / "config.json").read_text()), "me/cub-r50")
     assert "Reported by Proxy-Anchor README" in card and "| Recall@1 | 69.90 |" in card

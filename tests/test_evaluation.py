@@ -57,9 +57,7 @@ def oracle_metrics(queries, labels, ks, metric, gallery=None, gallery_labels=Non
     rankings = oracle_rankings(queries, gallery, metric, leave_one_out)
     recall = {}
     for k in ks:
-        hits = [
-            any(gallery_labels[j] == labels[i] for j in ranking[:k]) for i, ranking in enumerate(rankings)
-        ]
+        hits = [any(gallery_labels[j] == labels[i] for j in ranking[:k]) for i, ranking in enumerate(rankings)]
         recall[k] = sum(hits) / len(hits)
     aps = []
     for i, ranking in enumerate(rankings):
@@ -149,13 +147,9 @@ def test_recall_and_map_equal_bruteforce_leave_one_out(metric, kind):
     ks = (1, 2, 4, 8, 16)
     expected_recall, expected_map = oracle_metrics(x, labels, ks, metric)
     for max_bytes in (None, 2000, 50_000):
-        recall = recall_at_k(
-            torch.from_numpy(x), torch.from_numpy(labels), ks, metric=metric, max_bytes=max_bytes
-        )
+        recall = recall_at_k(torch.from_numpy(x), torch.from_numpy(labels), ks, metric=metric, max_bytes=max_bytes)
         assert recall == pytest.approx(expected_recall, abs=1e-12)
-        assert map_at_r(x, labels, metric=metric, max_bytes=max_bytes) == pytest.approx(
-            expected_map, abs=1e-12
-        )
+        assert map_at_r(x, labels, metric=metric, max_bytes=max_bytes) == pytest.approx(expected_map, abs=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
@@ -167,9 +161,7 @@ def test_recall_and_map_equal_bruteforce_query_gallery(metric, kind):
     expected_recall, expected_map = oracle_metrics(queries, labels[:40], ks, metric, gallery, labels[40:])
     recall = recall_at_k(queries, labels[:40], ks, metric, gallery=gallery, gallery_labels=labels[40:])
     assert recall == pytest.approx(expected_recall, abs=1e-12)
-    value = map_at_r(
-        queries, labels[:40], metric, gallery=gallery, gallery_labels=labels[40:], max_bytes=5000
-    )
+    value = map_at_r(queries, labels[:40], metric, gallery=gallery, gallery_labels=labels[40:], max_bytes=5000)
     assert value == pytest.approx(expected_map, abs=1e-12)
 
 
@@ -260,9 +252,7 @@ def test_faiss_backend_equals_torch_backend(metric):
         assert results[0] == pytest.approx(results[1], abs=1e-12)
         assert results[0]["recall@1"] > 0.2
         gallery = gallery_args.get("gallery")
-        assert torch.equal(
-            knn(queries, gallery, 8, metric, "torch")[1], knn(queries, gallery, 8, metric, "faiss")[1]
-        )
+        assert torch.equal(knn(queries, gallery, 8, metric, "torch")[1], knn(queries, gallery, 8, metric, "faiss")[1])
 
 
 # ----------------------------------------------------------------------------------------------- NMI
@@ -300,9 +290,7 @@ def test_normalized_mutual_info_matches_sklearn_if_installed():
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 12, 500), rng.integers(0, 9, 500)
     b[:250] = a[:250]
-    assert normalized_mutual_info(a, b) == pytest.approx(
-        metrics.normalized_mutual_info_score(a, b), rel=1e-10
-    )
+    assert normalized_mutual_info(a, b) == pytest.approx(metrics.normalized_mutual_info_score(a, b), rel=1e-10)
 
 
 def blobs(num_classes=6, per_class=30, seed=0):
@@ -339,9 +327,7 @@ def test_faiss_kmeans_backend():
 
 def test_evaluate_embeddings_keys_and_values():
     x, labels = blobs()
-    results = evaluate_embeddings(
-        torch.from_numpy(x), torch.from_numpy(labels), ks=(1, 2), metric="euclidean"
-    )
+    results = evaluate_embeddings(torch.from_numpy(x), torch.from_numpy(labels), ks=(1, 2), metric="euclidean")
     assert list(results) == ["recall@1", "recall@2", "map@r", "nmi"]
     assert results == pytest.approx({"recall@1": 1.0, "recall@2": 1.0, "map@r": 1.0, "nmi": 1.0})
     shifted = evaluate_embeddings(x[::2], labels[::2], ks=(1,), gallery=x[1::2], gallery_labels=labels[1::2])

@@ -89,9 +89,7 @@ def _run_exported(export_format: str, folder: Path, images: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("export_format", FORMATS)
-def test_export_parity_and_load_back(
-    exports, model, checkpoint: Path, export_format: str, normalize: bool
-) -> None:
+def test_export_parity_and_load_back(exports, model, checkpoint: Path, export_format: str, normalize: bool) -> None:
     folder = exports(export_format, normalize)
     record = json.loads((folder / "export.json").read_text())
     assert record["export_format"] == export_format and record["normalize"] is normalize
@@ -158,9 +156,7 @@ def test_existing_out_is_refused_unless_overwrite(checkpoint: Path, tmp_path: Pa
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    result = CliRunner().invoke(
-        export_command, [str(checkpoint), "--format", "safetensors", "--out", str(out)]
-    )
+    result = CliRunner().invoke(export_command, [str(checkpoint), "--format", "safetensors", "--out", str(out)])
     assert isinstance(result.exception, ConfigError) and "--overwrite" in str(result.exception)
     assert (out / "keep.txt").read_text() == "old"
     record = export_model(checkpoint, out, "safetensors", overwrite=True)
@@ -186,20 +182,14 @@ def test_image_size_option_and_bad_size(checkpoint: Path, tmp_path: Path) -> Non
 def test_onnx_parity_is_skipped_without_onnxruntime(exports, monkeypatch) -> None:
     monkeypatch.setattr(export_module, "_onnxruntime_available", lambda: False)
     inputs = export_module.parity_inputs(SIZE)
-    parity = export_module._check_parity(
-        "onnx", exports("onnx", False), inputs, [x[:, :1] for x in inputs], 0.9999
-    )
+    parity = export_module._check_parity("onnx", exports("onnx", False), inputs, [x[:, :1] for x in inputs], 0.9999)
     assert parity["checked"] is False and "onnxruntime is not installed" in parity["reason"]
 
 
 def test_compare_outputs_reports_and_fails() -> None:
     eager = [torch.randn(2, 8), torch.randn(3, 8)]
     result = export_module.compare_outputs(eager, [x + 1e-6 for x in eager])
-    assert (
-        result["min_cosine"] > 0.9999
-        and 0 < result["max_abs_diff"] < 1e-5
-        and result["batch_sizes"] == [2, 3]
-    )
+    assert result["min_cosine"] > 0.9999 and 0 < result["max_abs_diff"] < 1e-5 and result["batch_sizes"] == [2, 3]
     with pytest.raises(DmlkdError, match="min cosine"):
         export_module.compare_outputs(eager, [-x for x in eager])
     with pytest.raises(DmlkdError, match="shape"):
@@ -247,9 +237,7 @@ def test_embed_paths_equals_pil(model, tmp_path: Path) -> None:
 
 
 def test_embed_tensors_uint8_float_batching_and_normalize(model) -> None:
-    as_uint8 = torch.randint(
-        0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
-    )
+    as_uint8 = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     as_float = as_uint8.float() / 255
     with torch.no_grad():
         expected = model(as_float).embedding
@@ -288,10 +276,7 @@ def test_embed_rejects_bad_inputs(model) -> None:
 def test_embed_image_size_defaults_to_the_recorded_one(checkpoint: Path) -> None:
     model, record = load_checkpoint(checkpoint)
     assert recorded_image_size(record) == SIZE
-    assert (
-        recorded_image_size({"train_config": {"train": {"image_size": None}, "eval": {"image_size": 48}}})
-        == 48
-    )
+    assert recorded_image_size({"train_config": {"train": {"image_size": None}, "eval": {"image_size": 48}}}) == 48
     assert recorded_image_size({}) is None and embed_module.default_image_size(model) in (SIZE, 224)
     attach_embed_defaults(model, record)
     image = _pil_images()[0]
@@ -331,18 +316,12 @@ def test_embed_cli_writes_embeddings_and_paths(checkpoint: Path, model, tmp_path
     assert paths == [str(folder / "a.jpg"), str(folder / "b.png"), str(folder / "sub" / "c.png")]
     expected = model.embed(paths, image_size=SIZE, normalize=True)  # the checkpoint records 32 px
     torch.testing.assert_close(embeddings, expected, atol=1e-5, rtol=1e-5)
-    assert (
-        metadata["normalized"] is True
-        and metadata["image_size"] == SIZE
-        and metadata["spec"] == "resnet18-16"
-    )
+    assert metadata["normalized"] is True and metadata["image_size"] == SIZE and metadata["spec"] == "resnet18-16"
     again = CliRunner().invoke(embed_command, args)
     assert isinstance(again.exception, ConfigError) and "--overwrite" in str(again.exception)
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = CliRunner().invoke(
-        _cli_group(), ["embed", str(checkpoint), str(empty), "--out", str(tmp_path / "x")]
-    )
+    result = CliRunner().invoke(_cli_group(), ["embed", str(checkpoint), str(empty), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "holds no images" in result.stderr and result.stderr.count("\n") == 1
 
 

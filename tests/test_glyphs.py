@@ -80,9 +80,7 @@ def test_homoglyphs_keep_only_the_lowest_codepoint(full_classes):
 def test_no_two_classes_drawn_alike_in_the_default_face(full_classes):
     renderer = glyphs.GlyphRenderer(glyphs.font_paths(), glyphs.DETECT_SIZE)
     face = glyphs.FACES.index(glyphs.DEFAULT_FACE)
-    ink = (
-        255.0 - np.stack([renderer.render(face, c) for c in full_classes]).reshape(len(full_classes), -1)
-    ) / 255
+    ink = (255.0 - np.stack([renderer.render(face, c) for c in full_classes]).reshape(len(full_classes), -1)) / 255
     assert len({image.tobytes() for image in ink}) == len(full_classes)
     total = ink.sum(1)
     for i in range(len(full_classes)):
@@ -127,9 +125,7 @@ def test_renders_per_face_and_distortions_differ(tmp_path: Path):
     splits = glyphs.build_glyphs(tmp_path, max_classes=2, render_size=16, renders_per_face=3)
     assert len(splits.train) == len(glyphs.FACES) * 3
     renders = splits.train.images.reshape(len(glyphs.FACES), 3, -1)
-    assert not np.array_equal(renders[0, 0], renders[0, 1]) and not np.array_equal(
-        renders[0, 1], renders[0, 2]
-    )
+    assert not np.array_equal(renders[0, 0], renders[0, 1]) and not np.array_equal(renders[0, 1], renders[0, 2])
 
 
 def test_cache_hit_does_not_render(small, monkeypatch: pytest.MonkeyPatch):

@@ -229,9 +229,7 @@ def _point_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
 
 
 @pytest.fixture
@@ -330,9 +328,7 @@ def test_offline_pull_to_out_records_commit(
     assert pull(REPO, result.path, overwrite=True).path == result.path
 
 
-def test_offline_cache_with_trailing_newline_in_ref_is_not_found(
-    checkpoint: Path, offline_cache: Path
-) -> None:
+def test_offline_cache_with_trailing_newline_in_ref_is_not_found(checkpoint: Path, offline_cache: Path) -> None:
     # The pitfall from offline-testing.md: the ref file is read verbatim, so "sha\n" names no snapshot.
     _write_cache(offline_cache, _repo_files(checkpoint), commit=COMMIT)
     (offline_cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text(COMMIT + "\n")
@@ -416,9 +412,7 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
-def test_pull_failures_are_one_line_and_leave_nothing(
-    case: str, checkpoint: Path, online: Any, tmp_path: Path
-) -> None:
+def test_pull_failures_are_one_line_and_leave_nothing(case: str, checkpoint: Path, online: Any, tmp_path: Path) -> None:
     files = _repo_files(checkpoint)
     if case == "missing config.json":
         files.pop("config.json")
@@ -440,9 +434,7 @@ def test_pull_with_hub_down_is_fast_one_line_error(
     down = f"http://127.0.0.1:{_closed_port()}"
     _point_at(monkeypatch, down)
     started = time.perf_counter()
-    with pytest.raises(
-        CheckpointError, match=r"no network: cannot reach the Hub.*HF_HUB_OFFLINE=1"
-    ) as caught:
+    with pytest.raises(CheckpointError, match=r"no network: cannot reach the Hub.*HF_HUB_OFFLINE=1") as caught:
         pull(f"{REPO}@main", tmp_path / "out", endpoint=down)
     assert time.perf_counter() - started < 10, "connection refused must not be retried for long"
     assert REPO in str(caught.value) and "\n" not in str(caught.value)
@@ -546,9 +538,7 @@ def test_push_refused_by_hub_is_one_line(checkpoint: Path, monkeypatch: pytest.M
 
     def refuse(self: Any, repo_id: str, **kwargs: Any) -> None:
         request = httpx2.Request("POST", "https://hub.test/api/repos/create")
-        raise HfHubHTTPError(
-            "401 Unauthorized: invalid token", response=httpx2.Response(401, request=request)
-        )
+        raise HfHubHTTPError("401 Unauthorized: invalid token", response=httpx2.Response(401, request=request))
 
     monkeypatch.setattr(HfApi, "create_repo", refuse)
     with pytest.raises(CheckpointError, match=r"push to Hub repository my-org/x .*HF_TOKEN") as caught:

@@ -99,6 +99,7 @@ def test_synthetic_offsets_scale_with_the_class_variance() -> None:
     iaa.current_lambda.fill_(0.64)
     embeddings = torch.zeros(2, 64)
     synthetic, labels = iaa.synthesize(embeddings, torch.tensor([0, 1]))
+    assert labels.tolist() == [0, 1] * 200
     offsets = synthetic.reshape(200, 2, 64)
     assert offsets[:, 0].std().item() == pytest.approx(0.8 * 0.5, rel=0.05)  # sqrt(lambda) * sqrt(var)
     assert offsets[:, 1].abs().max().item() == 0.0  # a class without spread gets no offset

@@ -229,9 +229,7 @@ def test_model_config_from_spec_and_preprocessing() -> None:
     assert str(config.spec) == "bn_inception-512"
     assert config.resolved_preprocessing() == CAFFE_BGR
     assert ModelConfig.from_spec("resnet18-128").resolved_preprocessing() == IMAGENET
-    assert (
-        ModelConfig.from_spec("resnet18-128", preprocessing=CAFFE_BGR).resolved_preprocessing() == CAFFE_BGR
-    )
+    assert ModelConfig.from_spec("resnet18-128", preprocessing=CAFFE_BGR).resolved_preprocessing() == CAFFE_BGR
 
 
 @pytest.mark.parametrize("preprocessing", [None, CAFFE_BGR])
@@ -279,9 +277,7 @@ def test_bn_inception_loads_caffe_layout_file(torch_home: Path) -> None:
     assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.9}
 
 
-@pytest.mark.parametrize(
-    ("arch", "file_name"), [("resnet18", RESNET18_FILE), ("bn_inception", BN_INCEPTION_FILE)]
-)
+@pytest.mark.parametrize(("arch", "file_name"), [("resnet18", RESNET18_FILE), ("bn_inception", BN_INCEPTION_FILE)])
 def test_offline_missing_weights_is_a_one_line_error(torch_home: Path, arch: str, file_name: str) -> None:
     with pytest.raises(CheckpointError) as info:
         create_model(f"{arch}-8", pretrained=True)
@@ -299,9 +295,7 @@ def test_local_weights_file_safetensors_and_pth(tmp_path: Path) -> None:
     for name in ("r18.safetensors", "r18.pth"):
         model = build_model(ModelConfig("resnet18", 8, weights_path=str(tmp_path / name)))
         torch.testing.assert_close(model.backbone.conv1.weight, reference["conv1.weight"], rtol=0, atol=0)
-        torch.testing.assert_close(
-            model.backbone.layer4[1].bn2.running_var, reference["layer4.1.bn2.running_var"]
-        )
+        torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, reference["layer4.1.bn2.running_var"])
 
 
 def test_unreadable_or_missing_local_file(tmp_path: Path) -> None:

@@ -84,7 +84,5 @@ def test_help_and_version_do_not_import_torch() -> None:
 def test_version_matches_package() -> None:
     import dmlkd
 
-    result = subprocess.run(
-        [sys.executable, "-m", "dmlkd", "--version"], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-m", "dmlkd", "--version"], capture_output=True, text=True, check=True)
     assert dmlkd.__version__ in result.stdout

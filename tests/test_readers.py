@@ -61,14 +61,9 @@ def test_cub_labels_follow_sorted_folders_and_split_by_class(tmp_path):
     assert sorted(set(splits.train.labels.tolist())) == list(range(100))
     assert sorted(set(splits.test.labels.tolist())) == list(range(100, 200))
     train = _labels_by_id(splits.train)
-    assert (
-        train["images/001.Bird_1/Bird_1_0001.jpg"] == 0
-        and train["images/100.Bird_100/Bird_100_0001.jpg"] == 99
-    )
+    assert train["images/001.Bird_1/Bird_1_0001.jpg"] == 0 and train["images/100.Bird_100/Bird_100_0001.jpg"] == 99
     assert _labels_by_id(splits.test)["images/101.Bird_101/Bird_101_0001.jpg"] == 100
-    assert not any(
-        "._" in name or name.endswith(".txt") for name in splits.train.identifiers + splits.test.identifiers
-    )
+    assert not any("._" in name or name.endswith(".txt") for name in splits.train.identifiers + splits.test.identifiers)
     assert splits.train.load(0).mode == "RGB"
     # root may also be the CUB_200_2011 folder itself
     direct = read_cub(root / "CUB_200_2011", verify_counts=False)
@@ -97,9 +92,7 @@ def test_cub_missing_root_or_images_folder(tmp_path):
 
 def test_cub_partial_download_reports_counts_not_empty_split(tmp_path):
     root = _make_cub(tmp_path, num_classes=60)
-    with pytest.raises(
-        DataError, match=r"test: expected 5,924 images / 100 classes, found 0 images / 0 classes"
-    ):
+    with pytest.raises(DataError, match=r"test: expected 5,924 images / 100 classes, found 0 images / 0 classes"):
         read_cub(root)
     with pytest.raises(DataError, match=r"no test images"):
         read_cub(root, verify_counts=False)
@@ -129,9 +122,7 @@ def _make_cars(tmp_path: Path, classes=(1, 1, 2, 98, 99, 99, 196), folder: str =
 def test_cars_reads_savemat_struct_and_splits_by_class(tmp_path):
     root = _make_cars(tmp_path)
     loaded = scipy.io.loadmat(str(root / "cars196" / "cars_annos.mat"))["annotations"][0]
-    assert (
-        str(loaded[0][0][0]) == "car_ims/000001.jpg" and int(loaded[0][5][0][0]) == 1
-    )  # the real file's layout
+    assert str(loaded[0][0][0]) == "car_ims/000001.jpg" and int(loaded[0][5][0][0]) == 1  # the real file's layout
     splits = read_cars(root, verify_counts=False)
     assert _labels_by_id(splits.train) == {
         "car_ims/000001.jpg": 0,
@@ -151,9 +142,7 @@ def test_cars_reads_savemat_struct_and_splits_by_class(tmp_path):
 
 def test_cars_counts_missing_annotations_and_missing_images(tmp_path):
     root = _make_cars(tmp_path)
-    with pytest.raises(
-        DataError, match=r"train: expected 8,054 images / 98 classes, found 4 images / 3 classes"
-    ):
+    with pytest.raises(DataError, match=r"train: expected 8,054 images / 98 classes, found 4 images / 3 classes"):
         read_cars(root)
     (root / "cars196" / "car_ims" / "000007.jpg").unlink()
     with pytest.raises(DataError, match=r"000007.jpg' listed in cars_annos.mat does not exist"):
@@ -208,29 +197,18 @@ def test_sop_reads_lists_and_remaps_labels_per_split(tmp_path):
         "sofa_final/e_0.JPG": 0,
         "sofa_final/e_1.JPG": 0,
     }
-    assert (
-        read_sop(root / "Stanford_Online_Products", verify_counts=False).test.identifiers
-        == splits.test.identifiers
-    )
-    with pytest.raises(
-        DataError, match=r"train: expected 59,551 images / 11,318 classes, found 4 images / 3 classes"
-    ):
+    assert read_sop(root / "Stanford_Online_Products", verify_counts=False).test.identifiers == splits.test.identifiers
+    with pytest.raises(DataError, match=r"train: expected 59,551 images / 11,318 classes, found 4 images / 3 classes"):
         read_sop(root)
 
 
 def test_sop_missing_and_malformed_lists(tmp_path):
     root = _make_sop(tmp_path)
-    (root / "Stanford_Online_Products" / "Ebay_test.txt").write_text(
-        "image_id class_id super_class_id path\n1 x 1\n"
-    )
-    with pytest.raises(
-        DataError, match=r"Ebay_test.txt' line 2: expected 'image_id class_id super_class_id path'"
-    ):
+    (root / "Stanford_Online_Products" / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n1 x 1\n")
+    with pytest.raises(DataError, match=r"Ebay_test.txt' line 2: expected 'image_id class_id super_class_id path'"):
         read_sop(root, verify_counts=False)
     (root / "Stanford_Online_Products" / "Ebay_test.txt").unlink()
-    with pytest.raises(
-        DataError, match=r"annotation file .*Ebay_test.txt' does not exist.*Stanford_Online_Products"
-    ):
+    with pytest.raises(DataError, match=r"annotation file .*Ebay_test.txt' does not exist.*Stanford_Online_Products"):
         read_sop(root)
     with pytest.raises(DataError, match=r"Stanford_Online_Products/Ebay_train.txt' does not exist"):
         read_sop(tmp_path / "Stanford_Online_Products" / "bicycle_final")
@@ -282,10 +260,7 @@ def test_inshop_counts_and_errors(tmp_path):
     message = str(error.value)
     assert "train: expected 25,882 images / 3,997 classes, found 4 images / 3 classes" in message
     assert "query: expected 14,218 images, found 2 images" in message
-    assert (
-        "gallery: expected 12,612 images" in message
-        and "test: expected 26,830 images / 3,985 classes" in message
-    )
+    assert "gallery: expected 12,612 images" in message and "test: expected 26,830 images / 3,985 classes" in message
     partition = root / "Inshop_Clothes" / "Eval" / "list_eval_partition.txt"
     partition.write_text("1\nimage_name item_id evaluation_status\nimg/a.jpg id_00000001 validation\n")
     with pytest.raises(DataError, match=r"line 3: expected 'image_name id_NNNNNNNN train\|query\|gallery'"):
@@ -298,9 +273,7 @@ def test_inshop_counts_and_errors(tmp_path):
 def test_inshop_images_not_extracted(tmp_path):
     root = _make_inshop(tmp_path)
     shutil.rmtree(root / "Inshop_Clothes" / "Img")
-    with pytest.raises(
-        DataError, match=r"02_1_front.jpg' of list_eval_partition.txt not found .*unzip Img/img.zip"
-    ):
+    with pytest.raises(DataError, match=r"02_1_front.jpg' of list_eval_partition.txt not found .*unzip Img/img.zip"):
         read_inshop(root, verify_counts=False)
 
 
@@ -349,9 +322,7 @@ def test_folder_reader_errors(tmp_path):
         read_folder(tmp_path, train_classes=1.5)
     with pytest.raises(ConfigError, match=r"must be a fraction or a count"):
         read_folder(tmp_path, train_classes=True)
-    with pytest.raises(
-        ConfigError, match=r"unknown option 'seed' for dataset 'folder'; valid: train_classes"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown option 'seed' for dataset 'folder'; valid: train_classes"):
         read_folder(tmp_path, seed=1)
     with pytest.raises(ConfigError, match=r"verify_counts='no' of dataset 'cub' must be true or false"):
         read_cub(tmp_path, verify_counts="no")

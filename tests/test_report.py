@@ -61,9 +61,7 @@ def _make_run(folder: Path, spec: str, stage: str, r1s: list[float], run: dict |
         "method": {"name": "relaxed_contrastive"},
         "loss": {"name": "proxy_anchor"},
     }
-    save_checkpoint(
-        folder / "last", model, train_config=train_config, metrics={**history[-1], "selected": "last"}
-    )
+    save_checkpoint(folder / "last", model, train_config=train_config, metrics={**history[-1], "selected": "last"})
     save_checkpoint(folder / "best", model, train_config=train_config, metrics={**best, "selected": "best"})
     return folder
 
@@ -76,9 +74,7 @@ def splits():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    teacher = _make_run(
-        root / "teacher", "resnet18-16", "teacher", [0.3, 0.5, 0.45], {"train_seconds": 75.5}, 0
-    )
+    teacher = _make_run(root / "teacher", "resnet18-16", "teacher", [0.3, 0.5, 0.45], {"train_seconds": 75.5}, 0)
     student = _make_run(
         root / "student",
         "resnet18-8",
@@ -89,9 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     torch.manual_seed(2)
     downloaded = root / "downloads" / "teacher-ckpt"
-    save_checkpoint(
-        downloaded, create_model("resnet18-16"), metrics={**_metrics(30, 0.61), "selected": "best"}
-    )
+    save_checkpoint(downloaded, create_model("resnet18-16"), metrics={**_metrics(30, 0.61), "selected": "best"})
     return {"teacher": teacher, "student": student, "downloaded": downloaded}
 
 

@@ -84,9 +84,7 @@ def counter(teacher, monkeypatch):
     counter.handle.remove()
 
 
-def _load(
-    teacher, collection, folder: Path, spec: CacheSpec = SPEC, digest: str | None = None
-) -> TeacherCache:
+def _load(teacher, collection, folder: Path, spec: CacheSpec = SPEC, digest: str | None = None) -> TeacherCache:
     digest = teacher_digest(teacher) if digest is None else digest
     return load_or_build_cache(teacher, collection, spec, folder, teacher_digest=digest, progress=False)
 
@@ -158,9 +156,7 @@ def test_unchanged_inputs_reuse_the_cache_without_teacher_forward(teacher, colle
     second = _load(teacher, collection, tmp_path)
     assert counter.builds == 1 and counter.forwards == 0
     assert torch.equal(first.embeddings, second.embeddings) and second.key == first.key
-    assert [path.name for path in tmp_path.iterdir()] == [
-        cache_path(tmp_path, first.key).name
-    ]  # no temp files
+    assert [path.name for path in tmp_path.iterdir()] == [cache_path(tmp_path, first.key).name]  # no temp files
 
 
 @pytest.mark.parametrize(
@@ -189,9 +185,7 @@ def test_key_ignores_fields_the_mode_does_not_use(collection):
     ids = collection.identifiers
     clean = CacheSpec(mode="clean", num_sets=1, seed=0, image_size=16)
     assert cache_key(clean, "t", ids) == cache_key(dataclasses.replace(clean, seed=5, flip_p=0.0), "t", ids)
-    assert cache_key(clean, "t", ids) != cache_key(
-        dataclasses.replace(clean, eval_resize_ratio=1.0), "t", ids
-    )
+    assert cache_key(clean, "t", ids) != cache_key(dataclasses.replace(clean, eval_resize_ratio=1.0), "t", ids)
     assert cache_key(SPEC, "t", ids) == cache_key(dataclasses.replace(SPEC, eval_resize_ratio=1.0), "t", ids)
     assert cache_key(SPEC, "t", ids) == cache_key(dataclasses.replace(SPEC, scale=[0.3, 1]), "t", ids)
 
@@ -204,9 +198,7 @@ def test_teacher_weights_and_identifiers_change_the_key_and_rebuild(teacher, col
     assert cache_key(SPEC, other_digest, collection.identifiers) != base.key
     rebuilt = _load(other_teacher, collection, tmp_path, digest=other_digest)
     assert counter.builds == 2 and not torch.equal(rebuilt.embeddings, base.embeddings)
-    renamed = ArrayImageCollection(
-        collection.images, [f"x/img{i}" for i in range(NUM_IMAGES)], collection.labels
-    )
+    renamed = ArrayImageCollection(collection.images, [f"x/img{i}" for i in range(NUM_IMAGES)], collection.labels)
     assert cache_key(SPEC, teacher_digest(teacher), renamed.identifiers) != base.key
     _load(teacher, renamed, tmp_path)
     assert counter.builds == 3
@@ -247,16 +239,12 @@ def test_cache_file_of_another_teacher_is_not_used(teacher, collection, tmp_path
     other_teacher = _teacher(seed=1)
     other = _load(other_teacher, collection, tmp_path, digest=teacher_digest(other_teacher))
     wanted_key = cache_key(SPEC, teacher_digest(teacher), collection.identifiers)
-    shutil.copy(
-        cache_path(tmp_path, other.key), cache_path(tmp_path, wanted_key)
-    )  # wrong content, right name
+    shutil.copy(cache_path(tmp_path, other.key), cache_path(tmp_path, wanted_key))  # wrong content, right name
     with caplog.at_level(logging.WARNING, logger="dmlkd.transfer.cache"):
         cache = _load(teacher, collection, tmp_path)
     assert counter.builds == 2 and "teacher_digest" in caplog.text
     own = build_cache(teacher, collection, SPEC, tmp_path / "own" / "c.safetensors", progress=False)
-    assert torch.equal(cache.embeddings, own.embeddings) and not torch.equal(
-        cache.embeddings, other.embeddings
-    )
+    assert torch.equal(cache.embeddings, own.embeddings) and not torch.equal(cache.embeddings, other.embeddings)
 
 
 def test_stale_sibling_caches_are_reported(teacher, collection, tmp_path, caplog):

@@ -73,9 +73,7 @@ def proxy_anchor_oracle(embeddings, labels, proxies, margin, alpha) -> float:
     return pos_total / num_with_pos + neg_total / num_classes
 
 
-@pytest.mark.parametrize(
-    ("num_classes", "margin", "alpha"), [(7, 0.1, 32.0), (2, 0.2, 16.0), (12, 0.0, 32.0)]
-)
+@pytest.mark.parametrize(("num_classes", "margin", "alpha"), [(7, 0.1, 32.0), (2, 0.2, 16.0), (12, 0.0, 32.0)])
 def test_proxy_anchor_matches_loop_oracle(num_classes, margin, alpha):
     embeddings, labels = make_batch(10, 6, num_classes, seed=num_classes)
     loss = ProxyAnchorLoss(num_classes, 6, margin=margin, alpha=alpha).double()
@@ -205,9 +203,7 @@ def test_softmax_matches_manual_linear_cross_entropy():
     weight, bias = loss.weight.detach(), loss.bias.detach()
     expected = F.cross_entropy(embeddings @ weight.T + bias, labels)
     torch.testing.assert_close(loss(embeddings, labels), expected, rtol=1e-12, atol=1e-12)
-    by_hand = -sum(
-        log_softmax_at((embeddings[i] @ weight.T + bias).tolist(), y) for i, y in enumerate(labels.tolist())
-    )
+    by_hand = -sum(log_softmax_at((embeddings[i] @ weight.T + bias).tolist(), y) for i, y in enumerate(labels.tolist()))
     assert loss(embeddings, labels).item() == pytest.approx(by_hand / 9, rel=1e-10)
 
 

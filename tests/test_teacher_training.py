@@ -212,13 +212,9 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
         (["--set", "loss.kwargs.alfa=3"], "loss 'proxy_anchor' has no option 'alfa'"),
     ],
 )
-def test_bad_input_is_one_line(
-    tmp_path: Path, tiny_glyph_args: list[str], args: list[str], message: str
-) -> None:
+def test_bad_input_is_one_line(tmp_path: Path, tiny_glyph_args: list[str], args: list[str], message: str) -> None:
     out = tmp_path / "run"
-    code, _, stderr = _run(
-        ["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args, *args]
-    )
+    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args, *args])
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
@@ -251,17 +247,45 @@ def test_init_from_a_pretrained_run(tmp_path: Path, tiny_glyph_args: list[str]) 
     from dmlkd.teacher.trainer import initialise_from
 
     first = tmp_path / "pretrain"
-    assert _run(["teacher", "train", "--out", str(first), "--max-steps", "1", "--loss", "norm_softmax",
-                 *tiny_glyph_args])[0] == 0
+    assert (
+        _run(["teacher", "train", "--out", str(first), "--max-steps", "1", "--loss", "norm_softmax", *tiny_glyph_args])[
+            0
+        ]
+        == 0
+    )
     model = create_model("resnet18-16")
     initialise_from(model, str(first))
     trained = load_file(str(first / "last" / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[key], value) for key, value in trained.items())
-    code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "finetune"), "--max-steps", "1",
-                            "--init", str(first), *tiny_glyph_args])
+    code, _, stderr = _run(
+        [
+            "teacher",
+            "train",
+            "--out",
+            str(tmp_path / "finetune"),
+            "--max-steps",
+            "1",
+            "--init",
+            str(first),
+            *tiny_glyph_args,
+        ]
+    )
     assert code == 0, stderr
     record = json.loads((tmp_path / "finetune" / "last" / "config.json").read_text())
     assert record["provenance"]["init"] == str(first)
-    code, _, stderr = _run(["teacher", "train", "--out", str(tmp_path / "bad"), "--max-steps", "1",
-                            "--init", str(first), *tiny_glyph_args, "--model", "resnet18-32"])
+    code, _, stderr = _run(
+        [
+            "teacher",
+            "train",
+            "--out",
+            str(tmp_path / "bad"),
+            "--max-steps",
+            "1",
+            "--init",
+            str(first),
+            *tiny_glyph_args,
+            "--model",
+            "resnet18-32",
+        ]
+    )
     assert code == 2 and "holds a resnet18-16 model, but this run trains resnet18-32" in stderr

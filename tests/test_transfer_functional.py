@@ -115,9 +115,7 @@ def _rkd_angle_loop(student, teacher) -> float:
     n = len(student_rows)
     total = 0.0
     for a, b, c in itertools.product(range(n), repeat=3):
-        total += _smooth_l1(
-            _cosine_at_vertex(student_rows, a, b, c) - _cosine_at_vertex(teacher_rows, a, b, c)
-        )
+        total += _smooth_l1(_cosine_at_vertex(student_rows, a, b, c) - _cosine_at_vertex(teacher_rows, a, b, c))
     return total / n**3
 
 
@@ -196,9 +194,7 @@ def test_pairwise_distances_finite_gradient_at_duplicates_and_diagonal():
 def test_relaxed_contrastive_matches_loop(sigma, delta):
     student, teacher = _pair(seed=3)
     actual = tf.relaxed_contrastive(student, teacher, sigma=sigma, delta=delta)
-    assert actual.item() == pytest.approx(
-        _relaxed_contrastive_loop(student, teacher, sigma, delta), rel=1e-10
-    )
+    assert actual.item() == pytest.approx(_relaxed_contrastive_loop(student, teacher, sigma, delta), rel=1e-10)
 
 
 @pytest.mark.parametrize("num_views", [1, 2, 3])
@@ -230,9 +226,7 @@ def test_relaxed_ms_rejects_uneven_views_and_tiny_batch_is_zero_with_graph():
 
 def test_rkd_distance_matches_loop():
     student, teacher = _pair(seed=6)
-    assert tf.rkd_distance(student, teacher).item() == pytest.approx(
-        _rkd_distance_loop(student, teacher), rel=1e-10
-    )
+    assert tf.rkd_distance(student, teacher).item() == pytest.approx(_rkd_distance_loop(student, teacher), rel=1e-10)
     large_student = student * 30  # beyond the quadratic zone of SmoothL1
     assert tf.rkd_distance(large_student, teacher / 40).item() == pytest.approx(
         _rkd_distance_loop(large_student, teacher / 40), rel=1e-10
@@ -243,9 +237,7 @@ def test_rkd_angle_matches_loop_including_degenerate_triples():
     student, teacher = _pair(n=5, seed=7)
     student = torch.cat([student, student[:1]])  # a duplicate row: extra degenerate triples
     teacher = torch.cat([teacher, teacher[1:2]])
-    assert tf.rkd_angle(student, teacher).item() == pytest.approx(
-        _rkd_angle_loop(student, teacher), rel=1e-10
-    )
+    assert tf.rkd_angle(student, teacher).item() == pytest.approx(_rkd_angle_loop(student, teacher), rel=1e-10)
 
 
 def test_pkt_matches_loop():
@@ -290,9 +282,7 @@ def test_attention_transfer_matches_loop():
     student = torch.randn(2, 3, 4, 5, generator=generator, dtype=DOUBLE)
     teacher = torch.randn(2, 6, 4, 5, generator=generator, dtype=DOUBLE)
     student_maps, teacher_maps = _attention_loop(student), _attention_loop(teacher)
-    expected = sum((s - t) ** 2 for sm, tm in zip(student_maps, teacher_maps) for s, t in zip(sm, tm)) / (
-        2 * 20
-    )
+    expected = sum((s - t) ** 2 for sm, tm in zip(student_maps, teacher_maps) for s, t in zip(sm, tm)) / (2 * 20)
     torch.testing.assert_close(tf.attention_map(student), torch.tensor(student_maps, dtype=DOUBLE))
     assert tf.attention_transfer(student, teacher).item() == pytest.approx(expected, rel=1e-10)
 

@@ -65,9 +65,7 @@ def _tensors(output: ModelOutput) -> list[torch.Tensor]:
 
 def _outputs(method, seed: int = 0):
     student = _output(STUDENT, seed, features=method.needs_features)
-    teacher = _output(
-        TEACHER, seed + 1, features=method.needs_features, pooled=method.needs_pooled, unit=True
-    )
+    teacher = _output(TEACHER, seed + 1, features=method.needs_features, pooled=method.needs_pooled, unit=True)
     return student, teacher
 
 
@@ -99,9 +97,7 @@ def test_contract(name):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in TRANSFER_METHODS.names() if not TRANSFER_METHODS.get(n).uses_labels]
-)
+@pytest.mark.parametrize("name", [n for n in TRANSFER_METHODS.names() if not TRANSFER_METHODS.get(n).uses_labels])
 def test_label_free_methods_ignore_labels(name):
     method = _build(name)
     student, teacher = _outputs(method)
@@ -120,9 +116,7 @@ def test_parameter_groups_partition_the_trainable_parameters(name):
     assert set(seen) == {id(p) for p in method.parameters() if p.requires_grad}
     assert all(params for _, params, _ in groups), "empty groups are left out"
     for group_name, params, multiplier in groups:
-        proxy = any(
-            isinstance(m, ProxyAnchorLoss) and p is m.proxies for m in method.modules() for p in params
-        )
+        proxy = any(isinstance(m, ProxyAnchorLoss) and p is m.proxies for m in method.modules() for p in params)
         assert (group_name == "proxies") == proxy
         assert multiplier == (ProxyAnchorLoss.lr_multiplier if proxy else 1.0)
     if name in {"fitnet", "attention", "crd"}:
@@ -196,12 +190,8 @@ def test_darkrank_terms():
     student, teacher = _outputs(method)
     batch = _batch()
     terms = method(student, teacher, batch)
-    torch.testing.assert_close(
-        terms["dark_rank"], 0.5 * functional.dark_rank(student.embedding, teacher.embedding)
-    )
-    torch.testing.assert_close(
-        terms["triplet"], 2.0 * batch_all_triplet(student.embedding, batch.labels, 0.2)
-    )
+    torch.testing.assert_close(terms["dark_rank"], 0.5 * functional.dark_rank(student.embedding, teacher.embedding))
+    torch.testing.assert_close(terms["triplet"], 2.0 * batch_all_triplet(student.embedding, batch.labels, 0.2))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -275,9 +265,7 @@ def test_fitnet_regressors_map_resnet18_to_resnet50():
 @pytest.mark.parametrize("name", ["fitnet", "attention"])
 @pytest.mark.parametrize(("student", "teacher"), [(RESNET18, BN_INCEPTION), (GOOGLENET, BN_INCEPTION)])
 def test_feature_methods_reject_pairs_whose_taps_differ(name, student, teacher):
-    with pytest.raises(
-        ConfigError, match=rf"{name} .*{student.arch}.*bn_inception.*fit teacher bn_inception"
-    ):
+    with pytest.raises(ConfigError, match=rf"{name} .*{student.arch}.*bn_inception.*fit teacher bn_inception"):
         _build(name, student=student, teacher=teacher)
 
 
@@ -302,9 +290,7 @@ def test_fitnet_and_attention_terms():
         regressed = fitnet.regressors[stage](student.features[stage])
         expected = 0.5 * functional.fitnet_stage(regressed, teacher.features[stage])
         torch.testing.assert_close(terms[f"fitnet_stage{stage}"], expected)
-    torch.testing.assert_close(
-        terms["proxy_anchor"], 2.0 * fitnet.proxy_anchor(student.embedding, batch.labels)
-    )
+    torch.testing.assert_close(terms["proxy_anchor"], 2.0 * fitnet.proxy_anchor(student.embedding, batch.labels))
     attention = _build("attention", beta=10.0)
     terms = attention(student, teacher, batch)
     assert list(terms) == ["attention_stage0", "attention_stage1", "proxy_anchor"]
@@ -353,9 +339,7 @@ def test_crd_draws_are_deterministic_and_resume():
     resumed = _crd(seed=3, nce_k=256)
     resumed.load_state_dict(second.state_dict())
     assert torch.equal(draws[1], resumed.sample_contrast_indices(batch.indices, batch.labels))
-    assert not torch.equal(
-        draws[0], _crd(seed=4, nce_k=256).sample_contrast_indices(batch.indices, batch.labels)
-    )
+    assert not torch.equal(draws[0], _crd(seed=4, nce_k=256).sample_contrast_indices(batch.indices, batch.labels))
 
 
 def test_crd_needs_labels_and_valid_indices():

@@ -140,9 +140,7 @@ def test_train_views_depend_only_on_seed_draw_view(collection):
     again = TrainDataset(collection, 16, views=2, seed=7, scale=(0.3, 1.0))[(4, 1000)][0]
     assert torch.equal(views, again)
     assert not torch.equal(views, dataset[(4, 1001)][0])
-    assert not torch.equal(
-        views, TrainDataset(collection, 16, views=2, seed=8, scale=(0.3, 1.0))[(4, 1000)][0]
-    )
+    assert not torch.equal(views, TrainDataset(collection, 16, views=2, seed=8, scale=(0.3, 1.0))[(4, 1000)][0])
     params = sample_view_params(view_generator(7, 1000, 1), 24, 20, (0.3, 1.0))
     assert torch.equal(views[1], apply_view(collection.load(4), params, 16))
 

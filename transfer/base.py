@@ -145,10 +145,7 @@ class TransferMethod(nn.Module):
         every other trainable parameter goes in :attr:`parameter_group_name` at 1.
         """
         proxy_ids = {
-            id(p)
-            for module in self.modules()
-            if isinstance(module, ProxyAnchorLoss)
-            for p in module.parameters()
+            id(p) for module in self.modules() if isinstance(module, ProxyAnchorLoss) for p in module.parameters()
         }
         proxies = [p for p in self.parameters() if id(p) in proxy_ids and p.requires_grad]
         others = [p for p in self.parameters() if id(p) not in proxy_ids and p.requires_grad]

@@ -91,29 +91,19 @@ class CacheSpec:
         if self.mode not in ("cached", "clean"):
             raise ConfigError(f"unknown teacher cache mode {self.mode!r}; valid: cached, clean")
         if self.num_sets < 1 or (self.mode == "clean" and self.num_sets != 1):
-            raise ConfigError(
-                f"invalid num_sets={self.num_sets} for mode {self.mode!r}; need >= 1 (1 for clean)"
-            )
+            raise ConfigError(f"invalid num_sets={self.num_sets} for mode {self.mode!r}; need >= 1 (1 for clean)")
         if self.seed < 0 or self.image_size < 1:
             raise ConfigError(f"invalid seed={self.seed} or image_size={self.image_size}; need >= 0 and >= 1")
         scale, ratio = self.scale, self.ratio
-        if (
-            len(scale) != 2
-            or len(ratio) != 2
-            or not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1])
-        ):
-            raise ConfigError(
-                f"invalid crop scale={scale} or ratio={ratio}; need 0 < s0 <= s1 <= 1, 0 < r0 <= r1"
-            )
+        if len(scale) != 2 or len(ratio) != 2 or not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise ConfigError(f"invalid crop scale={scale} or ratio={ratio}; need 0 < s0 <= s1 <= 1, 0 < r0 <= r1")
         if not 0 <= self.flip_p <= 1 or (self.eval_resize_ratio is not None and self.eval_resize_ratio < 1):
             raise ConfigError(
                 f"invalid flip_p={self.flip_p} or eval_resize_ratio={self.eval_resize_ratio}; "
                 "need 0 <= flip_p <= 1 and eval_resize_ratio >= 1"
             )
         if self.autocast is not None and self.autocast not in _AUTOCAST_DTYPES:
-            raise ConfigError(
-                f"invalid cache autocast {self.autocast!r}; valid: None, {', '.join(_AUTOCAST_DTYPES)}"
-            )
+            raise ConfigError(f"invalid cache autocast {self.autocast!r}; valid: None, {', '.join(_AUTOCAST_DTYPES)}")
 
     @property
     def replay(self) -> ReplaySpec | None:
@@ -130,9 +120,7 @@ class CacheSpec:
             "autocast": self.autocast,
         }
         if self.mode == "cached":
-            data.update(
-                seed=int(self.seed), scale=list(self.scale), ratio=list(self.ratio), flip_p=float(self.flip_p)
-            )
+            data.update(seed=int(self.seed), scale=list(self.scale), ratio=list(self.ratio), flip_p=float(self.flip_p))
         else:
             data["eval_resize_ratio"] = float(self.eval_resize_ratio or 1.0)
         return data
@@ -186,9 +174,7 @@ def teacher_digest(source: str | Path | nn.Module) -> str:
     from dmlkd.checkpoints.io import MODEL_FILE, read_checkpoint_config, resolve_checkpoint_dir
 
     record = read_checkpoint_config(resolve_checkpoint_dir(source))
-    return _sha256_json(
-        {"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]}
-    )
+    return _sha256_json({"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]})
 
 
 _digest_of = teacher_digest  # build_cache's ``teacher_digest`` argument shadows the function
@@ -213,13 +199,9 @@ class TeacherCache:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         if embeddings.dim() != 3 or embeddings.shape[1] != spec.num_sets:
-            raise ValueError(
-                f"cache embeddings must be (N, {spec.num_sets}, D), got {tuple(embeddings.shape)}"
-            )
+            raise ValueError(f"cache embeddings must be (N, {spec.num_sets}, D), got {tuple(embeddings.shape)}")
         if pooled is not None and tuple(pooled.shape[:2]) != tuple(embeddings.shape[:2]):
-            raise ValueError(
-                f"cache pooled {tuple(pooled.shape)} does not fit embeddings {tuple(embeddings.shape)}"
-            )
+            raise ValueError(f"cache pooled {tuple(pooled.shape)} does not fit embeddings {tuple(embeddings.shape)}")
         self.embeddings, self.pooled, self.spec, self.key = embeddings, pooled, spec, key
         self.metadata = dict(metadata or {})
 
@@ -275,14 +257,10 @@ class TeacherCache:
         if self.spec.mode == "clean":
             replay_k = torch.zeros_like(indices)
         elif replay_k is None:
-            raise ConfigError(
-                "an exact-replay teacher cache needs the replay_k of every view (from collate_views)"
-            )
+            raise ConfigError("an exact-replay teacher cache needs the replay_k of every view (from collate_views)")
         replay_k = torch.as_tensor(replay_k).long()
         if replay_k.shape != indices.shape or indices.dim() != 1:
-            raise ValueError(
-                f"indices {tuple(indices.shape)} and replay_k {tuple(replay_k.shape)} must be (M,)"
-            )
+            raise ValueError(f"indices {tuple(indices.shape)} and replay_k {tuple(replay_k.shape)} must be (M,)")
         if indices.numel() and (int(replay_k.min()) < 0 or int(replay_k.max()) >= self.spec.num_sets):
             raise ConfigError(
                 f"replay_k must lie in [0, {self.spec.num_sets}), got [{int(replay_k.min())}, "
@@ -312,9 +290,7 @@ class CacheViewDataset(Dataset):
             return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), index
         views = []
         for k in range(spec.num_sets):
-            params = replay_view_params(
-                spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p
-            )
+            params = replay_view_params(spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p)
             views.append(apply_view(image, params, spec.image_size))
         return torch.stack(views), index
 
@@ -364,9 +340,7 @@ def _run_teacher(
     store: dict[str, Tensor] = {}
     filled = torch.zeros(count, dtype=torch.bool)
     autocast = (
-        torch.autocast(device.type, dtype=getattr(torch, spec.autocast))
-        if spec.autocast
-        else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=getattr(torch, spec.autocast)) if spec.autocast else contextlib.nullcontext()
     )
     with (
         _eval_mode(teacher),
@@ -452,9 +426,7 @@ def build_cache(
     parts = _key_parts(spec, digest, collection.identifiers)
     expected = _sha256_json(parts)
     if key is not None and key != expected:
-        raise ConfigError(
-            f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)"
-        )
+        raise ConfigError(f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)")
     device = _device_of(teacher, device)
     teacher.to(device)  # the images go to ``device``; so must the teacher
     tensors = _run_teacher(teacher, collection, spec, device, batch_size, num_workers, progress)
@@ -502,9 +474,7 @@ def _differences(stored: Mapping[str, str], parts: Mapping[str, str]) -> list[st
     return found
 
 
-def _read_checked(
-    path: Path, parts: Mapping[str, str], spec: CacheSpec
-) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a cache file that matches ``parts``; ``ValueError`` says why it does not."""
     with safe_open(str(path), framework="pt") as file:
         metadata = dict(file.metadata() or {})
@@ -523,9 +493,7 @@ def _read_checked(
     shape = (int(parts["num_images"]), spec.num_sets)
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float16 or tensor.dim() != 3 or tuple(tensor.shape[:2]) != shape:
-            raise ValueError(
-                f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected float16 {shape} + (D,)"
-            )
+            raise ValueError(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected float16 {shape} + (D,)")
     if _content_digest(tensors) != metadata.get("content_sha256"):
         raise ValueError("its tensor bytes do not match the recorded SHA-256 (corrupt file)")
     return tensors, metadata

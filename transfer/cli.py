@@ -21,9 +21,13 @@ def _common_options(function: Any) -> Any:
         click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs."),
         click.option("--data-root", default=None, help="Dataset folder (or CSV file)."),
         click.option("--recipe", default=None, help="Named preset: lr-cub, lr-cars, lr-sop, demo-glyphs."),
-        click.option("--teacher-mode", type=click.Choice(["auto", "online", "cached", "clean"]), default=None,
-                     help="online: teacher on every step; cached: exact-replay cache (default for embedding "
-                          "methods); clean: one centre-crop view per image (a different, cheaper method)."),
+        click.option(
+            "--teacher-mode",
+            type=click.Choice(["auto", "online", "cached", "clean"]),
+            default=None,
+            help="online: teacher on every step; cached: exact-replay cache (default for embedding "
+            "methods); clean: one centre-crop view per image (a different, cheaper method).",
+        ),
         click.option("--cache-views", type=int, default=None, help="K pre-drawn views per image in the cache."),
         click.option("--epochs", type=int, default=None),
         click.option("--max-steps", type=int, default=None, help="Stop after N optimiser steps."),
@@ -56,16 +60,29 @@ def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[
 
     spec = parse_spec(params["student_spec"]) if params["student_spec"] else None
     shortcuts = {
-        "teacher.ref": params["teacher_ref"], "teacher.mode": params["teacher_mode"],
-        "teacher.cache_views": params["cache_views"], "student.arch": spec.arch if spec else None,
-        "student.embedding_dim": spec.dim if spec else None, "method.name": method,
-        "data.name": params["dataset"], "data.root": params["data_root"], "train.epochs": params["epochs"],
-        "train.max_steps": params["max_steps"], "train.batch_size": params["batch_size"],
-        "train.ipc": params["ipc"], "train.views": params["views"], "train.image_size": params["image_size"],
-        "optim.lr": params["lr"], "train.seed": params["seed"], "student.pretrained": params["pretrained"],
-        "train.mixed_precision": params["mixed_precision"], "train.num_workers": params["num_workers"],
-        "train.eval_every": params["eval_every"], "train.device": params["device"],
-        "train.save_every": params["save_every"], "train.deterministic": params["deterministic"] or None,
+        "teacher.ref": params["teacher_ref"],
+        "teacher.mode": params["teacher_mode"],
+        "teacher.cache_views": params["cache_views"],
+        "student.arch": spec.arch if spec else None,
+        "student.embedding_dim": spec.dim if spec else None,
+        "method.name": method,
+        "data.name": params["dataset"],
+        "data.root": params["data_root"],
+        "train.epochs": params["epochs"],
+        "train.max_steps": params["max_steps"],
+        "train.batch_size": params["batch_size"],
+        "train.ipc": params["ipc"],
+        "train.views": params["views"],
+        "train.image_size": params["image_size"],
+        "optim.lr": params["lr"],
+        "train.seed": params["seed"],
+        "student.pretrained": params["pretrained"],
+        "train.mixed_precision": params["mixed_precision"],
+        "train.num_workers": params["num_workers"],
+        "train.eval_every": params["eval_every"],
+        "train.device": params["device"],
+        "train.save_every": params["save_every"],
+        "train.deterministic": params["deterministic"] or None,
         "train.progress": False if params["no_progress"] else None,
     }
     items = _items(shortcuts, params["overrides"])
@@ -83,8 +100,11 @@ def transfer_group() -> None:
 
 
 @transfer_group.command("train")
-@click.option("--method", default=None, help="relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, "
-                                             "fitnet, attention or crd.")
+@click.option(
+    "--method",
+    default=None,
+    help="relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, fitnet, attention or crd.",
+)
 @click.option("--out", required=True, help="Run folder to create (or resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
@@ -124,8 +144,11 @@ def cache_group() -> None:
 
 
 @cache_group.command("build")
-@click.option("--method", default=None, help="The method the cache is for (decides whether pooled features "
-                                             "are stored); default relaxed_contrastive.")
+@click.option(
+    "--method",
+    default=None,
+    help="The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive.",
+)
 @_common_options
 def cache_build_command(method: str | None, **params: Any) -> None:
     """Build (or verify) the teacher cache a `transfer train` with the same options would use.

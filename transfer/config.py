@@ -41,9 +41,7 @@ class TeacherSourceConfig:
         if self.cache_views <= 0:
             raise ConfigError(f"cache-views must be a positive integer, got {self.cache_views}")
         if self.cache_batch_size <= 0:
-            raise ConfigError(
-                f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}"
-            )
+            raise ConfigError(f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}")
 
 
 @dataclasses.dataclass
@@ -51,9 +49,7 @@ class TransferConfig:
     """Everything ``dmlkd transfer train`` needs; saved resolved as ``run_config.json`` in the run folder."""
 
     teacher: TeacherSourceConfig = dataclasses.field(default_factory=TeacherSourceConfig)
-    student: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(arch="resnet18", embedding_dim=128)
-    )
+    student: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="resnet18", embedding_dim=128))
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

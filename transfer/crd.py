@@ -165,8 +165,7 @@ class CRD(ProxyAnchorTerm):
         labels = torch.as_tensor(labels)
         if labels.shape != (self.num_train,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise DataError(
-                f"crd needs {self.num_train} integer training labels, got {labels.dtype} of shape "
-                f"{tuple(labels.shape)}"
+                f"crd needs {self.num_train} integer training labels, got {labels.dtype} of shape {tuple(labels.shape)}"
             )
         labels = labels.to(device=self.train_labels.device, dtype=torch.long)
         low, high = (int(v) for v in torch.aminmax(labels))
@@ -264,19 +263,11 @@ class CRD(ProxyAnchorTerm):
             student_scores = self._scores(self.memory_teacher, student_features, contrast)
             teacher_scores = self._scores(self.memory_student, teacher_features, contrast)
             noise_mass = self.nce_k / self.noise_size
-            student_loss = nce_loss(
-                student_scores / self._normaliser(self.z_student, student_scores), noise_mass
-            )
-            teacher_loss = nce_loss(
-                teacher_scores / self._normaliser(self.z_teacher, teacher_scores), noise_mass
-            )
+            student_loss = nce_loss(student_scores / self._normaliser(self.z_student, student_scores), noise_mass)
+            teacher_loss = nce_loss(teacher_scores / self._normaliser(self.z_teacher, teacher_scores), noise_mass)
         if self.training:
-            self.memory_student = momentum_update(
-                self.memory_student, indices, student_features, self.momentum
-            )
-            self.memory_teacher = momentum_update(
-                self.memory_teacher, indices, teacher_features, self.momentum
-            )
+            self.memory_student = momentum_update(self.memory_student, indices, student_features, self.momentum)
+            self.memory_teacher = momentum_update(self.memory_teacher, indices, teacher_features, self.momentum)
         return {
             "crd_student_anchor": self.weight * student_loss,
             "crd_teacher_anchor": self.weight * teacher_loss,

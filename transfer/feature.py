@@ -60,9 +60,7 @@ def check_tap_fit(method: str, student: ModelInfo, teacher: ModelInfo) -> None:
 
 def _maps(side: str, method: str, output: ModelOutput, expected: int) -> tuple[Tensor, ...]:
     if output.features is None:
-        hint = (
-            " (an embedding cache holds no stage maps; run the teacher online)" if side == "teacher" else ""
-        )
+        hint = " (an embedding cache holds no stage maps; run the teacher online)" if side == "teacher" else ""
         raise ConfigError(f"{method} needs the {side}'s stage maps, got none{hint}")
     if len(output.features) != expected:
         raise ValueError(f"{method} expected {expected} {side} stage maps, got {len(output.features)}")
@@ -146,8 +144,7 @@ class FitNet(ProxyAnchorTerm):
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         pairs = stage_pairs(self.method_name, student, teacher, (self.student_info, self.teacher_info))
         terms = {
-            f"fitnet_stage{stage}": self.stage_weight
-            * functional.fitnet_stage(regressor(student_map), teacher_map)
+            f"fitnet_stage{stage}": self.stage_weight * functional.fitnet_stage(regressor(student_map), teacher_map)
             for stage, (regressor, (student_map, teacher_map)) in enumerate(zip(self.regressors, pairs))
         }
         return {**terms, **self.proxy_anchor_term(student, batch)}

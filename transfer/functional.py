@@ -348,9 +348,7 @@ def dark_rank(
         return _zero_with_graph(student)
     with torch.no_grad():
         teacher_distances = pairwise_distances(F.normalize(teacher.detach(), p=2, dim=1))
-        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(
-            _eye(n, teacher.device), -torch.inf
-        )
+        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(_eye(n, teacher.device), -torch.inf)
         ranked = teacher_scores.topk(length, dim=1).indices
     student_distances = pairwise_distances(F.normalize(student, p=2, dim=1))
     ordered_scores = -alpha * student_distances.gather(1, ranked).pow(beta)  # never touches D_ii = 0

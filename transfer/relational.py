@@ -45,8 +45,7 @@ class RKD(TransferMethod):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         return {
-            "rkd_distance": self.distance_weight
-            * functional.rkd_distance(student.embedding, teacher.embedding),
+            "rkd_distance": self.distance_weight * functional.rkd_distance(student.embedding, teacher.embedding),
             "rkd_angle": self.angle_weight * functional.rkd_angle(student.embedding, teacher.embedding),
         }
 

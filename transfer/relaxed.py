@@ -45,9 +45,7 @@ class RelaxedContrastive(TransferMethod):
         self.weight = check_weight("weight", weight)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
-        loss = functional.relaxed_contrastive(
-            student.embedding, teacher.embedding, sigma=self.sigma, delta=self.delta
-        )
+        loss = functional.relaxed_contrastive(student.embedding, teacher.embedding, sigma=self.sigma, delta=self.delta)
         return {"relaxed_contrastive": self.weight * loss}
 
     def extra_repr(self) -> str:

@@ -86,9 +86,7 @@ class TransferModule(nn.Module):
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
 
 
-def param_groups(
-    module: TransferModule, config: TransferConfig
-) -> list[tuple[str, list[nn.Parameter], float]]:
+def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[str, list[nn.Parameter], float]]:
     student, optim = module.student, config.optim
     groups = [
         ("backbone", list(student.backbone.parameters()), optim.backbone_lr_mult),
@@ -208,9 +206,7 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
     teacher, teacher_record, digest = load_teacher(config.teacher.ref)
     splits, bad = build_splits(config.data)
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
-    data = build_train_data(
-        splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size
-    )
+    data = build_train_data(splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size)
     student = build_model(config.student)
     method = build_method(config, student, teacher, splits, data.num_classes)
     source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, processes.device)
@@ -265,8 +261,7 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     mode = resolve_mode(config.teacher.mode, method_cls)
     if mode == "online":
         raise ConfigError(
-            f"teacher mode online uses no cache; choose --teacher-mode cached or clean "
-            f"(method {config.method.name!r})"
+            f"teacher mode online uses no cache; choose --teacher-mode cached or clean (method {config.method.name!r})"
         )
     teacher, _record, digest = load_teacher(config.teacher.ref)
     splits, _bad = build_splits(config.data)
