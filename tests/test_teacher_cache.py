@@ -18,6 +18,7 @@ from dmlkd.data.transforms import ReplaySpec, TrainDataset, collate_views, eval_
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models import create_model
 from dmlkd.transfer import cache as cache_module
+from dmlkd.transfer import cache_file as cache_file_module
 from dmlkd.transfer.cache import (
     CacheSpec,
     TeacherCache,
@@ -268,7 +269,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(teacher, collec
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(cache_module, "save_file", failing_save)
+    monkeypatch.setattr(cache_file_module, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         build_cache(teacher, collection, SPEC, path, progress=False)
     assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]

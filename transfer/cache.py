@@ -26,8 +26,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
@@ -36,8 +34,7 @@ from typing import Any, Literal
 
 import PIL
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -56,13 +53,20 @@ from dmlkd.engine.distributed import (
 )
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import ModelOutput
+from dmlkd.transfer.cache_file import (
+    _READ_ERRORS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    _content_digest,
+    _differences,
+    _read_checked,
+    _sha256_json,
+    _write_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "dmlkd-teacher-cache"
-FORMAT_VERSION = 1
 _AUTOCAST_DTYPES = ("float16", "bfloat16")
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,6 @@ class CacheSpec:
         else:
             data["eval_resize_ratio"] = float(self.eval_resize_ratio or 1.0)
         return data
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _key_parts(spec: CacheSpec, teacher_digest: str, identifiers: Sequence[str]) -> dict[str, str]:
@@ -306,14 +306,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _content_digest(tensors: Mapping[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def _run_teacher(
     teacher: nn.Module,
@@ -381,20 +373,6 @@ def _gather_shards(
     return merged, everywhere
 
 
-def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def build_cache(
     teacher: nn.Module,
     collection: ImageCollection,
@@ -452,51 +430,6 @@ def build_cache(
         expected,
         metadata,
     )
-
-
-def _differences(stored: Mapping[str, str], parts: Mapping[str, str]) -> list[str]:
-    """The key parts in which a file's metadata differs from the wanted ones, readable."""
-    found = []
-    for name, wanted in parts.items():
-        have = stored.get(name)
-        if have == wanted:
-            continue
-        if name == "spec" and have is not None:
-            with contextlib.suppress(ValueError, AttributeError):
-                old, new = json.loads(have), json.loads(wanted)
-                found += [
-                    f"spec.{field} {old.get(field)!r} -> {new.get(field)!r}"
-                    for field in sorted(set(old) | set(new))
-                    if old.get(field) != new.get(field)
-                ]
-                continue
-        found.append(f"{name} {str(have)[:16]!r} -> {wanted[:16]!r}")
-    return found
-
-
-def _read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a cache file that matches ``parts``; ``ValueError`` says why it does not."""
-    with safe_open(str(path), framework="pt") as file:
-        metadata = dict(file.metadata() or {})
-        names = set(file.keys())
-    if metadata.get("format") != FORMAT_NAME:
-        raise ValueError("not a dmlkd teacher cache")
-    differences = _differences(metadata, parts)
-    if differences:
-        raise ValueError("it was built for different inputs: " + "; ".join(differences))
-    if metadata.get("key") != _sha256_json(dict(parts)):
-        raise ValueError("its recorded key does not match its key parts")
-    wanted = {"embeddings", "pooled"} if spec.with_pooled else {"embeddings"}
-    if names != wanted:
-        raise ValueError(f"it holds tensors {sorted(names)}, expected {sorted(wanted)}")
-    tensors = load_file(str(path))
-    shape = (int(parts["num_images"]), spec.num_sets)
-    for name, tensor in tensors.items():
-        if tensor.dtype != torch.float16 or tensor.dim() != 3 or tuple(tensor.shape[:2]) != shape:
-            raise ValueError(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected float16 {shape} + (D,)")
-    if _content_digest(tensors) != metadata.get("content_sha256"):
-        raise ValueError("its tensor bytes do not match the recorded SHA-256 (corrupt file)")
-    return tensors, metadata
 
 
 def _log_other_caches(folder: Path, parts: Mapping[str, str], path: Path) -> None:
