@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dmlkd.pipelines.scenarios import SCENARIOS
+from dmlkd.pipelines.scenarios import DEMO_SRC, SCENARIOS
 
 _SECTIONS = ("teacher", "transfer", "data")
 
@@ -51,6 +51,13 @@ def _knobs(
     return items(teacher), items(transfer)
 
 
+def _default_src(name: str, dataset: str) -> str:
+    """The scenario's teacher spec; the demo data has its own for compress (see ``DEMO_SRC``)."""
+    if dataset == "glyphs" and name in DEMO_SRC:
+        return DEMO_SRC[name]
+    return SCENARIOS[name].src
+
+
 def _make_command(name: str) -> click.Command:
     defaults = SCENARIOS[name]
 
@@ -58,8 +65,9 @@ def _make_command(name: str) -> click.Command:
     @click.option(
         "--src",
         default=None,
-        help=f"Teacher: a model spec (default {defaults.src}), a run or "
-        "checkpoint folder, or hf://ORG/NAME[@REVISION].",
+        help=f"Teacher: a model spec (default {defaults.src}"
+        + (f"; {DEMO_SRC[name]} on the glyphs demo" if name in DEMO_SRC else "")
+        + "), a run or checkpoint folder, or hf://ORG/NAME[@REVISION].",
     )
     @click.option("--dst", default=None, help=f"Student model spec (default {defaults.dst}).")
     @click.option("--dataset", default=None, help="Dataset name; default: the built-in glyphs demo.")
@@ -119,7 +127,7 @@ def _make_command(name: str) -> click.Command:
         dataset_name = dataset or "glyphs"
         config = PipelineConfig(
             scenario=name,
-            src=src or defaults.src,
+            src=src or _default_src(name, dataset_name),
             dst=dst or defaults.dst,
             data=load_config(DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]),
             methods=[m.strip() for m in methods.split(",") if m.strip()],
