@@ -8,7 +8,9 @@ torch-free. Errors caused by user input (``DmlkdError``) are printed as one line
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +52,29 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except OSError as error:  # the machine, not the code: a full disk, a read-only or forbidden folder
+            if error.errno not in _ENVIRONMENT_ERRNOS or (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {_os_error_line(error)}", err=True)
+            ctx.exit(2)
+
+
+# OS errors that a user fixes on the machine (space, permissions, limits); any other OSError is a bug and
+# keeps its traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
+
+
+def _os_error_line(error: OSError) -> str:
+    """``no space left on device: '/runs/x/state' (free some space, then rerun; ...)`` on one line."""
+    reason = (error.strerror or os.strerror(error.errno or 0)).lower()
+    where = f": {str(error.filename)!r}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space and rerun; checkpoints already written are intact and training resumes with --resume"
+    elif error.errno in (errno.EMFILE, errno.ENFILE):
+        hint = "raise the open-file limit (ulimit -n) or lower data.num_workers"
+    else:
+        hint = "choose a folder you can write to (--out) or fix its permissions"
+    return f"{reason}{where} ({hint})"
 
 
 def _usage_line(error: click.UsageError) -> str:

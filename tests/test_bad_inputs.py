@@ -21,14 +21,10 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -328,51 +324,11 @@ def _run_folders(fixtures: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- a stand-in Hub
 
 
-class _HubHandler(BaseHTTPRequestHandler):
-    """Knows one repository with one branch: unknown repositories and revisions get the Hub's 404 answers."""
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
-
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str], send_body: bool) -> None:
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(body))}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def _answer(self, send_body: bool) -> None:
-        parts = unquote(urlsplit(self.path).path).strip("/").split("/")
-        if parts[:2] == ["api", "models"]:
-            repo, revision = "/".join(parts[2:4]), "/".join(parts[5:])
-        elif len(parts) >= 4 and parts[2] == "resolve":
-            repo, revision = "/".join(parts[:2]), parts[3]
-        else:
-            repo, revision = "", ""
-        if repo != HUB_REPO:
-            self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, send_body)
-        elif revision != "main":
-            self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"}, send_body)
-        else:  # this stand-in serves no files: the cases never get this far
-            self._send(500, b"{}", {}, send_body)
-
-
 @pytest.fixture(scope="module")
-def hub_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def hub_url(module_hub_server: Any) -> str:
+    """Knows one repository with one branch and no files: the cases stop at the repository or revision."""
+    module_hub_server.repos[HUB_REPO] = {"commit": "0" * 40, "refs": {"main": "0" * 40}, "files": {}}
+    return module_hub_server.url
 
 
 def _closed_port() -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +127,30 @@ def test_real_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
         text=True,
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path: Path, tiny_glyph_args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dmlkd.checkpoints.io as checkpoint_io
+
+    out = tmp_path / "run"
+    real_save_file = checkpoint_io.save_file
+    kept: dict[str, bytes] = {}
+
+    def save_file_until_full(tensors: object, filename: str, **kwargs: object) -> None:
+        last = out / "last" / "model.safetensors"
+        if not last.exists():  # the first checkpoint is written normally
+            return real_save_file(tensors, filename, **kwargs)
+        kept["last"] = last.read_bytes()
+        Path(filename).write_bytes(b"partial")  # the next write runs out of space half-way
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(checkpoint_io, "save_file", save_file_until_full)
+    args = ["teacher", "train", "--out", str(out), "--epochs", "2", "--max-steps", "4", *tiny_glyph_args]
+    result = CliRunner().invoke(main, [*args, "--set", "train.eval_every=1"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: no space left on device: ") and "free some space" in lines[0]
+    assert not list(out.glob(".*tmp-*"))  # the half-written folder is gone
+    assert (out / "last" / "model.safetensors").read_bytes() == kept["last"]

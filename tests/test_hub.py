@@ -9,20 +9,15 @@ subprocesses with those variables, and in-process scenarios pass ``endpoint=`` /
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import click
 import pytest
@@ -125,93 +120,6 @@ def offline_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- stand-in Hub
-
-
-class _HubHandler(BaseHTTPRequestHandler):
-    """Answers the calls snapshot_download makes: revision and tree API, HEAD/GET resolve."""
-
-    server: Any
-
-    def log_message(self, *args: Any) -> None:  # keep pytest output clean
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
-
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str], send_body: bool) -> None:
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(body))}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def _answer(self, send_body: bool) -> None:
-        parts = unquote(urlsplit(self.path).path).strip("/").split("/")
-        self.server.requests.append((self.command, "/".join(parts)))
-        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
-            self._api("/".join(parts[2:4]), parts[4], "/".join(parts[5:]), send_body)
-        elif len(parts) >= 5 and parts[2] == "resolve":
-            self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), send_body)
-        else:
-            self._send(404, b"not found", {}, send_body)
-
-    def _commit(self, repo_id: str, revision: str, send_body: bool) -> tuple[dict[str, Any], str] | None:
-        repo = self.server.repos.get(repo_id)
-        if repo is None:
-            self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, send_body)
-            return None
-        commit = repo["refs"].get(revision, revision if revision == repo["commit"] else None)
-        if commit is None:
-            self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"}, send_body)
-            return None
-        return repo, commit
-
-    def _api(self, repo_id: str, kind: str, revision: str, send_body: bool) -> None:
-        found = self._commit(repo_id, revision, send_body)
-        if found is None:
-            return
-        repo, commit = found
-        if kind == "revision":
-            payload: Any = {
-                "id": repo_id,
-                "sha": commit,
-                "siblings": [{"rfilename": f} for f in repo["files"]],
-            }
-        else:
-            payload = [
-                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                for name, data in repo["files"].items()
-            ]
-        self._send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, send_body)
-
-    def _resolve(self, repo_id: str, revision: str, file_name: str, send_body: bool) -> None:
-        found = self._commit(repo_id, revision, send_body)
-        if found is None:
-            return
-        repo, commit = found
-        data = repo["files"].get(file_name)
-        if data is None:
-            self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, send_body)
-            return
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-        self._send(200, data, headers, send_body)
-
-
-@pytest.fixture
-def hub_server() -> Iterator[Any]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
-    server.repos, server.requests = {}, []
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()  # after shutdown() alone the socket still accepts and clients hang
-    thread.join(5)
 
 
 def _serve(server: Any, files: dict[str, bytes]) -> None:

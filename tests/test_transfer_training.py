@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,10 @@ METHOD_OPTIONS = {"crd": ["--set", "method.kwargs.nce_k=64"]}
 def _run(args: list[str]) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of the CLI run in-process."""
     result = CliRunner().invoke(main, args)
-    return result.exit_code, result.stdout, result.stderr
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return result.exit_code, result.stdout, stderr
 
 
 def _one_line_error(code: int, stderr: str) -> str:
