@@ -3,7 +3,9 @@
 A run folder holds ``run.json`` (stage, status, dmlkd version, command line), ``run_config.json`` (the
 resolved config), ``metrics.jsonl``, ``last/`` and ``best/`` checkpoints, ``state/`` (resumable). Rules:
 a new run needs an empty or absent folder; ``--resume`` needs a folder holding a run of the same stage;
-``--overwrite`` replaces a folder holding a dmlkd run; a folder with other content is never touched.
+``--overwrite`` replaces a folder holding a dmlkd run; a folder with other content is never touched. A run
+that failed before writing any checkpoint or state (a bad option found during set-up, say) is marked
+``failed`` and holds nothing to lose, so the corrected command may reuse its folder without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dmlkd import __version__
-from dmlkd.errors import ConfigError
+from dmlkd.errors import ConfigError, Interrupted
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "run_config.json"
+_PROGRESS_CONTENT = ("last", "best", "state")  # what a failed run may hold that a user would lose
 _RUN_CONTENT = {
     RUN_FILE,
     CONFIG_FILE,
@@ -80,7 +85,7 @@ def prepare_run_dir(
         _check_writable(run_dir)
         return run_dir, saved
     if existing is not None:
-        if not overwrite:
+        if not overwrite and not failed_without_progress(run_dir, existing):
             raise ConfigError(
                 f"output folder {str(run_dir)!r} already holds a {existing.get('stage')} run; "
                 "pass --resume to continue it or --overwrite to replace it"
@@ -112,6 +117,26 @@ def _check_same(saved: dict[str, Any], given: dict[str, Any], run_dir: Path, pre
             )
 
 
+def failed_without_progress(run_dir: Path, record: dict[str, Any]) -> bool:
+    return record.get("status") == "failed" and not any((run_dir / name).exists() for name in _PROGRESS_CONTENT)
+
+
+@contextmanager
+def failure_recorded(run_dir: Path, is_main: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Mark the run ``failed`` (with the error's text) when the body raises; an interruption is not a failure.
+
+    ``is_main`` is asked when the error happens (the process group may start inside the body).
+    """
+    try:
+        yield
+    except Interrupted:
+        raise
+    except Exception as error:
+        if is_main() and (Path(run_dir) / RUN_FILE).is_file():
+            mark_status(run_dir, "failed", error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise
+
+
 def _clear_run(run_dir: Path) -> None:
     for child in run_dir.iterdir():
         if child.name not in _RUN_CONTENT:
@@ -124,5 +149,7 @@ def _clear_run(run_dir: Path) -> None:
 
 def mark_status(run_dir: Path, status: str, **fields: Any) -> None:
     record = read_run(run_dir) or {}
+    if status != "failed":
+        record.pop("error", None)  # a resumed run that finishes is no longer failed
     record.update({"status": status, **fields})
     _write_json(Path(run_dir) / RUN_FILE, record)

@@ -163,12 +163,15 @@ def student_config_tree(config: PipelineConfig, teacher_ref: Path, method: str) 
 def _train_stage(
     run_dir: Path, stage: str, tree: dict[str, Any], train: Callable[[Any, Path, bool], Any], config_cls: type
 ) -> Any:
-    """Train one stage into ``run_dir``, resuming it if an earlier attempt was interrupted."""
-    from dmlkd.engine.rundir import prepare_run_dir, read_run
+    """Train one stage into ``run_dir``, resuming it if an earlier attempt was interrupted.
+
+    An attempt that failed before writing any checkpoint or state starts again from scratch.
+    """
+    from dmlkd.engine.rundir import failed_without_progress, prepare_run_dir, read_run
 
     config = from_dict(config_cls, tree)
     existing = read_run(run_dir)
-    resume = existing is not None
+    resume = existing is not None and not failed_without_progress(run_dir, existing)
     run_dir, tree = prepare_run_dir(run_dir, stage, to_dict(config), resume=resume, overwrite=False)
     return train(from_dict(config_cls, tree), run_dir, resume)
 

@@ -15,7 +15,7 @@ from dmlkd.config import to_dict
 from dmlkd.engine.data import build_train_data
 from dmlkd.engine.distributed import gather_view_major, init_processes, is_main
 from dmlkd.engine.loop import FitResult, Stage, fit
-from dmlkd.engine.rundir import mark_status
+from dmlkd.engine.rundir import failure_recorded, mark_status
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TEACHER_LOSSES
@@ -93,6 +93,11 @@ class TeacherResult:
 
 def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) -> TeacherResult:
     """Train a teacher as configured; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
+    with failure_recorded(run_dir, is_main):
+        return _train_teacher(config, run_dir, resume)
+
+
+def _train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) -> TeacherResult:
     from dmlkd.data.catalog import build_splits
     from dmlkd.models import build_model
 

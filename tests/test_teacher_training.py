@@ -289,6 +289,25 @@ def test_init_from_a_pretrained_run(tmp_path: Path, tiny_glyph_args: list[str]) 
         ]
     )
     assert code == 2 and "holds a resnet18-16 model, but this run trains resnet18-32" in stderr
+    bad = json.loads((tmp_path / "bad" / "run.json").read_text())
+    assert bad["status"] == "failed" and "holds a resnet18-16 model" in bad["error"]
+    # The failed run wrote no checkpoint: the corrected command reuses its folder without --overwrite.
+    fixed = ["teacher", "train", "--out", str(tmp_path / "bad"), "--max-steps", "1", "--init", str(first)]
+    code, _, stderr = _run([*fixed, *tiny_glyph_args])
+    assert code == 0, stderr
+    done = json.loads((tmp_path / "bad" / "run.json").read_text())
+    assert done["status"] == "finished" and "error" not in done
+
+
+def test_a_failed_run_with_checkpoints_is_kept(tmp_path: Path, tiny_glyph_args: list[str]) -> None:
+    out = tmp_path / "run"
+    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args])
+    assert code == 0, stderr
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "status": "failed", "error": "a non-finite loss"}))
+    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "1", *tiny_glyph_args])
+    assert code == 2 and "already holds a teacher run" in stderr and "--overwrite" in stderr
+    assert (out / "last" / "model.safetensors").exists()
 
 
 def test_demo_teacher_run_improves_recall_over_the_untrained_network(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.data import build_train_data, train_image_size
 from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main
 from dmlkd.engine.loop import FitResult, Stage, fit
-from dmlkd.engine.rundir import mark_status
+from dmlkd.engine.rundir import failure_recorded, mark_status
 from dmlkd.errors import ConfigError
 from dmlkd.models.outputs import Batch, ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
@@ -195,6 +195,11 @@ def build_method(
 
 def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
     """Train a student against a frozen teacher; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
+    with failure_recorded(run_dir, is_main):
+        return _train_transfer(config, run_dir, resume)
+
+
+def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
     from dmlkd.data.catalog import build_splits
     from dmlkd.data.transforms import ReplaySpec
     from dmlkd.models import build_model
