@@ -144,8 +144,11 @@ def _make_command(name: str) -> click.Command:
 
         folder = Path(out or f"runs/{name}-{dataset_name}")
         results = run_pipeline(config, folder, overwrite=overwrite)
-        click.echo(format_summary(results))
-        click.echo(f"report: {folder / 'report.md'}")
+        from dmlkd.engine.distributed import is_main
+
+        if is_main():  # under a launcher, one summary
+            click.echo(format_summary(results))
+            click.echo(f"report: {folder / 'report.md'}")
 
     command.help = (
         f"{defaults.summary.capitalize()}: {defaults.src} -> {defaults.dst} by default.\n\n"

@@ -3,6 +3,11 @@
 Every stage records its completion in ``<out>/pipeline.json``; rerunning the same command skips finished
 stages and resumes an interrupted training run from its saved state. A different command on an existing
 folder is refused unless ``overwrite`` is set.
+
+Under a launcher (``torchrun``, ``accelerate launch``) every process runs the pipeline: the training stages
+run on all of them (the global-batch contract of ``dmlkd.engine.distributed``), while the folder bookkeeping,
+downloads, the teacher check, the export and the report run on the main process, whose results (and errors)
+every process receives.
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class PipelineState:
         return state
 
     def save(self) -> None:
+        from dmlkd.engine.distributed import is_main
+
+        if not is_main():  # every process keeps the record in memory; the main process writes it
+            return
         tmp = self.out / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")
         os.replace(tmp, self.out / STATE_FILE)
@@ -167,22 +176,31 @@ def _train_stage(
 
     An attempt that failed before writing any checkpoint or state starts again from scratch.
     """
-    from dmlkd.engine.rundir import failed_without_progress, prepare_run_dir, read_run
+    from dmlkd.engine.distributed import call_on_main, prepare_run_dir_on_main
 
     config = from_dict(config_cls, tree)
-    existing = read_run(run_dir)
-    resume = existing is not None and not failed_without_progress(run_dir, existing)
-    run_dir, tree = prepare_run_dir(run_dir, stage, to_dict(config), resume=resume, overwrite=False)
+    resume = call_on_main(_should_resume, run_dir)  # decided once, before the main process writes run.json
+    run_dir, tree = prepare_run_dir_on_main(
+        config.train.device, run_dir, stage, to_dict(config), resume=resume, overwrite=False
+    )
     return train(from_dict(config_cls, tree), run_dir, resume)
+
+
+def _should_resume(run_dir: Path) -> bool:
+    from dmlkd.engine.rundir import failed_without_progress, read_run
+
+    existing = read_run(run_dir)
+    return existing is not None and not failed_without_progress(run_dir, existing)
 
 
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
     from dmlkd.checkpoints import resolve_checkpoint_dir
+    from dmlkd.engine.distributed import call_on_main
 
     src = config.src
     if src.startswith("hf://") or Path(src).expanduser().exists():
-        return resolve_checkpoint_dir(src if src.startswith("hf://") else Path(src).expanduser())
+        return call_on_main(resolve_checkpoint_dir, src if src.startswith("hf://") else Path(src).expanduser())
     from dmlkd.models.spec import parse_spec
 
     spec = parse_spec(src)
@@ -191,7 +209,7 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     entry = find_teacher(config.data.name, str(spec))
     if entry is not None:
         log.info("pretrained teacher for %s on %s from the zoo: %s", spec, config.data.name, entry)
-        return resolve_checkpoint_dir(entry.reference)
+        return call_on_main(resolve_checkpoint_dir, entry.reference)  # one download
     run_dir = state.out / "teacher"
     if not state.done("teacher"):
         from dmlkd.teacher.config import TeacherConfig
@@ -199,13 +217,21 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
 
         result = _train_stage(run_dir, "teacher", teacher_config_tree(config), train_teacher, TeacherConfig)
         state.finish("teacher", run_dir=str(run_dir), seconds=round(result.fit.seconds, 1))
-    return resolve_checkpoint_dir(run_dir)
+    return call_on_main(resolve_checkpoint_dir, run_dir)
 
 
 def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineState) -> dict[str, Any]:
-    """Re-evaluate the teacher; stop if it falls far below the metrics recorded with it."""
+    """Re-evaluate the teacher (on the main process); stop if it falls far below the metrics recorded with it."""
+    from dmlkd.engine.distributed import call_on_main
+
     if (done := state.done("teacher_check")) is not None:
         return done
+    info = call_on_main(_measure_teacher, config, teacher_dir)
+    state.finish("teacher_check", **info)
+    return info
+
+
+def _measure_teacher(config: PipelineConfig, teacher_dir: Path) -> dict[str, Any]:
     from dmlkd.checkpoints import load_checkpoint
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
@@ -237,7 +263,6 @@ def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineStat
             f"{config.data.name}, far below the {100 * expected:.1f} recorded with it: wrong dataset, "
             "preprocessing or weights (the weights may not have loaded); check the teacher and --dataset"
         )
-    state.finish("teacher_check", **info)
     return info
 
 
@@ -267,19 +292,28 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
 
 
 def export_students(config: PipelineConfig, run_dirs: list[Path], state: PipelineState) -> list[Path]:
+    from dmlkd.engine.distributed import call_on_main
     from dmlkd.student.export import export_model
 
     exported = []
     for method, run_dir in zip(config.methods, run_dirs):
         target = state.out / "exports" / method
         if not state.done(f"export:{method}"):
-            export_model(str(run_dir), target, config.export_format, overwrite=True)
+            call_on_main(export_model, str(run_dir), target, config.export_format, overwrite=True)
             state.finish(f"export:{method}", path=str(target), format=config.export_format)
         exported.append(target)
     return exported
 
 
 def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
+    from dmlkd.engine.distributed import call_on_main
+
+    results = call_on_main(_write_report, config, teacher_dir, run_dirs, state)
+    state.finish("report", path=str(state.out / "report.md"))
+    return results
+
+
+def _write_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
     from dmlkd.engine.evaluate import resolve_device
@@ -293,7 +327,7 @@ def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path],
     splits, _ = build_splits(config.data)
     student_tree = student_config_tree(config, teacher_dir, config.methods[0])
     eval_config = from_dict(EvalConfig, student_tree.get("eval", {}))
-    results = write_report(
+    return write_report(
         state.out,
         config.scenario,
         config.data.name,
@@ -303,13 +337,15 @@ def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path],
         resolve_device(config.device),
         progress=config.progress,
     )
-    state.finish("report", path=str(state.out / "report.md"))
-    return results
 
 
 def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) a pipeline into ``out``; returns the report's results."""
-    state = PipelineState.open(out, config, overwrite)
+    """Run (or resume) a pipeline into ``out``; returns the report's results (on every process)."""
+    from dmlkd.engine.distributed import call_on_main, init_processes, launched
+
+    if launched():
+        init_processes(config.device)
+    state = call_on_main(PipelineState.open, out, config, overwrite)
     teacher_dir = resolve_teacher(config, state)
     check_teacher(config, teacher_dir, state)
     run_dirs = train_students(config, teacher_dir, state)

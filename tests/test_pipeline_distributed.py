@@ -1,0 +1,124 @@
+"""``dmlkd pipeline`` under torchrun (2 CPU processes, gloo) gives the single-process run, written once.
+
+Both runs train a tiny compress pipeline (teacher, check, cached-teacher student, export, report) with the
+settings under which the training stages are exactly comparable (see tests/test_distributed.py): SGD,
+eval-mode BatchNorm, one view per image for the cached student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+ATOL = RTOL = 1e-5  # gloo sums the two halves' gradients in another order than one process
+COMPARABLE = [
+    "--device",
+    "cpu",
+    "--set",
+    "data.options.max_classes=16",
+    "--max-steps",
+    "3",
+    "--teacher-epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    *("--set", "teacher.train.ipc=4", "--set", "transfer.train.ipc=4"),
+    *("--set", "teacher.eval.nmi=false", "--set", "transfer.eval.nmi=false"),
+    *("--set", "teacher.train.eval_at_start=false", "--set", "transfer.teacher.cache_views=2"),
+    *("--set", "transfer.train.views=1", "--set", "transfer.train.sampler_mode=cover"),
+]
+for _stage in ("teacher", "transfer"):
+    COMPARABLE += [
+        *("--set", f"{_stage}.optim.optimizer=sgd", "--set", f"{_stage}.optim.lr=0.01"),
+        *("--set", f"{_stage}.optim.momentum=0.9", "--set", f"{_stage}.optim.scheduler=none"),
+        *("--set", f"{_stage}.optim.bn_freeze=true", "--set", f"{_stage}.optim.warmup_epochs=0"),
+    ]
+
+
+def _pipeline(out: Path, launcher: list[str]) -> str:
+    args = ["pipeline", "compress", "--src", "resnet18-16", "--dst", "resnet18-8", "--out", str(out / "run")]
+    args += [*COMPARABLE, "--set", f"transfer.teacher.cache_dir={json.dumps(str(out / 'cache'))}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [*launcher, "-m", "dmlkd", *args], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("pipeline-distributed")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return {
+        "single": (root / "single" / "run", _pipeline(root / "single", [sys.executable])),
+        "torchrun": (root / "torchrun" / "run", _pipeline(root / "torchrun", torchrun)),
+    }
+
+
+def _assert_close(reference: Path, other: Path) -> None:
+    expected, actual = load_file(str(reference)), load_file(str(other))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=ATOL, rtol=RTOL, msg=key)
+
+
+def test_teacher_and_student_weights_match_one_process(runs: dict[str, tuple[Path, str]]) -> None:
+    single, multi = runs["single"][0], runs["torchrun"][0]
+    _assert_close(single / "teacher" / "last" / "model.safetensors", multi / "teacher" / "last" / "model.safetensors")
+    student = Path("students") / "relaxed_contrastive" / "last" / "model.safetensors"
+    _assert_close(single / student, multi / student)
+    exported = Path("exports") / "relaxed_contrastive" / "model.safetensors"
+    _assert_close(single / exported, multi / exported)
+
+
+def test_stages_and_report_are_written_once(runs: dict[str, tuple[Path, str]]) -> None:
+    single, multi = runs["single"][0], runs["torchrun"][0]
+    single_stages = json.loads((single / "pipeline.json").read_text())["stages"]
+    multi_stages = json.loads((multi / "pipeline.json").read_text())["stages"]
+    assert set(multi_stages) == set(single_stages) == {
+        "teacher",
+        "teacher_check",
+        "student:relaxed_contrastive",
+        "export:relaxed_contrastive",
+        "report",
+    }
+    assert multi_stages["student:relaxed_contrastive"]["teacher_mode"] == "cached"
+    assert runs["torchrun"][1].count("report: ") == 1  # one summary, from the main process
+    leftovers = [p.name for p in multi.rglob(".*") if "tmp" in p.name or ".old-" in p.name]
+    assert leftovers == []
+    single_results = json.loads((single / "results.json").read_text())
+    multi_results = json.loads((multi / "results.json").read_text())
+    assert _recalls(multi_results) == pytest.approx(_recalls(single_results), abs=1e-6)
+
+
+def _recalls(results: dict) -> list[float]:
+    """Every Recall@1 in results.json, in document order."""
+    found: list[float] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "recall@1" and isinstance(value, float):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(results)
+    assert found, "results.json holds no Recall@1"
+    return found
