@@ -65,7 +65,7 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 
 
 def _os_error_line(error: OSError) -> str:
-    """``no space left on device: '/runs/x/state' (free some space, then rerun; ...)`` on one line."""
+    """``no space left on device: '/runs/x/state' (free some space and rerun; ...)`` on one line."""
     reason = (error.strerror or os.strerror(error.errno or 0)).lower()
     where = f": {str(error.filename)!r}" if error.filename else ""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
