@@ -18,166 +18,58 @@ part of the key (content spec, teacher digest, identifiers digest, dmlkd/torch/P
 a SHA-256 of the tensor bytes; a file whose parts, key, shapes or bytes do not check out is rebuilt (the
 differing part is logged), never used. The key does not cover image *contents*: replacing an image file
 under the same identifier needs a new cache folder.
+
+Parts: ``cache_spec`` (the spec and the key), ``cache_views`` (running the teacher on the views, sharded over
+processes), ``cache_file`` (the checked, atomic file); this module holds the cache, building and loading it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import PIL
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dmlkd.data.base import ImageCollection
-from dmlkd.data.transforms import ReplaySpec, apply_view, eval_view, replay_view_params
 from dmlkd.engine.distributed import (
     any_true,
     barrier,
     broadcast_object,
-    gather_uneven,
     is_main,
-    rank,
-    shard_batches,
-    world_size,
 )
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import ModelOutput
 from dmlkd.transfer.cache_file import (
     _READ_ERRORS,
     FORMAT_NAME,
-    FORMAT_VERSION,
     _content_digest,
     _differences,
     _read_checked,
     _sha256_json,
     _write_atomically,
 )
+from dmlkd.transfer.cache_spec import CacheSpec, _digest_of, cache_key, cache_path, key_parts, teacher_digest
+from dmlkd.transfer.cache_views import run_teacher
+
+__all__ = [
+    "CacheSpec",
+    "TeacherCache",
+    "build_cache",
+    "cache_key",
+    "cache_path",
+    "describe_cache",
+    "load_or_build_cache",
+    "teacher_digest",
+]
 
 logger = logging.getLogger(__name__)
-
-_AUTOCAST_DTYPES = ("float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """Everything that determines the cache content besides the teacher and the image list.
-
-    ``seed``/``scale``/``ratio``/``flip_p`` matter in ``cached`` mode only, ``eval_resize_ratio`` in ``clean``
-    mode only (None means 1.0, as in ``eval_view``); the key ignores the fields a mode does not use.
-    ``autocast`` (``float16`` or ``bfloat16``) runs the teacher under ``torch.autocast``; None keeps fp32.
-    """
-
-    mode: Literal["cached", "clean"]
-    num_sets: int
-    seed: int
-    image_size: int
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    eval_resize_ratio: float | None = 256 / 224
-    with_pooled: bool = False
-    autocast: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", tuple(float(value) for value in self.scale))
-        object.__setattr__(self, "ratio", tuple(float(value) for value in self.ratio))
-        if self.mode not in ("cached", "clean"):
-            raise ConfigError(f"unknown teacher cache mode {self.mode!r}; valid: cached, clean")
-        if self.num_sets < 1 or (self.mode == "clean" and self.num_sets != 1):
-            raise ConfigError(f"invalid num_sets={self.num_sets} for mode {self.mode!r}; need >= 1 (1 for clean)")
-        if self.seed < 0 or self.image_size < 1:
-            raise ConfigError(f"invalid seed={self.seed} or image_size={self.image_size}; need >= 0 and >= 1")
-        scale, ratio = self.scale, self.ratio
-        if len(scale) != 2 or len(ratio) != 2 or not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-            raise ConfigError(f"invalid crop scale={scale} or ratio={ratio}; need 0 < s0 <= s1 <= 1, 0 < r0 <= r1")
-        if not 0 <= self.flip_p <= 1 or (self.eval_resize_ratio is not None and self.eval_resize_ratio < 1):
-            raise ConfigError(
-                f"invalid flip_p={self.flip_p} or eval_resize_ratio={self.eval_resize_ratio}; "
-                "need 0 <= flip_p <= 1 and eval_resize_ratio >= 1"
-            )
-        if self.autocast is not None and self.autocast not in _AUTOCAST_DTYPES:
-            raise ConfigError(f"invalid cache autocast {self.autocast!r}; valid: None, {', '.join(_AUTOCAST_DTYPES)}")
-
-    @property
-    def replay(self) -> ReplaySpec | None:
-        """What the training ``TrainDataset`` must replay (None in clean mode)."""
-        return ReplaySpec(self.num_sets, self.seed) if self.mode == "cached" else None
-
-    def content(self) -> dict[str, Any]:
-        """The JSON-compatible fields that determine the content in this mode (what the key covers)."""
-        data: dict[str, Any] = {
-            "mode": self.mode,
-            "num_sets": int(self.num_sets),
-            "image_size": int(self.image_size),
-            "with_pooled": bool(self.with_pooled),
-            "autocast": self.autocast,
-        }
-        if self.mode == "cached":
-            data.update(seed=int(self.seed), scale=list(self.scale), ratio=list(self.ratio), flip_p=float(self.flip_p))
-        else:
-            data["eval_resize_ratio"] = float(self.eval_resize_ratio or 1.0)
-        return data
-
-
-def _key_parts(spec: CacheSpec, teacher_digest: str, identifiers: Sequence[str]) -> dict[str, str]:
-    from dmlkd import __version__
-
-    return {
-        "format_version": str(FORMAT_VERSION),
-        "spec": json.dumps(spec.content(), sort_keys=True),
-        "teacher_digest": teacher_digest,
-        "identifiers_digest": _sha256_json([str(name) for name in identifiers]),
-        "num_images": str(len(identifiers)),
-        "dmlkd_version": __version__,
-        "torch_version": torch.__version__,
-        "pillow_version": PIL.__version__,
-    }
-
-
-def cache_key(spec: CacheSpec, teacher_digest: str, identifiers: Sequence[str]) -> str:
-    """Hex SHA-256 over the canonical JSON of the key parts (spec content, teacher, identifiers, versions)."""
-    return _sha256_json(_key_parts(spec, teacher_digest, identifiers))
-
-
-def cache_path(folder: str | Path, key: str) -> Path:
-    """Where the cache with ``key`` lives in ``folder``."""
-    return Path(folder) / f"teacher-{key[:16]}.safetensors"
-
-
-def teacher_digest(source: str | Path | nn.Module) -> str:
-    """A digest of the teacher's weights and model config.
-
-    For a checkpoint (or run) folder: the ``model.safetensors`` SHA-256 recorded in its ``config.json`` plus
-    its model config (no tensor is read). For an in-memory model: the bytes, dtypes and shapes of its state
-    dict plus its ``config``. The two kinds never coincide for the same weights, so use one consistently.
-    """
-    if isinstance(source, nn.Module):
-        digest = hashlib.sha256()
-        for name, tensor in sorted(source.state_dict().items()):
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(data.view(torch.uint8).numpy())
-        config = getattr(source, "config", None)
-        config = asdict(config) if is_dataclass(config) else None
-        return _sha256_json({"kind": "state", "weights": digest.hexdigest(), "model": config})
-    from dmlkd.checkpoints.io import MODEL_FILE, read_checkpoint_config, resolve_checkpoint_dir
-
-    record = read_checkpoint_config(resolve_checkpoint_dir(source))
-    return _sha256_json({"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]})
-
-
-_digest_of = teacher_digest  # build_cache's ``teacher_digest`` argument shadows the function
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -275,104 +167,6 @@ class TeacherCache:
         return ModelOutput(embedding=embedding, pooled=pooled)  # type: ignore[arg-type]
 
 
-class CacheViewDataset(Dataset):
-    """Item ``i`` -> ``(views (K, 3, S, S), i)``: the ``K`` cached views of image ``i``, loaded once."""
-
-    def __init__(self, collection: ImageCollection, spec: CacheSpec) -> None:
-        self.collection, self.spec = collection, spec
-
-    def __len__(self) -> int:
-        return len(self.collection)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        spec, image = self.spec, self.collection.load(index)
-        if spec.mode == "clean":
-            return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), index
-        views = []
-        for k in range(spec.num_sets):
-            params = replay_view_params(spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p)
-            views.append(apply_view(image, params, spec.image_size))
-        return torch.stack(views), index
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-@torch.no_grad()
-def _run_teacher(
-    teacher: nn.Module,
-    collection: ImageCollection,
-    spec: CacheSpec,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-) -> dict[str, Tensor]:
-    """Every cached output, on the CPU in fp16: ``{"embeddings": (N, K, D)[, "pooled": (N, K, P)]}``.
-
-    With several processes each runs the teacher on its share of the single-process batches and the rows
-    are gathered, so every process returns the whole (identical) result.
-    """
-    count, sets = len(collection), spec.num_sets
-    loader = DataLoader(
-        CacheViewDataset(collection, spec),
-        batch_sampler=shard_batches(count, max(1, batch_size // sets), rank(), world_size()),
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    names = ("embeddings", "pooled") if spec.with_pooled else ("embeddings",)
-    store: dict[str, Tensor] = {}
-    filled = torch.zeros(count, dtype=torch.bool)
-    autocast = (
-        torch.autocast(device.type, dtype=getattr(torch, spec.autocast)) if spec.autocast else contextlib.nullcontext()
-    )
-    with (
-        _eval_mode(teacher),
-        tqdm(total=count, desc="teacher cache", unit="img", disable=not progress) as bar,
-    ):
-        for views, indices in loader:
-            with autocast:
-                output = teacher(views.flatten(0, 1).to(device, non_blocking=True))
-            for name, value in zip(names, (output.embedding, output.pooled)):
-                value = value.reshape(len(indices), sets, -1).to(torch.float16).cpu()
-                if name not in store:
-                    store[name] = torch.zeros((count, sets, value.shape[-1]), dtype=torch.float16)
-                store[name][indices] = value
-            filled[indices] = True
-            bar.update(len(indices))
-    if world_size() > 1:
-        store, filled = _gather_shards(store, filled, names, sets)
-    if count == 0 or not bool(filled.all()):
-        raise DataError(f"the teacher cache covers {int(filled.sum())} of {count} images; nothing to cache")
-    return store
-
-
-def _gather_shards(
-    store: dict[str, Tensor], filled: Tensor, names: tuple[str, ...], sets: int
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Every process's filled rows put together (rows travel flattened: a process may have none)."""
-    mine = torch.nonzero(filled).squeeze(1)
-    rows = torch.cat(gather_uneven(mine))
-    merged: dict[str, Tensor] = {}
-    for name in names:
-        local = store[name][mine].flatten() if name in store else torch.zeros(0, dtype=torch.float16)
-        values = torch.cat(gather_uneven(local.float())).to(torch.float16)  # fp16 -> fp32 -> fp16 is exact
-        values = values.reshape(rows.numel(), sets, -1)
-        merged[name] = torch.zeros((filled.numel(), sets, values.shape[-1]), dtype=torch.float16)
-        merged[name][rows] = values
-    everywhere = torch.zeros_like(filled)
-    everywhere[rows] = True
-    return merged, everywhere
-
-
 def build_cache(
     teacher: nn.Module,
     collection: ImageCollection,
@@ -401,13 +195,13 @@ def build_cache(
         progress: show a progress bar in images/s.
     """
     digest = teacher_digest if teacher_digest is not None else _digest_of(teacher)
-    parts = _key_parts(spec, digest, collection.identifiers)
+    parts = key_parts(spec, digest, collection.identifiers)
     expected = _sha256_json(parts)
     if key is not None and key != expected:
         raise ConfigError(f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)")
     device = _device_of(teacher, device)
     teacher.to(device)  # the images go to ``device``; so must the teacher
-    tensors = _run_teacher(teacher, collection, spec, device, batch_size, num_workers, progress)
+    tensors = run_teacher(teacher, collection, spec, device, batch_size, num_workers, progress)
     config = getattr(teacher, "config", None)
     metadata = {
         **parts,
@@ -462,7 +256,7 @@ def load_or_build_cache(
     version) is rebuilt; the reason is logged. Arguments are those of ``build_cache``; the returned cache
     lives on ``device`` (default: the teacher's device).
     """
-    parts = _key_parts(spec, teacher_digest, collection.identifiers)
+    parts = key_parts(spec, teacher_digest, collection.identifiers)
     key = _sha256_json(parts)
     path = cache_path(folder, key)
     found = path.is_file()

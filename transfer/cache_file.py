@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from dmlkd.transfer.cache import CacheSpec
+    from dmlkd.transfer.cache_spec import CacheSpec
 
 FORMAT_NAME = "dmlkd-teacher-cache"
 FORMAT_VERSION = 1

@@ -1,0 +1,115 @@
+"""Running the teacher on every cached view of the training images (one process or several)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dmlkd.data.base import ImageCollection
+from dmlkd.data.transforms import apply_view, eval_view, replay_view_params
+from dmlkd.engine.distributed import gather_uneven, rank, shard_batches, world_size
+from dmlkd.errors import DataError
+from dmlkd.transfer.cache_spec import CacheSpec
+
+
+class CacheViewDataset(Dataset):
+    """Item ``i`` -> ``(views (K, 3, S, S), i)``: the ``K`` cached views of image ``i``, loaded once."""
+
+    def __init__(self, collection: ImageCollection, spec: CacheSpec) -> None:
+        self.collection, self.spec = collection, spec
+
+    def __len__(self) -> int:
+        return len(self.collection)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        spec, image = self.spec, self.collection.load(index)
+        if spec.mode == "clean":
+            return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), index
+        views = []
+        for k in range(spec.num_sets):
+            params = replay_view_params(spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p)
+            views.append(apply_view(image, params, spec.image_size))
+        return torch.stack(views), index
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
+def run_teacher(
+    teacher: nn.Module,
+    collection: ImageCollection,
+    spec: CacheSpec,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """Every cached output, on the CPU in fp16: ``{"embeddings": (N, K, D)[, "pooled": (N, K, P)]}``.
+
+    With several processes each runs the teacher on its share of the single-process batches and the rows
+    are gathered, so every process returns the whole (identical) result.
+    """
+    count, sets = len(collection), spec.num_sets
+    loader = DataLoader(
+        CacheViewDataset(collection, spec),
+        batch_sampler=shard_batches(count, max(1, batch_size // sets), rank(), world_size()),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    names = ("embeddings", "pooled") if spec.with_pooled else ("embeddings",)
+    store: dict[str, Tensor] = {}
+    filled = torch.zeros(count, dtype=torch.bool)
+    autocast = (
+        torch.autocast(device.type, dtype=getattr(torch, spec.autocast)) if spec.autocast else contextlib.nullcontext()
+    )
+    with (
+        _eval_mode(teacher),
+        tqdm(total=count, desc="teacher cache", unit="img", disable=not progress) as bar,
+    ):
+        for views, indices in loader:
+            with autocast:
+                output = teacher(views.flatten(0, 1).to(device, non_blocking=True))
+            for name, value in zip(names, (output.embedding, output.pooled)):
+                value = value.reshape(len(indices), sets, -1).to(torch.float16).cpu()
+                if name not in store:
+                    store[name] = torch.zeros((count, sets, value.shape[-1]), dtype=torch.float16)
+                store[name][indices] = value
+            filled[indices] = True
+            bar.update(len(indices))
+    if world_size() > 1:
+        store, filled = _gather_shards(store, filled, names, sets)
+    if count == 0 or not bool(filled.all()):
+        raise DataError(f"the teacher cache covers {int(filled.sum())} of {count} images; nothing to cache")
+    return store
+
+
+def _gather_shards(
+    store: dict[str, Tensor], filled: Tensor, names: tuple[str, ...], sets: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Every process's filled rows put together (rows travel flattened: a process may have none)."""
+    mine = torch.nonzero(filled).squeeze(1)
+    rows = torch.cat(gather_uneven(mine))
+    merged: dict[str, Tensor] = {}
+    for name in names:
+        local = store[name][mine].flatten() if name in store else torch.zeros(0, dtype=torch.float16)
+        values = torch.cat(gather_uneven(local.float())).to(torch.float16)  # fp16 -> fp32 -> fp16 is exact
+        values = values.reshape(rows.numel(), sets, -1)
+        merged[name] = torch.zeros((filled.numel(), sets, values.shape[-1]), dtype=torch.float16)
+        merged[name][rows] = values
+    everywhere = torch.zeros_like(filled)
+    everywhere[rows] = True
+    return merged, everywhere
