@@ -20,6 +20,12 @@ def _common_options(function: Any) -> Any:
         click.option("--student", "student_spec", default=None, help="ARCH-DIM of the student, e.g. resnet18-128."),
         click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs."),
         click.option("--data-root", default=None, help="Dataset folder (or CSV file)."),
+        click.option(
+            "--transfer-set",
+            default=None,
+            help="Train on this folder of unlabeled images (recursive) instead of the dataset's train split; "
+            "label-free methods only, random batches; --dataset still gives the test split.",
+        ),
         click.option("--recipe", default=None, help="Named preset: lr-cub, lr-cars, lr-sop, demo-glyphs."),
         click.option(
             "--teacher-mode",
@@ -86,6 +92,11 @@ def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[
         "train.progress": False if params["no_progress"] else None,
     }
     items = _items(shortcuts, params["overrides"])
+    if params["transfer_set"] is not None:
+        # No classes to sample P x K from: random batches, unless --ipc asks otherwise (then an error says why).
+        items = [f"transfer_set={json.dumps(params['transfer_set'])}", "train.ipc=null", *items]
+        if params["ipc"] is not None:
+            items.append(f"train.ipc={params['ipc']}")
     start = start_tree(params["recipe"], params["dataset"])
     tree = apply_overrides(start, items)
     if tree["method"]["name"] != start["method"]["name"]:

@@ -56,6 +56,9 @@ class TransferConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     recipe: str | None = None
+    # A folder of unlabeled images to train on instead of data's train split (label-free methods only; see
+    # dmlkd.transfer.transfer_set); data still gives the test split.
+    transfer_set: str | None = None
 
 
 def _lr(dataset: str, epochs: int) -> dict[str, Any]:

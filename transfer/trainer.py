@@ -105,7 +105,26 @@ def check_transfer_config(config: TransferConfig) -> str:
     if not config.teacher.ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
     resolve_checkpoint_dir(config.teacher.ref)
+    if config.transfer_set:
+        from dmlkd.transfer.transfer_set import check_transfer_set_options, read_transfer_set
+
+        check_transfer_set_options(config.method.name, config.train.ipc)
+        read_transfer_set(config.transfer_set)
     return mode
+
+
+def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[str, str]]]:
+    """The dataset's splits, with the train split replaced by the transfer set if one is given."""
+    from dmlkd.data.catalog import build_splits
+
+    splits, bad = build_splits(config.data)
+    if config.transfer_set:
+        from dmlkd.transfer.transfer_set import check_transfer_set_options, with_transfer_set
+
+        check_transfer_set_options(config.method.name, config.train.ipc)
+        splits = with_transfer_set(splits, config.transfer_set)
+        log.info("transfer set %s: %d images (no labels)", config.transfer_set, len(splits.train))
+    return splits, bad
 
 
 def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
@@ -200,7 +219,6 @@ def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) 
 
 
 def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
-    from dmlkd.data.catalog import build_splits
     from dmlkd.data.transforms import ReplaySpec
     from dmlkd.models import build_model
 
@@ -209,7 +227,7 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls)
     teacher, teacher_record, digest = load_teacher(config.teacher.ref)
-    splits, bad = build_splits(config.data)
+    splits, bad = _training_splits(config)
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
     data = build_train_data(splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size)
     student = build_model(config.student)
@@ -238,6 +256,8 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
                 "dataset": config.data.name,
                 "method": config.method.name,
                 "skipped_images": [i for i, _ in bad],
+                "transfer_set": config.transfer_set,
+                "train_images": len(splits.train),
             },
         },
     )
@@ -259,7 +279,6 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
-    from dmlkd.data.catalog import build_splits
     from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
@@ -269,7 +288,7 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
             f"teacher mode online uses no cache; choose --teacher-mode cached or clean (method {config.method.name!r})"
         )
     teacher, _record, digest = load_teacher(config.teacher.ref)
-    splits, _bad = build_splits(config.data)
+    splits, _bad = _training_splits(config)
     device = init_processes(config.train.device).device  # under a launcher the processes share the build
     source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, device)
     return describe_cache(cache_path(_cache_folder(config), source.cache.key))
