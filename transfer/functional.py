@@ -15,69 +15,22 @@ Numerics, for every public function:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
+
+from dmlkd.transfer.feature_functional import attention_map, attention_transfer, fitnet_stage
+from dmlkd.transfer.precision import check_embeddings, eye_mask, full_precision, zero_with_graph
 
 __all__ = [
     "attention_map", "attention_transfer", "dark_rank", "fitnet_stage", "pairwise_distances", "pkt",
     "relaxed_contrastive", "relaxed_ms", "rkd_angle", "rkd_distance"
 ]  # fmt: skip
 
-_Function = TypeVar("_Function", bound=Callable[..., torch.Tensor])
-
-
-# --- Precision and shape helpers.
-
-
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _full_precision(function: _Function) -> _Function:
-    """Run ``function`` with its tensor arguments cast to float32 (float64 if one is) and autocast off."""
-
-    @functools.wraps(function)
-    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        with _autocast_disabled(tensors[0].device):
-            return function(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _check_embeddings(name: str, student: torch.Tensor, teacher: torch.Tensor) -> int:
-    """Return N after checking that both are (N, D) batches with the same N (the widths may differ)."""
-    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"{name} needs (N, D) student and teacher embeddings with the same N, got student "
-            f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-        )
-    return student.shape[0]
-
-
-def _zero_with_graph(student: torch.Tensor) -> torch.Tensor:
-    """A zero loss that still depends on ``student``, so ``backward()`` works (and gives zero grads)."""
-    return student.sum() * 0.0
-
-
-def _eye(n: int, device: torch.device) -> torch.Tensor:
-    return torch.eye(n, dtype=torch.bool, device=device)
-
 
 # --- Distances.
 
 
-@_full_precision
+@full_precision
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distance matrix as the official code computes it ("pdist", seed-spec §2).
 
@@ -97,7 +50,7 @@ def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     squared_norms = x.pow(2).sum(dim=1)
     squared = squared_norms.unsqueeze(1) + squared_norms.unsqueeze(0) - 2.0 * (x @ x.t())
     distances = squared.clamp(min=eps).sqrt()
-    return distances.masked_fill(_eye(x.shape[0], x.device), 0.0)
+    return distances.masked_fill(eye_mask(x.shape[0], x.device), 0.0)
 
 
 def _row_mean_normalised(distances: torch.Tensor) -> torch.Tensor:
@@ -116,7 +69,7 @@ def _relaxed_scaled_squared(teacher: torch.Tensor, sigma: float) -> torch.Tensor
 # Metric Learning", CVPR 2021 (arXiv:2103.14908).
 
 
-@_full_precision
+@full_precision
 def relaxed_contrastive(
     student: torch.Tensor, teacher: torch.Tensor, sigma: float = 1.0, delta: float = 1.0
 ) -> torch.Tensor:
@@ -139,9 +92,9 @@ def relaxed_contrastive(
     Returns:
         Scalar loss; 0 (with graph) when N < 2.
     """
-    n = _check_embeddings("relaxed_contrastive", student, teacher)
+    n = check_embeddings("relaxed_contrastive", student, teacher)
     if n < 2:
-        return _zero_with_graph(student)
+        return zero_with_graph(student)
     normalised = _row_mean_normalised(pairwise_distances(student))
     weights = torch.exp(-_relaxed_scaled_squared(teacher, sigma))
     pull = weights * normalised.pow(2)
@@ -155,7 +108,7 @@ def _log_one_plus_sum_exp(logits: torch.Tensor, keep: torch.Tensor) -> torch.Ten
     return torch.logsumexp(torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1), dim=1)
 
 
-@_full_precision
+@full_precision
 def relaxed_ms(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -187,13 +140,13 @@ def relaxed_ms(
     Returns:
         Scalar loss; 0 (with graph) when no anchor has L_i > 0.
     """
-    n = _check_embeddings("relaxed_ms", student, teacher)
+    n = check_embeddings("relaxed_ms", student, teacher)
     if num_views < 1 or n % num_views:
         raise ValueError(
             f"relaxed_ms needs N divisible by num_views (view-major batch), got N={n}, num_views={num_views}"
         )
     if n < 2:
-        return _zero_with_graph(student)
+        return zero_with_graph(student)
     normalised = _row_mean_normalised(pairwise_distances(student))
     with torch.no_grad():
         scaled = _relaxed_scaled_squared(teacher, sigma)
@@ -201,7 +154,7 @@ def relaxed_ms(
         same_image = image.unsqueeze(1) == image.unsqueeze(0)
         log_positive = torch.where(same_image, 0.0, -scaled)
         log_negative = torch.where(same_image, float("-inf"), torch.log(-torch.expm1(-scaled)))
-        others = ~_eye(n, student.device)
+        others = ~eye_mask(n, student.device)
     pull = _log_one_plus_sum_exp(log_positive + alpha * normalised, others) / alpha
     push = _log_one_plus_sum_exp(log_negative + beta * (delta - normalised), others) / beta
     per_anchor = pull + push
@@ -220,7 +173,7 @@ def _global_mean_normalised(distances: torch.Tensor) -> torch.Tensor:
     return distances / torch.where(count > 0, mean, torch.ones_like(mean))
 
 
-@_full_precision
+@full_precision
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD distance term (Park et al., CVPR 2019; seed-spec §2.12).
 
@@ -235,7 +188,7 @@ def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar loss; 0 when the student's distances are proportional to the teacher's.
     """
-    _check_embeddings("rkd_distance", student, teacher)
+    check_embeddings("rkd_distance", student, teacher)
     student_distances = _global_mean_normalised(pairwise_distances(student))
     with torch.no_grad():
         teacher_distances = _global_mean_normalised(pairwise_distances(teacher.detach()))
@@ -248,7 +201,7 @@ def _angle_cosines(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(unit_differences, unit_differences.transpose(1, 2))
 
 
-@_full_precision
+@full_precision
 def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD angle term (Park et al., CVPR 2019; seed-spec §2.12).
 
@@ -263,7 +216,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar loss; 0 when the student is a scaled, rotated or shifted copy of the teacher.
     """
-    _check_embeddings("rkd_angle", student, teacher)
+    check_embeddings("rkd_angle", student, teacher)
     student_cosines = _angle_cosines(student)
     with torch.no_grad():
         teacher_cosines = _angle_cosines(teacher.detach())
@@ -282,7 +235,7 @@ def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-@_full_precision
+@full_precision
 def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; seed-spec §2.11).
 
@@ -300,7 +253,7 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
     Returns:
         Scalar loss; 0 when both sides have the same cosine matrix.
     """
-    _check_embeddings("pkt", student, teacher)
+    check_embeddings("pkt", student, teacher)
     student_probabilities = _pkt_probabilities(student, eps)
     with torch.no_grad():
         teacher_probabilities = _pkt_probabilities(teacher.detach(), eps)
@@ -312,7 +265,7 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
 # Similarities Transfer", AAAI 2018 (hard variant, settings of the RKD code).
 
 
-@_full_precision
+@full_precision
 def dark_rank(
     student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3.0, beta: float = 3.0, list_length: int = 4
 ) -> torch.Tensor:
@@ -340,82 +293,17 @@ def dark_rank(
     Returns:
         Scalar loss; 0 (with graph) when N < 2.
     """
-    n = _check_embeddings("dark_rank", student, teacher)
+    n = check_embeddings("dark_rank", student, teacher)
     if list_length < 1:
         raise ValueError(f"dark_rank needs list_length >= 1, got {list_length!r}")
     length = min(list_length, n - 1)
     if length < 1:
-        return _zero_with_graph(student)
+        return zero_with_graph(student)
     with torch.no_grad():
         teacher_distances = pairwise_distances(F.normalize(teacher.detach(), p=2, dim=1))
-        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(_eye(n, teacher.device), -torch.inf)
+        teacher_scores = (-alpha * teacher_distances.pow(beta)).masked_fill(eye_mask(n, teacher.device), -torch.inf)
         ranked = teacher_scores.topk(length, dim=1).indices
     student_distances = pairwise_distances(F.normalize(student, p=2, dim=1))
     ordered_scores = -alpha * student_distances.gather(1, ranked).pow(beta)  # never touches D_ii = 0
     tail_logsumexp = torch.logcumsumexp(ordered_scores.flip(1), dim=1).flip(1)
     return -(ordered_scores - tail_logsumexp).sum(dim=1).mean()
-
-
-# --- Feature-map terms: S. Zagoruyko, N. Komodakis, "Paying More Attention to Attention", ICLR 2017;
-# A. Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
-
-
-@_full_precision
-def attention_map(feature_map: torch.Tensor) -> torch.Tensor:
-    """Attention map a = normalize_L2(mean_c(F²) flattened over H·W) (Zagoruyko & Komodakis; §2.8).
-
-    Args:
-        feature_map: (B, C, H, W) features.
-
-    Returns:
-        (B, H·W) unit-norm rows (a zero map stays zero).
-    """
-    if feature_map.dim() != 4:
-        raise ValueError(f"attention_map needs a (B, C, H, W) feature map, got {tuple(feature_map.shape)}")
-    return F.normalize(feature_map.pow(2).mean(dim=1).flatten(1), p=2, dim=1)
-
-
-@_full_precision
-def attention_transfer(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """Attention transfer for one stage (seed-spec §2.8): mean over B·H·W of (a_student − a_teacher)².
-
-    Args:
-        student_map: (B, C_s, H, W) student features.
-        teacher_map: (B, C_t, H, W) teacher features; channel counts may differ, B, H and W may not.
-
-    Returns:
-        Scalar loss (weight 1 in the official code, no β scaling).
-    """
-    if (
-        student_map.dim() != 4
-        or teacher_map.dim() != 4
-        or student_map.shape[0] != teacher_map.shape[0]
-        or student_map.shape[2:] != teacher_map.shape[2:]
-    ):
-        raise ValueError(
-            "attention_transfer needs (B, C, H, W) maps with equal B, H and W, got student "
-            f"{tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)}"
-        )
-    student_attention = attention_map(student_map)
-    with torch.no_grad():
-        teacher_attention = attention_map(teacher_map.detach())
-    return (student_attention - teacher_attention).pow(2).mean()
-
-
-@_full_precision
-def fitnet_stage(student_regressed_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """FitNet hint loss for one stage (Romero et al.; seed-spec §2.7): mean over B·C·H·W of (r − F_t)².
-
-    Args:
-        student_regressed_map: (B, C_t, H, W) student features after the 1×1 regressor.
-        teacher_map: (B, C_t, H, W) teacher features (detached).
-
-    Returns:
-        Scalar loss.
-    """
-    if student_regressed_map.shape != teacher_map.shape:
-        raise ValueError(
-            "fitnet_stage needs the regressed student map and the teacher map to have the same shape, got "
-            f"student {tuple(student_regressed_map.shape)} and teacher {tuple(teacher_map.shape)}"
-        )
-    return (student_regressed_map - teacher_map.detach()).pow(2).mean()
