@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,24 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_folders_removed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Delete the folders a test module's fixtures made (checkpoints: several GB per session) when it ends.
+
+    A passing test's own ``tmp_path`` is deleted at once (setup.cfg's retention policy); module-scoped
+    fixtures would otherwise keep theirs to the end of the session. A module with a failure keeps everything.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = {child.name for child in base.iterdir()}
+    failures = request.session.testsfailed
+    yield
+    if request.session.testsfailed != failures:
+        return
+    for child in base.iterdir():
+        if child.name not in before and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 @pytest.fixture
