@@ -111,24 +111,6 @@ def test_paddle_fine_tune_beats_the_untrained_network(
 # ---------------------------------------------------------------------------------------------------------
 # A teacher folder trained with any of them is the SRC of a pipeline
 
-TINY = [
-    "--dataset",
-    "glyphs",
-    "--set",
-    "data.options.max_classes=16",
-    "--model",
-    "resnet18-16",
-    "--batch-size",
-    "16",
-    "--max-steps",
-    "2",
-    "--no-progress",
-    "--set",
-    "eval.nmi=false",
-    "--set",
-    "train.eval_at_start=false",
-]
-
 
 @pytest.mark.parametrize(
     "extra",
@@ -139,9 +121,9 @@ TINY = [
     ],
     ids=["npairs", "divide_and_conquer", "iaa"],
 )
-def test_teacher_folder_serves_as_pipeline_source(tmp_path: Path, extra: list[str]) -> None:
+def test_teacher_folder_serves_as_pipeline_source(tmp_path: Path, tiny_glyph_args: list[str], extra: list[str]) -> None:
     teacher = tmp_path / "teacher"
-    _run("teacher", "train", "--out", str(teacher), *TINY, *extra)
+    _run("teacher", "train", "--out", str(teacher), "--max-steps", "2", *tiny_glyph_args, *extra)  # extra's --ipc wins
     out = tmp_path / "pipeline"
     _run(
         "pipeline",
