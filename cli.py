@@ -26,6 +26,15 @@ SET_HELP = "Override any config field, e.g. --set eval.metric=euclidean (repeata
 class _Group(click.Group):
     """A group that turns user errors into one readable line instead of a traceback."""
 
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        # ``--debug`` is accepted anywhere on the command line (``dmlkd teacher train ... --debug``): it is
+        # moved in front of the subcommand, where the group's option is parsed.
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:cut]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < cut))]
+        return super().main(args, *rest, **kwargs)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -141,6 +150,38 @@ def datasets_command(as_json: bool) -> None:
         click.echo(f"{row['name']:<8} {row['summary']}")
         if row["options"]:
             click.echo(f"{'':<8} options: {', '.join(row['options'])}")
+
+
+@main.command("recipes")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def recipes_command(as_json: bool) -> None:
+    """List the named presets of both stages (--recipe NAME), one line each."""
+    from dmlkd.teacher.config import RECIPES as TEACHER_RECIPES
+    from dmlkd.transfer.config import RECIPES as TRANSFER_RECIPES
+
+    rows = [
+        {"stage": stage, "name": name, "summary": _recipe_summary(tree, "model" if stage == "teacher" else "student")}
+        for stage, recipes in (("teacher", TEACHER_RECIPES), ("transfer", TRANSFER_RECIPES))
+        for name, tree in recipes.items()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        click.echo(f"{row['stage']:<9} {row['name']:<{width}}  {row['summary']}")
+    click.echo("\nUse one with `dmlkd teacher train --recipe NAME` or `dmlkd transfer train --recipe NAME`.")
+
+
+def _recipe_summary(tree: dict[str, Any], model_section: str) -> str:
+    model, train, optim = tree.get(model_section, {}), tree.get("train", {}), tree.get("optim", {})
+    loss = tree.get("loss", tree.get("method", {})).get("name", "?")
+    weights = "ImageNet weights" if model.get("pretrained") else "from scratch"
+    batch = f"batch {train.get('batch_size')}" + (f" ({train['ipc']}/class)" if train.get("ipc") else "")
+    return (
+        f"{model.get('arch')}-{model.get('embedding_dim')} {weights}, {loss}, {tree.get('data', {}).get('name')}, "
+        f"{train.get('epochs')} epochs, {batch}, {optim.get('optimizer', 'adamw')} lr {optim.get('lr')}"
+    )
 
 
 @main.command("eval")

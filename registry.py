@@ -56,7 +56,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-BACKBONES: Registry[Callable[..., Any]] = Registry("architecture", "dmlkd.models")
+BACKBONES: Registry[Callable[..., Any]] = Registry("architecture", "dmlkd.models.registered")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dmlkd.data.catalog")
 TEACHER_LOSSES: Registry[Callable[..., Any]] = Registry("loss", "dmlkd.teacher.losses")
 TRANSFER_METHODS: Registry[Callable[..., Any]] = Registry("transfer method", "dmlkd.transfer.methods")

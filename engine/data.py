@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dmlkd.config import TrainConfig
+from dmlkd.config import STANDARD_AUGMENTATION, TrainConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.errors import DataError
 
@@ -24,6 +24,30 @@ class TrainData:
 
 def train_image_size(train: TrainConfig, splits: DatasetSplits) -> int:
     return int(train.image_size or splits.defaults.get("image_size", DEFAULT_IMAGE_SIZE))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random-view parameters of a run: the one place that merges the config with the dataset's defaults.
+
+    Used for the training views and for the teacher cache's key and replayed views alike.
+    """
+
+    image_size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_p: float
+
+
+def augmentation(train: TrainConfig, splits: DatasetSplits) -> Augmentation:
+    """``train``'s crop scale, aspect ratio and flip probability, or the dataset's defaults where unset."""
+    defaults = {**STANDARD_AUGMENTATION, **splits.defaults}
+    return Augmentation(
+        image_size=train_image_size(train, splits),
+        scale=tuple(float(v) for v in (train.crop_scale or defaults["crop_scale"])),  # type: ignore[arg-type]
+        ratio=tuple(float(v) for v in (train.crop_ratio or defaults["crop_ratio"])),  # type: ignore[arg-type]
+        flip_p=float(train.flip_p if train.flip_p is not None else defaults["flip_p"]),
+    )
 
 
 def _num_classes(labels: Any) -> int:
@@ -50,15 +74,15 @@ def build_train_data(
     from dmlkd.data.transforms import TrainDataset
 
     collection = splits.train
-    scale = tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0)))
-    flip_p = float(splits.defaults.get("flip_p", 0.5))  # glyphs: a mirrored glyph is another letter
+    views = augmentation(train, splits)
     dataset = TrainDataset(
         collection,
-        train_image_size(train, splits),
+        views.image_size,
         views=train.views,
         seed=train.seed,
-        scale=scale,
-        flip_p=flip_p,
+        scale=views.scale,
+        ratio=views.ratio,
+        flip_p=views.flip_p,
         replay=replay,
     )
     if train.ipc is not None:

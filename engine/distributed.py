@@ -74,6 +74,11 @@ def init_processes(device_name: str = "auto") -> ProcessInfo:
     return ProcessInfo(state.process_index, state.num_processes, state.device)
 
 
+def world_size_of_launch() -> int:
+    """The number of processes a launcher started (1 without one), known before the process group exists."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -41,6 +41,13 @@ def eval_image_size(config: EvalConfig, splits: DatasetSplits) -> int:
     return int(config.image_size or splits.defaults.get("image_size", DEFAULT_IMAGE_SIZE))
 
 
+def eval_resize_ratio(config: EvalConfig, splits: DatasetSplits) -> float:
+    """Resize to ``image_size * ratio`` before the centre crop: the config's, else the dataset's (256/224)."""
+    if config.resize_ratio is not None:
+        return float(config.resize_ratio)
+    return float(splits.defaults.get("eval_resize_ratio", 256 / 224))
+
+
 def embed_collection(
     model: nn.Module,
     collection: ImageCollection,
@@ -133,7 +140,7 @@ def evaluate_model(
     """
     distributed = distributed and world_size() > 1
     image_size = eval_image_size(config, splits)
-    resize_ratio = splits.defaults.get("eval_resize_ratio", 256 / 224)
+    resize_ratio = eval_resize_ratio(config, splits)
     ks = tuple(config.ks or splits.recall_ks)
     if splits.query is not None and splits.gallery is not None:
         query, query_labels = embed_collection(

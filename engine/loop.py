@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 SKIPPED = "skipped"  # key ``_step`` adds to the loss terms of a step skipped for a non-finite loss
+_ENTRY_KEYS = ("epoch", "step", "eval_seconds")  # bookkeeping fields of a metrics.jsonl row
 
 
 class NonFiniteLossError(DmlkdError):
@@ -141,11 +142,26 @@ class _Run:
         self.run_dir = run_dir
         self.history: list[dict[str, Any]] = []
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.on_saved: Callable[[], None] = lambda: None
         if self.metrics_path.exists():
             self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
+    def recorded(self, epoch: int, step: int) -> dict[str, float] | None:
+        """The metrics already recorded for this evaluation point (a resumed run never evaluates twice)."""
+        for entry in self.history:
+            if entry.get("epoch") == epoch and entry.get("step") == step:
+                return {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+        return None
+
     def evaluate(self, device: torch.device, epoch: int, step: int, progress: bool) -> dict[str, float]:
-        """Evaluate (all processes; the model and its loss state are first synced from the main one)."""
+        """Evaluate (all processes; the model and its loss state are first synced from the main one).
+
+        An evaluation point already in ``metrics.jsonl`` (a run killed after evaluating, then resumed) is
+        not repeated: the recorded metrics are returned and no row is appended.
+        """
+        recorded = self.recorded(epoch, step)
+        if recorded is not None:
+            return recorded
         started = time.perf_counter()
         distributed = dist_utils.world_size() > 1
         if distributed:
@@ -171,10 +187,25 @@ class _Run:
         return metrics
 
     def save(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
-        """Write checkpoint ``name`` from the main process; the others wait for it."""
-        if dist_utils.is_main():
+        """Write checkpoint ``name`` from the main process (unless it already holds this step)."""
+        if dist_utils.is_main() and not self.holds(name, epoch, step):
             self._write(name, metrics, epoch, step)
+            self.on_saved()
         dist_utils.barrier()
+
+    def holds(self, name: str, epoch: int, step: int) -> bool:
+        """Whether checkpoint ``name`` was already written at this evaluation point."""
+        try:
+            record = json.loads((self.run_dir / name / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        metrics = record.get("metrics", {}) if isinstance(record, dict) else {}
+        return metrics.get("epoch") == epoch and metrics.get("step") == step
+
+    def best_before(self, step: int, primary: str) -> float | None:
+        """The best primary metric of the evaluations that selected checkpoints before ``step``."""
+        scores = [e.get(primary, -math.inf) for e in self.history if 0 < e.get("step", 0) < step]
+        return max(scores) if scores else None
 
     def _write(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
         save_checkpoint(
@@ -187,8 +218,22 @@ class _Run:
         )
 
 
-def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, resume: bool = False) -> FitResult:
-    """Train ``stage.module``; see the module docstring for what is written to ``run_dir``."""
+def fit(
+    stage: Stage,
+    optim: OptimConfig,
+    train: TrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    on_saved: Callable[[], None] | None = None,
+) -> FitResult:
+    """Train ``stage.module``; see the module docstring for what is written to ``run_dir``.
+
+    The end of a run is published in a fixed order: the final evaluation (one ``metrics.jsonl`` row),
+    ``last/``, ``best/`` (when the final step is the best), then the state marked finished. A run killed
+    anywhere in that sequence and resumed completes it: nothing is evaluated or recorded twice, and
+    ``last/`` and ``best/`` end as those of an uninterrupted run. ``on_saved`` is called (main process)
+    after every checkpoint or state write.
+    """
     accelerator = make_accelerator(train, find_unused_parameters=optim.warmup_epochs > 0 or optim.bn_freeze)
     device = accelerator.device
     if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
@@ -205,6 +250,8 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
         # losses keep loss buffers (CRD memory) identical, and BN statistics are synced before evaluation.
         module.broadcast_buffers = False
     run = _Run(stage, run_dir)
+    if on_saved is not None:
+        run.on_saved = on_saved
     total_steps = stage.batches_per_epoch * train.epochs
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
@@ -217,6 +264,7 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
     def save_progress() -> None:
         if dist_utils.is_main():
             save_state(state_dir, accelerator.unwrap_model(module), optimizer, scheduler, progress)
+            run.on_saved()
         dist_utils.barrier()
 
     bar = _progress_bar(train.progress and dist_utils.is_main(), total_steps, progress.global_step)
@@ -256,13 +304,18 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
                 scheduler.step()
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
-            if run_done or (epoch_done and progress.epoch % train.eval_every == 0):
+            if run_done:
+                break  # the end of the run is published below, also when a resumed run starts there
+            if epoch_done and progress.epoch % train.eval_every == 0:
                 last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
-            progress.finished = run_done
             save_progress()
     bar.close()
-    if not last_metrics and run.history:
-        last_metrics = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step", "eval_seconds")}
+    # The publish sequence: final evaluation, last/, best/, then the state marked finished. Every part is
+    # skipped when already done, so a run killed inside it and resumed completes it exactly once.
+    last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
+    if not progress.finished:
+        progress.finished = True
+        save_progress()
     return _result(run, progress, last_metrics, time.perf_counter() - started)
 
 
@@ -306,13 +359,17 @@ def _evaluate_and_save(
     run: _Run, progress: Progress, device: torch.device, train: TrainConfig, primary: str
 ) -> dict[str, float]:
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
-    metrics = run.evaluate(device, epoch_label, progress.global_step, train.progress)  # the same everywhere
-    run.save("last", metrics, epoch_label, progress.global_step)
+    step = progress.global_step
+    metrics = run.evaluate(device, epoch_label, step, train.progress)  # the same everywhere
+    run.save("last", metrics, epoch_label, step)
     score = metrics.get(primary, -math.inf)
-    if progress.best_metric is None or score > progress.best_metric:
+    # Selected from metrics.jsonl, not from the saved state: a run killed between last/ and best/ and
+    # resumed from an older state still publishes best/ for this step.
+    earlier = run.best_before(step, primary)
+    if earlier is None or score > earlier:
         progress.best_metric = score
         progress.best_epoch = epoch_label
-        run.save("best", metrics, epoch_label, progress.global_step)
+        run.save("best", metrics, epoch_label, step)
     return metrics
 
 

@@ -1,61 +1,19 @@
-"""``dmlkd pipeline self-transfer|dim-reduction|compress`` (torch is imported only when a command runs)."""
+"""``dmlkd pipeline self-transfer|dim-reduction|compress``: flags into a ``PipelineConfig``, then ``run_pipeline``.
+
+The run flags are the stage commands' own (``dmlkd.cli_options``): ``--epochs`` and ``--lr`` go to the students,
+``--teacher-epochs`` and ``--teacher-lr`` to the teacher, the others to both stages. A finished pipeline rerun
+with the same options says so at once, without importing torch.
+"""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Any
 
 import click
 
+from dmlkd.cli_options import pipeline_items, pipeline_teacher_options, run_options
 from dmlkd.pipelines.scenarios import DEMO_SRC, SCENARIOS
-
-_SECTIONS = ("teacher", "transfer", "data")
-
-
-def _split_sets(items: tuple[str, ...]) -> dict[str, list[str]]:
-    """``--set teacher.optim.lr=1e-3`` goes to the teacher stage, ``transfer.…`` to the students and
-    ``data.…`` (e.g. ``data.options.verify_counts=false``) to the dataset both stages read."""
-    from dmlkd.errors import ConfigError
-
-    sections: dict[str, list[str]] = {name: [] for name in _SECTIONS}
-    for item in items:
-        section, _, rest = item.partition(".")
-        if section not in _SECTIONS or not rest:
-            raise ConfigError(
-                f"--set {item!r}: pipeline overrides start with teacher., transfer. or data., "
-                "e.g. teacher.optim.lr=1e-3 or transfer.train.epochs=10"
-            )
-        sections[section].append(rest)
-    return sections
-
-
-def _knobs(
-    teacher_epochs: int | None,
-    epochs: int | None,
-    max_steps: int | None,
-    batch_size: int | None,
-    image_size: int | None,
-) -> tuple[list[str], list[str]]:
-    both = {
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.image_size": image_size,
-        "eval.image_size": image_size,
-    }
-    teacher = {**both, "train.epochs": teacher_epochs}
-    transfer = {**both, "train.epochs": epochs}
-
-    def items(values: dict[str, Any]) -> list[str]:
-        return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
-
-    return items(teacher), items(transfer)
-
-
-def _default_src(name: str, dataset: str) -> str:
-    """The scenario's teacher spec; the demo data has its own for compress (see ``DEMO_SRC``)."""
-    if dataset == "glyphs" and name in DEMO_SRC:
-        return DEMO_SRC[name]
-    return SCENARIOS[name].src
 
 
 def _make_command(name: str) -> click.Command:
@@ -75,29 +33,29 @@ def _make_command(name: str) -> click.Command:
     @click.option("--out", default=None, help=f"Pipeline folder (default runs/{name}-<dataset>).")
     @click.option(
         "--methods",
-        default="relaxed_contrastive",
-        help="Comma-separated transfer methods, e.g. relaxed_contrastive,rkd,pkt.",
+        default=None,
+        help="Comma-separated transfer methods, e.g. relaxed_contrastive,rkd,pkt (default relaxed_contrastive).",
     )
-    @click.option("--teacher-epochs", type=int, default=None, help="Epochs of the teacher stage (if trained).")
-    @click.option("--epochs", type=int, default=None, help="Epochs of each student.")
-    @click.option("--max-steps", type=int, default=None, help="Cap every training stage at N steps.")
-    @click.option("--batch-size", type=int, default=None)
-    @click.option("--image-size", type=int, default=None)
+    @pipeline_teacher_options
     @click.option(
         "--export-format",
         type=click.Choice(["safetensors", "onnx", "torch.export"]),
-        default="safetensors",
-        help="Format of the exported students.",
+        default=None,
+        help="Format of the exported students (default safetensors).",
     )
-    @click.option("--device", default="auto", help="auto (default), cpu, cuda or cuda:N.")
-    @click.option("--overwrite", is_flag=True, help="Replace a different pipeline run in --out.")
-    @click.option("--no-progress", is_flag=True, help="No progress bars.")
+    @click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace a different pipeline run in --out (kept until the new run saved its first state).",
+    )
+    @click.option("--regenerate-report", is_flag=True, help="Write report.md and the plots again on a finished run.")
+    @run_options
     @click.option(
         "--set",
         "overrides",
         multiple=True,
         metavar="STAGE.KEY=VALUE",
-        help="Stage override, e.g. --set teacher.optim.lr=1e-3 --set transfer.train.views=2.",
+        help="Stage override, e.g. --set teacher.optim.lr=1e-3 --set transfer.train.views=2 (applied last).",
     )
     def command(
         src: str | None,
@@ -105,48 +63,56 @@ def _make_command(name: str) -> click.Command:
         dataset: str | None,
         data_root: str | None,
         out: str | None,
-        methods: str,
-        teacher_epochs: int | None,
-        epochs: int | None,
-        max_steps: int | None,
-        batch_size: int | None,
-        image_size: int | None,
-        export_format: str,
-        device: str,
+        methods: str | None,
+        export_format: str | None,
         overwrite: bool,
-        no_progress: bool,
+        regenerate_report: bool,
+        config_file: str | None,
+        print_config: bool,
         overrides: tuple[str, ...],
+        **params: Any,
     ) -> None:
-        from pathlib import Path
+        from dmlkd.config import dump_config, read_config_file, to_dict
+        from dmlkd.pipelines.config import build_pipeline_config
 
-        from dmlkd.config import DataConfig, load_config, to_dict
-        from dmlkd.pipelines.config import PipelineConfig
-
-        sets = _split_sets(overrides)
-        teacher_knobs, transfer_knobs = _knobs(teacher_epochs, epochs, max_steps, batch_size, image_size)
-        dataset_name = dataset or "glyphs"
-        config = PipelineConfig(
-            scenario=name,
-            src=src or _default_src(name, dataset_name),
-            dst=dst or defaults.dst,
-            data=load_config(DataConfig, to_dict(DataConfig(name=dataset_name, root=data_root)), sets["data"]),
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
-            teacher_overrides=[*teacher_knobs, *sets["teacher"]],
-            transfer_overrides=[*transfer_knobs, *sets["transfer"]],
+        teacher_items, transfer_items = pipeline_items(params)
+        config, notes = build_pipeline_config(
+            name,
+            src=src,
+            dst=dst,
+            methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+            data={"name": dataset, "root": data_root},
+            teacher_items=teacher_items,
+            transfer_items=transfer_items,
+            sets=overrides,
+            file_tree=read_config_file(config_file) if config_file else None,
             export_format=export_format,
-            device=device,
-            progress=not no_progress,
         )
-        from dmlkd.pipelines.report import format_summary
+        if print_config:
+            click.echo(dump_config(to_dict(config)), nl=False)
+            return
+        folder = Path(out or f"runs/{name}-{config.data.name}")
+        from dmlkd.pipelines.state import finished_results
+
+        done = None if (overwrite or regenerate_report) else finished_results(folder, config)
+        if done is not None:  # nothing to do: no torch import, no report rewrite
+            from dmlkd.pipelines.report_text import format_summary
+
+            click.echo(f"nothing to do: the pipeline in {str(folder)!r} has finished with these options")
+            click.echo(format_summary(done))
+            click.echo(f"report: {folder / 'report.md'} (--regenerate-report writes it again)")
+            return
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+
+        from dmlkd.engine.distributed import is_main
         from dmlkd.pipelines.runner import run_pipeline, validate_pipeline
 
         validate_pipeline(config)
-
-        folder = Path(out or f"runs/{name}-{dataset_name}")
-        results = run_pipeline(config, folder, overwrite=overwrite)
-        from dmlkd.engine.distributed import is_main
-
+        results = run_pipeline(config, folder, overwrite=overwrite, regenerate_report=regenerate_report)
         if is_main():  # under a launcher, one summary
+            from dmlkd.pipelines.report_text import format_summary
+
             click.echo(format_summary(results))
             click.echo(f"report: {folder / 'report.md'}")
 

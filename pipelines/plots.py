@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from torch import Tensor
 
 from dmlkd.config import EvalConfig
 from dmlkd.data.base import DatasetSplits
+
+if TYPE_CHECKING:  # torch is not needed to print a finished pipeline's summary
+    from torch import Tensor
 
 FILES = {
     "recall_per_epoch": "recall_per_epoch.png",

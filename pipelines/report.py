@@ -321,9 +321,9 @@ def _embed(
     device: torch.device,
     progress: bool,
 ) -> ModelEmbeddings:
-    from dmlkd.engine.evaluate import embed_collection
+    from dmlkd.engine.evaluate import embed_collection, eval_resize_ratio
 
-    resize_ratio = splits.defaults.get("eval_resize_ratio", 256 / 224)
+    resize_ratio = eval_resize_ratio(eval_config, splits)
     if splits.query is not None and splits.gallery is not None:
         query = embed_collection(model, splits.query, eval_config, image_size, resize_ratio, device, progress)
         gallery = embed_collection(model, splits.gallery, eval_config, image_size, resize_ratio, device, progress)

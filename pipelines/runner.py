@@ -12,178 +12,31 @@ every process receives.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmlkd import __version__
-from dmlkd.config import apply_overrides, from_dict, to_dict
-from dmlkd.errors import ConfigError, DmlkdError
+from dmlkd.config import from_dict, to_dict
+from dmlkd.errors import DmlkdError
 from dmlkd.pipelines.config import PipelineConfig
-from dmlkd.pipelines.scenarios import MIN_IMAGE_SIZE
+from dmlkd.pipelines.state import PipelineState
+from dmlkd.transfer.config import TransferConfig
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "pipeline.json"
-_PIPELINE_CONTENT = {
-    STATE_FILE,
-    "teacher",
-    "students",
-    "exports",
-    "report.md",
-    "results.json",
-    "recall_per_epoch.png",
-    "recall_at_k.png",
-    "retrieval_grid.png",
-}
 
 
 class TeacherCheckError(DmlkdError):
     """The teacher re-evaluates far below the metrics recorded in its checkpoint."""
 
 
-class PipelineState:
-    """``pipeline.json``: the pipeline's config and which stages have finished."""
+def student_config(config: PipelineConfig, teacher_ref: Path | str, method: str) -> TransferConfig:
+    """The config of the student trained with ``method``: the pipeline's transfer config, that method (its
+    options only), and the resolved teacher."""
+    from dmlkd.registry import TRANSFER_METHODS
 
-    def __init__(self, out: Path, record: dict[str, Any]) -> None:
-        self.out = out
-        self.record = record
-
-    @classmethod
-    def open(cls, out: Path, config: PipelineConfig, overwrite: bool) -> PipelineState:
-        out = Path(out)
-        wanted = to_dict(config)
-        path = out / STATE_FILE
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("config") == wanted and not overwrite:
-                return cls(out, record)
-            if not overwrite:
-                difference = _first_difference(record.get("config", {}), wanted)
-                raise ConfigError(
-                    f"{str(out)!r} holds a pipeline run with different options ({difference}); "
-                    "rerun the same command to resume it, or pass --overwrite to replace it"
-                )
-            _clear(out)
-        elif out.exists() and any(out.iterdir()):
-            raise ConfigError(
-                f"output folder {str(out)!r} is not empty and holds no dmlkd pipeline; "
-                "choose an empty or new --out folder"
-            )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"cannot create output folder {str(out)!r}: {error.strerror}") from None
-        state = cls(out, {"format": 1, "dmlkd_version": __version__, "config": wanted, "stages": {}})
-        state.save()
-        return state
-
-    def save(self) -> None:
-        from dmlkd.engine.distributed import is_main
-
-        if not is_main():  # every process keeps the record in memory; the main process writes it
-            return
-        tmp = self.out / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
-        os.replace(tmp, self.out / STATE_FILE)
-
-    def done(self, stage: str) -> dict[str, Any] | None:
-        return self.record["stages"].get(stage)
-
-    def finish(self, stage: str, **info: Any) -> None:
-        self.record["stages"][stage] = {"status": "done", **info}
-        self.save()
-
-
-def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-            found = _first_difference(old[key], new[key], f"{prefix}{key}.")
-            if found:
-                return found
-        elif old.get(key) != new.get(key):
-            return f"{prefix}{key}: {json.dumps(old.get(key))} before, {json.dumps(new.get(key))} now"
-    return ""
-
-
-def _clear(out: Path) -> None:
-    for child in out.iterdir():
-        if child.name in _PIPELINE_CONTENT:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def _image_size_overrides(arch: str, dataset: str) -> list[str]:
-    """Small demo images are upscaled for backbones that cannot run on them (BN-Inception at 32 px)."""
-    minimum = MIN_IMAGE_SIZE.get(arch)
-    if minimum and dataset == "glyphs":
-        return [f"train.image_size={minimum}", f"eval.image_size={minimum}"]
-    return []
-
-
-def _common(config: PipelineConfig) -> list[str]:
-    items = [
-        f"data.name={json.dumps(config.data.name)}",
-        f"data.options={json.dumps(config.data.options)}",
-        f"data.skip_bad_images={json.dumps(config.data.skip_bad_images)}",
-        f"train.device={json.dumps(config.device)}",
-        f"train.progress={json.dumps(config.progress)}",
-    ]
-    if config.data.root:
-        items.append(f"data.root={json.dumps(config.data.root)}")
-    return items
-
-
-def teacher_config_tree(config: PipelineConfig) -> dict[str, Any]:
-    from dmlkd.models.spec import parse_spec
-    from dmlkd.teacher.config import start_tree
-
-    spec = parse_spec(config.src)
-    items = [
-        f"model.arch={json.dumps(spec.arch)}",
-        f"model.embedding_dim={spec.dim}",
-        *_common(config),
-        *_image_size_overrides(spec.arch, config.data.name),
-        *config.teacher_overrides,
-    ]
-    return apply_overrides(start_tree(None, config.data.name, spec.arch), items)
-
-
-def student_config_tree(config: PipelineConfig, teacher_ref: Path, method: str) -> dict[str, Any]:
-    from dmlkd.models.spec import parse_spec
-    from dmlkd.transfer.config import start_tree
-
-    spec = parse_spec(config.dst)
-    items = [
-        f"teacher.ref={json.dumps(str(teacher_ref))}",
-        f"student.arch={json.dumps(spec.arch)}",
-        f"student.embedding_dim={spec.dim}",
-        f"method.name={json.dumps(method)}",
-        *_common(config),
-        *_image_size_overrides(spec.arch, config.data.name),
-        *config.transfer_overrides,
-    ]
-    return apply_overrides(start_tree(None, config.data.name), items)
-
-
-def _train_stage(
-    run_dir: Path, stage: str, tree: dict[str, Any], train: Callable[[Any, Path, bool], Any], config_cls: type
-) -> Any:
-    """Train one stage into ``run_dir``, resuming it if an earlier attempt was interrupted.
-
-    An attempt that failed before writing any checkpoint or state starts again from scratch.
-    """
-    from dmlkd.engine.distributed import call_on_main, prepare_run_dir_on_main
-
-    config = from_dict(config_cls, tree)
-    resume = call_on_main(_should_resume, run_dir)  # decided once, before the main process writes run.json
-    run_dir, tree = prepare_run_dir_on_main(
-        config.train.device, run_dir, stage, to_dict(config), resume=resume, overwrite=False
-    )
-    return train(from_dict(config_cls, tree), run_dir, resume)
+    options = TRANSFER_METHODS.get(method).options()
+    return config.transfer.with_method(method, options).with_teacher(str(teacher_ref))
 
 
 def _should_resume(run_dir: Path) -> bool:
@@ -191,6 +44,30 @@ def _should_resume(run_dir: Path) -> bool:
 
     existing = read_run(run_dir)
     return existing is not None and not failed_without_progress(run_dir, existing)
+
+
+def _runtime_given(tree: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed stage takes from this command (progress bars, workers): see ``RUNTIME_KEYS``."""
+    from dmlkd.engine.rundir import RUNTIME_KEYS
+
+    given: dict[str, Any] = {}
+    for dotted in RUNTIME_KEYS:
+        section, key = dotted.split(".")
+        if key in tree.get(section, {}):
+            given.setdefault(section, {})[key] = tree[section][key]
+    return given
+
+
+def _train_stage(run_dir: Path, run: Callable[..., Any], config: Any, state: PipelineState) -> Any:
+    """Train one stage into ``run_dir``, resuming it if an earlier attempt was interrupted.
+
+    An attempt that failed before writing any checkpoint or state starts again from scratch.
+    """
+    from dmlkd.engine.distributed import call_on_main
+
+    resume = call_on_main(_should_resume, run_dir)  # decided once, before the main process writes run.json
+    given = _runtime_given(to_dict(config)) if resume else None
+    return run(config, run_dir, resume=resume, given=given, on_saved=state.saved)
 
 
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
@@ -212,10 +89,10 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
         return call_on_main(resolve_checkpoint_dir, entry.reference)  # one download
     run_dir = state.out / "teacher"
     if not state.done("teacher"):
-        from dmlkd.teacher.config import TeacherConfig
-        from dmlkd.teacher.trainer import train_teacher
+        from dmlkd.teacher.trainer import run_teacher
 
-        result = _train_stage(run_dir, "teacher", teacher_config_tree(config), train_teacher, TeacherConfig)
+        assert config.teacher is not None  # a model spec SRC always has a teacher config
+        result = _train_stage(run_dir, run_teacher, config.teacher, state)
         state.finish("teacher", run_dir=str(run_dir), seconds=round(result.fit.seconds, 1))
     return call_on_main(resolve_checkpoint_dir, run_dir)
 
@@ -267,20 +144,13 @@ def _measure_teacher(config: PipelineConfig, teacher_dir: Path) -> dict[str, Any
 
 
 def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineState) -> list[Path]:
-    from dmlkd.transfer.config import TransferConfig
-    from dmlkd.transfer.trainer import train_transfer
+    from dmlkd.transfer.trainer import run_transfer
 
     run_dirs = []
     for method in config.methods:
         run_dir = state.out / "students" / method
         if not state.done(f"student:{method}"):
-            result = _train_stage(
-                run_dir,
-                "transfer",
-                student_config_tree(config, teacher_dir, method),
-                train_transfer,
-                TransferConfig,
-            )
+            result = _train_stage(run_dir, run_transfer, student_config(config, teacher_dir, method), state)
             state.finish(
                 f"student:{method}",
                 run_dir=str(run_dir),
@@ -325,8 +195,7 @@ def _write_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path
         mode = (state.done(f"student:{method}") or {}).get("teacher_mode")
         entries.append(ReportEntry(method, "student", run_dir, method=method, teacher_mode=mode))
     splits, _ = build_splits(config.data)
-    student_tree = student_config_tree(config, teacher_dir, config.methods[0])
-    eval_config = from_dict(EvalConfig, student_tree.get("eval", {}))
+    eval_config = from_dict(EvalConfig, to_dict(config.transfer.eval))
     return write_report(
         state.out,
         config.scenario,
@@ -339,33 +208,46 @@ def _write_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path
     )
 
 
-def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) a pipeline into ``out``; returns the report's results (on every process)."""
-    from dmlkd.engine.distributed import call_on_main, init_processes, launched
+def run_pipeline(
+    config: PipelineConfig, out: Path, overwrite: bool = False, regenerate_report: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) a pipeline into ``out``; returns the report's results (on every process).
+
+    The folder is locked for the whole run; ``overwrite`` keeps the old pipeline until the new one saved
+    its first state (see ``dmlkd.pipelines.state``). ``regenerate_report`` writes the report again.
+    """
+    from dmlkd.engine.distributed import call_on_main, init_processes, is_main, launched
+    from dmlkd.engine.rundir import sigterm_as_interrupt
 
     if launched():
         init_processes(config.device)
-    state = call_on_main(PipelineState.open, out, config, overwrite)
-    teacher_dir = resolve_teacher(config, state)
-    check_teacher(config, teacher_dir, state)
-    run_dirs = train_students(config, teacher_dir, state)
-    export_students(config, run_dirs, state)
-    return make_report(config, teacher_dir, run_dirs, state)
+    opened: dict[str, PipelineState] = {}
+
+    def open_state() -> dict[str, Any]:
+        opened["state"] = PipelineState.open(out, config, overwrite)
+        return opened["state"].record
+
+    record = call_on_main(open_state)
+    state = opened.get("state") or PipelineState(Path(out), record, None, None)
+    try:
+        with sigterm_as_interrupt():
+            if regenerate_report:
+                state.record["stages"].pop("report", None)
+            teacher_dir = resolve_teacher(config, state)
+            check_teacher(config, teacher_dir, state)
+            run_dirs = train_students(config, teacher_dir, state)
+            export_students(config, run_dirs, state)
+            return make_report(config, teacher_dir, run_dirs, state)
+    finally:
+        if is_main():
+            state.close()
 
 
 def validate_pipeline(config: PipelineConfig) -> None:
-    """Fail before any training on names or overrides that cannot work (one-line errors)."""
-    from dmlkd.models.spec import parse_spec
-    from dmlkd.registry import DATASETS, TRANSFER_METHODS
-    from dmlkd.teacher.config import TeacherConfig
-    from dmlkd.transfer.config import TransferConfig
+    """Fail before any training on names that cannot work (one-line errors); the stage configs are typed
+    already, and each stage validates its data and options again before its run folder is touched."""
+    from dmlkd.registry import DATASETS
 
     DATASETS.get(config.data.name)
-    parse_spec(config.dst)
-    src_is_spec = not (config.src.startswith("hf://") or Path(config.src).expanduser().exists())
-    if src_is_spec:
-        parse_spec(config.src)
-        from_dict(TeacherConfig, teacher_config_tree(config))
     for method in config.methods:
-        TRANSFER_METHODS.get(method)
-        from_dict(TransferConfig, student_config_tree(config, Path("teacher"), method))
+        student_config(config, "teacher", method)

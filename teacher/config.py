@@ -5,7 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dmlkd.config import DataConfig, EvalConfig, OptimConfig, TrainConfig, merge
+from dmlkd.config import (
+    DataConfig,
+    EvalConfig,
+    OptimConfig,
+    TrainConfig,
+    from_dict,
+    given_tree,
+    merge,
+    resolve_from_scratch,
+)
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.spec import ModelConfig
 
@@ -259,8 +268,23 @@ def default_recipe(dataset: str | None, arch: str | None) -> str | None:
 def start_tree(recipe_name: str | None, dataset: str | None, arch: str | None) -> dict[str, Any]:
     """The config tree before command-line overrides: the named or default recipe, or PA defaults."""
     name = recipe_name or default_recipe(dataset, arch)
-    if name is None:
-        return merge(_PA_DEFAULTS, {"data": {"name": dataset}})
+    if name is None:  # the TeacherConfig default model, ResNet-50-512, unless --model names another
+        return merge(
+            _PA_DEFAULTS, {"data": {"name": dataset}, "model": {"arch": arch or "resnet50", "embedding_dim": 512}}
+        )
     tree = merge({}, recipe(name))
     tree["recipe"] = name
     return tree
+
+
+def resolve_teacher_config(
+    recipe_name: str | None, file_tree: dict[str, Any] | None, items: list[str]
+) -> tuple[TeacherConfig, dict[str, Any], list[str]]:
+    """The teacher config of a command: recipe (named, from the file, or the dataset's default), then the
+    ``--config`` file, then flags and ``--set`` items. Returns the config, what was given explicitly, and
+    notes on values resolved on the user's behalf (BN-freeze off for a backbone trained from scratch)."""
+    given = given_tree(file_tree, items)
+    name = recipe_name or given.get("recipe")
+    tree = merge(start_tree(name, given.get("data", {}).get("name"), given.get("model", {}).get("arch")), given)
+    tree, notes = resolve_from_scratch(tree, given, "model")
+    return from_dict(TeacherConfig, tree), given, notes

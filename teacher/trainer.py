@@ -11,11 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.config import to_dict
+from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
+from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.data import build_train_data
-from dmlkd.engine.distributed import gather_view_major, init_processes, is_main
+from dmlkd.engine.distributed import gather_view_major, init_processes, is_main, world_size_of_launch
 from dmlkd.engine.loop import FitResult, Stage, fit
 from dmlkd.engine.rundir import failure_recorded, mark_status
+from dmlkd.engine.stage_run import run_in_folder
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TEACHER_LOSSES
@@ -91,18 +93,91 @@ class TeacherResult:
     fit: FitResult
 
 
-def train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) -> TeacherResult:
-    """Train a teacher as configured; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
+@dataclass
+class PreparedTeacher:
+    """A validated teacher config (dataset defaults resolved) and the dataset it was validated on."""
+
+    config: TeacherConfig
+    splits: DatasetSplits
+    bad: list[tuple[str, str]]
+
+
+def prepare_teacher(config: TeacherConfig) -> PreparedTeacher:
+    """Every check that needs no training: loss and its options, data layout and counts, the P x K sampler
+    for the batch, ``--init`` compatibility. Returns the config with the dataset's defaults filled in."""
+    from dmlkd.data.catalog import build_splits
+
+    TEACHER_LOSSES.get(config.loss.name)
+    if config.init:
+        check_init(config)
+    splits, bad = build_splits(config.data)
+    config = from_dict(TeacherConfig, resolve_dataset_defaults(to_dict(config), splits.defaults))
+    data = build_train_data(splits, config.train, world_size=world_size_of_launch())
+    build_criterion(config, data.num_classes)
+    return PreparedTeacher(config, splits, bad)
+
+
+def run_teacher(
+    config: TeacherConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: dict[str, Any] | None = None,
+    on_saved: Any = None,
+) -> TeacherResult:
+    """Stage 1 from a typed config into the run folder ``out``: validate, open the folder, train, publish.
+
+    ``resume`` continues the run in ``out`` (``given``: the options given now, which must not contradict
+    the saved ones); ``overwrite`` replaces a run there, keeping it until the new run saved its first state.
+    ``on_saved`` is called after every checkpoint or state write (pipelines use it).
+    """
+    prepared: dict[str, PreparedTeacher] = {}
+
+    def prepare_new() -> dict[str, Any]:
+        prepared["new"] = prepare_teacher(config)
+        return to_dict(prepared["new"].config)
+
+    def body(tree: dict[str, Any], run_dir: Path, on_saved: Any) -> TeacherResult:
+        ready = prepared.get("new") or prepare_teacher(from_dict(TeacherConfig, tree))
+        return train_teacher(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
+
+    return run_in_folder(
+        out,
+        "teacher",
+        resume=resume,
+        overwrite=overwrite,
+        given=given,
+        device=config.train.device,
+        prepare_new=prepare_new,
+        body=body,
+        on_saved=on_saved,
+    )
+
+
+def train_teacher(
+    config: TeacherConfig,
+    run_dir: Path,
+    resume: bool = False,
+    prepared: PreparedTeacher | None = None,
+    on_saved: Any = None,
+) -> TeacherResult:
+    """Train a teacher as configured into a prepared run folder (``run_teacher`` does the whole sequence)."""
     with failure_recorded(run_dir, is_main):
-        return _train_teacher(config, run_dir, resume)
+        return _train_teacher(config, run_dir, resume, prepared, on_saved)
 
 
-def _train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) -> TeacherResult:
+def _train_teacher(
+    config: TeacherConfig, run_dir: Path, resume: bool, prepared: PreparedTeacher | None, on_saved: Any
+) -> TeacherResult:
     from dmlkd.data.catalog import build_splits
     from dmlkd.models import build_model
 
     torch.manual_seed(config.train.seed)
-    splits, bad = build_splits(config.data)
+    if prepared is not None:
+        splits, bad = prepared.splits, prepared.bad
+    else:
+        splits, bad = build_splits(config.data)
     for identifier, reason in bad:
         log.warning("skipped bad image %s: %s", identifier, reason)
     processes = init_processes(config.train.device)
@@ -136,10 +211,25 @@ def _train_teacher(config: TeacherConfig, run_dir: Path, resume: bool = False) -
             "provenance": {**_provenance(config, splits, bad), "init": config.init, "init_digest": init_digest},
         },
     )
-    result = fit(stage, config.optim, config.train, run_dir, resume=resume)
+    result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
     if is_main():
         mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))
     return TeacherResult(run_dir, result)
+
+
+def check_init(config: TeacherConfig) -> None:
+    """``--init`` must name a checkpoint of the same architecture and embedding dimension."""
+    from dmlkd.checkpoints import read_checkpoint_config, resolve_checkpoint_dir
+
+    record = read_checkpoint_config(resolve_checkpoint_dir(config.init))
+    found = record.get("model", {})
+    wanted = config.model
+    if (found.get("arch"), found.get("embedding_dim")) != (wanted.arch, wanted.embedding_dim):
+        spec = f"{found.get('arch')}-{found.get('embedding_dim')}"
+        raise ConfigError(
+            f"--init {config.init!r} holds a {spec} model, but this run trains "
+            f"{wanted.arch}-{wanted.embedding_dim}; pass --model {spec}"
+        )
 
 
 def initialise_from(model: nn.Module, ref: str) -> str:

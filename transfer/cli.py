@@ -1,4 +1,7 @@
-"""``dmlkd transfer train`` and ``dmlkd cache build`` (torch is imported only when a command runs)."""
+"""``dmlkd transfer train`` and ``dmlkd cache build``: flags into a ``TransferConfig``, then the library call.
+
+Torch is imported only once the config is known to be valid (a misspelt recipe or model spec fails at once).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,14 @@ from typing import Any
 
 import click
 
-SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable)."
+from dmlkd.cli_options import items, run_options, stage_items
+
+SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable; applied last)."
 
 
-def _items(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[str]:
-    return [*(f"{k}={json.dumps(v)}" for k, v in shortcuts.items() if v is not None), *overrides]
-
-
-def _common_options(function: Any) -> Any:
+def _transfer_options(function: Any) -> Any:
     options = [
-        click.option("--teacher", "teacher_ref", default=None, help="Teacher run or checkpoint folder."),
+        click.option("--teacher", "teacher_ref", default=None, help="Teacher run or checkpoint folder (required)."),
         click.option("--student", "student_spec", default=None, help="ARCH-DIM of the student, e.g. resnet18-128."),
         click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs."),
         click.option("--data-root", default=None, help="Dataset folder (or CSV file)."),
@@ -26,7 +27,9 @@ def _common_options(function: Any) -> Any:
             help="Train on this folder of unlabeled images (recursive) instead of the dataset's train split; "
             "label-free methods only, random batches; --dataset still gives the test split.",
         ),
-        click.option("--recipe", default=None, help="Named preset: lr-cub, lr-cars, lr-sop, demo-glyphs."),
+        click.option(
+            "--recipe", default=None, help="Named preset: lr-cub, lr-cars, lr-sop, demo-glyphs (`dmlkd recipes`)."
+        ),
         click.option(
             "--teacher-mode",
             type=click.Choice(["auto", "online", "cached", "clean"]),
@@ -34,75 +37,43 @@ def _common_options(function: Any) -> Any:
             help="online: teacher on every step; cached: exact-replay cache (default for embedding "
             "methods); clean: one centre-crop view per image (a different, cheaper method).",
         ),
-        click.option("--cache-views", type=int, default=None, help="K pre-drawn views per image in the cache."),
-        click.option("--epochs", type=int, default=None),
-        click.option("--max-steps", type=int, default=None, help="Stop after N optimiser steps."),
-        click.option("--batch-size", type=int, default=None, help="Distinct images per step (before views)."),
+        click.option(
+            "--cache-views", type=int, default=None, help="K pre-drawn views per image in the cache (cached mode)."
+        ),
         click.option("--ipc", type=int, default=None, help="Images per class in a batch (P x K sampling)."),
         click.option("--views", type=int, default=None, help="Augmented views per image (the reference: 2)."),
-        click.option("--image-size", type=int, default=None),
-        click.option("--lr", type=float, default=None),
-        click.option("--seed", type=int, default=None),
-        click.option("--pretrained/--no-pretrained", default=None, help="Student from ImageNet weights."),
-        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None),
-        click.option("--num-workers", type=int, default=None),
-        click.option("--eval-every", type=int, default=None),
-        click.option("--save-every", type=int, default=None, help="Save a resumable state every N optimiser steps."),
-        click.option("--deterministic", is_flag=True, default=None, help="Deterministic algorithms (slower on GPUs)."),
-        click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N."),
-        click.option("--no-progress", is_flag=True, help="No progress bars."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
     ]
     for option in reversed(options):
         function = option(function)
-    return function
+    return run_options(click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function))
 
 
-def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[str], dict[str, Any]]:
-    """The ``--set`` items from the shortcut flags and the resulting config tree (validated later)."""
-    from dmlkd.config import apply_overrides
+def resolve_command_config(
+    params: dict[str, Any], method: str | None, config_file: str | None, overrides: tuple[str, ...]
+) -> Any:
+    """The ``TransferConfig`` of a command line, what it gave explicitly, and notes on resolved values."""
+    from dmlkd.config import read_config_file
     from dmlkd.models.spec import parse_spec
-    from dmlkd.transfer.config import start_tree
+    from dmlkd.transfer.config import resolve_transfer_config
 
     spec = parse_spec(params["student_spec"]) if params["student_spec"] else None
     shortcuts = {
-        "teacher.ref": params["teacher_ref"],
-        "teacher.mode": params["teacher_mode"],
-        "teacher.cache_views": params["cache_views"],
+        "teacher.ref": params.pop("teacher_ref"),
+        "teacher.mode": params.pop("teacher_mode"),
+        "teacher.cache_views": params.pop("cache_views"),
         "student.arch": spec.arch if spec else None,
         "student.embedding_dim": spec.dim if spec else None,
         "method.name": method,
-        "data.name": params["dataset"],
-        "data.root": params["data_root"],
-        "train.epochs": params["epochs"],
-        "train.max_steps": params["max_steps"],
-        "train.batch_size": params["batch_size"],
-        "train.ipc": params["ipc"],
-        "train.views": params["views"],
-        "train.image_size": params["image_size"],
-        "optim.lr": params["lr"],
-        "train.seed": params["seed"],
-        "student.pretrained": params["pretrained"],
-        "train.mixed_precision": params["mixed_precision"],
-        "train.num_workers": params["num_workers"],
-        "train.eval_every": params["eval_every"],
-        "train.device": params["device"],
-        "train.save_every": params["save_every"],
-        "train.deterministic": params["deterministic"] or None,
-        "train.progress": False if params["no_progress"] else None,
+        "data.name": params.pop("dataset"),
+        "data.root": params.pop("data_root"),
+        "transfer_set": params.pop("transfer_set"),
+        "train.ipc": params.pop("ipc"),
+        "train.views": params.pop("views"),
     }
-    items = _items(shortcuts, params["overrides"])
-    if params["transfer_set"] is not None:
-        # No classes to sample P x K from: random batches, unless --ipc asks otherwise (then an error says why).
-        items = [f"transfer_set={json.dumps(params['transfer_set'])}", "train.ipc=null", *items]
-        if params["ipc"] is not None:
-            items.append(f"train.ipc={params['ipc']}")
-    start = start_tree(params["recipe"], params["dataset"])
-    tree = apply_overrides(start, items)
-    if tree["method"]["name"] != start["method"]["name"]:
-        # The recipe's options belong to its own method: another method keeps only the options given here.
-        tree["method"]["kwargs"] = apply_overrides({}, items).get("method", {}).get("kwargs", {})
-    return items, tree
+    params.pop("student_spec")
+    recipe = params.pop("recipe")
+    file_tree = read_config_file(config_file) if config_file else None
+    return resolve_transfer_config(recipe, file_tree, [*items(shortcuts), *stage_items(params, "student"), *overrides])
 
 
 @click.group("transfer")
@@ -116,37 +87,47 @@ def transfer_group() -> None:
     default=None,
     help="relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, fitnet, attention or crd.",
 )
-@click.option("--out", required=True, help="Run folder to create (or resume).")
+@click.option("--out", default=None, help="Run folder to create (or resume). Required unless --print-config.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
-@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
-@_common_options
-def train_command(method: str | None, out: str, resume: bool, overwrite: bool, **params: Any) -> None:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run already in --out (it is kept until the new run saved its first state).",
+)
+@_transfer_options
+def train_command(
+    method: str | None,
+    out: str | None,
+    resume: bool,
+    overwrite: bool,
+    config_file: str | None,
+    print_config: bool,
+    overrides: tuple[str, ...],
+    **params: Any,
+) -> None:
     """Train a student against a frozen teacher; last/ and best/ checkpoints go to --out.
 
     Example: dmlkd transfer train --teacher runs/cub-r50 --student resnet18-128 --method relaxed_contrastive
     --dataset cub --data-root data --out runs/cub-r18
     """
-    from dmlkd.config import apply_overrides, from_dict, to_dict
-    from dmlkd.engine.distributed import prepare_run_dir_on_main
-    from dmlkd.transfer.config import TransferConfig
-    from dmlkd.transfer.trainer import check_transfer_config
+    config, given, notes = resolve_command_config(params, method, config_file, overrides)
+    if print_config:
+        from dmlkd.cli_options import print_resolved
 
-    items, tree = build_config_tree(params, method)
-    config = from_dict(TransferConfig, tree)
-    check_transfer_config(config)  # before the run folder is created
-    given = apply_overrides({}, items) if resume else to_dict(config)
-    run_dir, tree = prepare_run_dir_on_main(
-        config.train.device, out, "transfer", given, resume=resume, overwrite=overwrite
-    )
-    config = from_dict(TransferConfig, tree)
+        print_resolved(config, "transfer")
+        return
+    if not out:
+        raise click.UsageError("Missing option '--out' (the run folder).")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
     from dmlkd.engine.report import summary_table
-    from dmlkd.transfer.trainer import train_transfer
+    from dmlkd.transfer.trainer import run_transfer
 
-    result = train_transfer(config, run_dir, resume=resume)
+    result = run_transfer(config, out, resume=resume, overwrite=overwrite, given=given)
     click.echo(f"teacher mode: {result.teacher_mode}")
     click.echo(summary_table(result.fit, config.eval.metric))
-    click.echo(f"run folder: {run_dir}")
+    click.echo(f"run folder: {result.run_dir}")
 
 
 @click.group("cache")
@@ -160,17 +141,20 @@ def cache_group() -> None:
     default=None,
     help="The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive.",
 )
-@_common_options
-def cache_build_command(method: str | None, **params: Any) -> None:
+@_transfer_options
+def cache_build_command(
+    method: str | None, config_file: str | None, print_config: bool, overrides: tuple[str, ...], **params: Any
+) -> None:
     """Build (or verify) the teacher cache a `transfer train` with the same options would use.
 
     Example: dmlkd cache build --teacher runs/cub-r50 --dataset cub --data-root data --cache-views 8
     """
-    from dmlkd.config import from_dict
-    from dmlkd.transfer.config import TransferConfig
+    config, _given, _notes = resolve_command_config(params, method, config_file, overrides)
+    if print_config:
+        from dmlkd.cli_options import print_resolved
 
-    _, tree = build_config_tree(params, method)
-    config = from_dict(TransferConfig, tree)
+        print_resolved(config, "transfer")
+        return
 
     from dmlkd.transfer.trainer import build_cache_for
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Collection
 from typing import Any
 
-from dmlkd.config import DataConfig, EvalConfig, OptimConfig, TrainConfig, merge
+from dmlkd.config import (
+    DataConfig,
+    EvalConfig,
+    OptimConfig,
+    TrainConfig,
+    from_dict,
+    given_tree,
+    has_key,
+    merge,
+    resolve_from_scratch,
+)
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.spec import ModelConfig
 
@@ -59,6 +70,18 @@ class TransferConfig:
     # A folder of unlabeled images to train on instead of data's train split (label-free methods only; see
     # dmlkd.transfer.transfer_set); data still gives the test split.
     transfer_set: str | None = None
+
+    def with_method(self, name: str, accepted: Collection[str]) -> TransferConfig:
+        """This config for transfer method ``name``: options the new method does not take are dropped.
+
+        ``accepted`` is the method's option names (``TRANSFER_METHODS.get(name).options()``); a recipe's
+        relaxed-contrastive ``sigma``/``delta`` do not follow the config to RKD.
+        """
+        kwargs = {key: value for key, value in self.method.kwargs.items() if key in accepted}
+        return dataclasses.replace(self, method=MethodConfig(name=name, kwargs=kwargs))
+
+    def with_teacher(self, ref: str) -> TransferConfig:
+        return dataclasses.replace(self, teacher=dataclasses.replace(self.teacher, ref=ref))
 
 
 def _lr(dataset: str, epochs: int) -> dict[str, Any]:
@@ -118,3 +141,29 @@ def start_tree(recipe_name: str | None, dataset: str | None) -> dict[str, Any]:
     tree = merge({}, RECIPES[name]) if name else merge(_lr(dataset or "glyphs", 90), {})
     tree["recipe"] = name
     return tree
+
+
+def resolve_transfer_config(
+    recipe_name: str | None, file_tree: dict[str, Any] | None, items: list[str]
+) -> tuple[TransferConfig, dict[str, Any], list[str]]:
+    """The transfer config of a command: recipe, then the ``--config`` file, then flags and ``--set`` items.
+
+    A recipe's method options belong to the recipe's method: with another method only the options given
+    explicitly are kept.
+    """
+    given = given_tree(file_tree, items)
+    name = recipe_name or given.get("recipe")
+    start = start_tree(name, given.get("data", {}).get("name"))
+    tree = merge(start, given)
+    if tree["method"]["name"] != start["method"]["name"]:
+        tree["method"]["kwargs"] = dict(given.get("method", {}).get("kwargs", {}))
+    mode = tree.get("teacher", {}).get("mode", "auto")
+    if mode in ("online", "clean") and has_key(given, "teacher.cache_views"):
+        raise ConfigError(
+            f"--cache-views applies to the cached teacher only, but the teacher mode is {mode}; "
+            "drop --cache-views or use --teacher-mode cached"
+        )
+    tree, notes = resolve_from_scratch(tree, given, "student")
+    if tree.get("transfer_set") and not has_key(given, "train.ipc"):
+        tree.setdefault("train", {})["ipc"] = None  # no classes to sample P x K from: random batches
+    return from_dict(TransferConfig, tree), given, notes

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.config import to_dict
+from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
 from dmlkd.data.base import DatasetSplits
-from dmlkd.engine.data import build_train_data, train_image_size
-from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main
+from dmlkd.engine.data import augmentation, build_train_data
+from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main, world_size_of_launch
+from dmlkd.engine.evaluate import eval_resize_ratio
 from dmlkd.engine.loop import FitResult, Stage, fit
 from dmlkd.engine.rundir import failure_recorded, mark_status
+from dmlkd.engine.stage_run import run_in_folder
 from dmlkd.errors import ConfigError
 from dmlkd.models.outputs import Batch, ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
@@ -162,15 +164,16 @@ def build_teacher_source(
     from dmlkd.transfer.cache import CacheSpec, load_or_build_cache
 
     train = config.train
+    views = augmentation(train, splits)
     spec = CacheSpec(
         mode=mode,
         num_sets=config.teacher.cache_views if mode == "cached" else 1,
         seed=train.seed,
-        image_size=train_image_size(train, splits),
-        scale=tuple(train.crop_scale or splits.defaults.get("crop_scale", (0.08, 1.0))),
-        ratio=(3 / 4, 4 / 3),
-        flip_p=float(splits.defaults.get("flip_p", 0.5)),
-        eval_resize_ratio=splits.defaults.get("eval_resize_ratio", 256 / 224),
+        image_size=views.image_size,
+        scale=views.scale,
+        ratio=views.ratio,
+        flip_p=views.flip_p,
+        eval_resize_ratio=eval_resize_ratio(config.eval, splits),
         with_pooled=bool(method_cls.needs_pooled),
     )
     cache = load_or_build_cache(
@@ -212,13 +215,99 @@ def build_method(
     return method
 
 
-def train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
-    """Train a student against a frozen teacher; ``run_dir`` must have been prepared by ``prepare_run_dir``."""
+@dataclass
+class PreparedTransfer:
+    """A validated transfer config (dataset defaults resolved) and the splits it was validated on."""
+
+    config: TransferConfig
+    splits: DatasetSplits
+    bad: list[tuple[str, str]]
+
+
+def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
+    """Every check that needs no training: method and its options, teacher mode, teacher folder and its fit
+    to the method (stage taps), transfer set, data layout and counts, the sampler for the batch, a writable
+    cache folder. Returns the config with the dataset's defaults filled in."""
+    from dmlkd.checkpoints import read_checkpoint_config, resolve_checkpoint_dir
+    from dmlkd.models import build_model
+    from dmlkd.models.spec import ModelConfig
+
+    mode = check_transfer_config(config)
+    splits, bad = _training_splits(config)
+    config = from_dict(TransferConfig, resolve_dataset_defaults(to_dict(config), splits.defaults))
+    data = build_train_data(splits, config.train, world_size=world_size_of_launch())
+    record = read_checkpoint_config(resolve_checkpoint_dir(config.teacher.ref))
+    teacher_config = from_dict(ModelConfig, {**record.get("model", {}), "pretrained": False})
+    student_config = from_dict(ModelConfig, {**to_dict(config.student), "pretrained": False})
+    with torch.device("meta"):  # shapes only: no weights are allocated or downloaded
+        build_method(config, build_model(student_config), build_model(teacher_config), splits, data.num_classes)
+    if mode != "online":
+        _check_cache_folder(_cache_folder(config))
+    return PreparedTransfer(config, splits, bad)
+
+
+def _check_cache_folder(folder: Path) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"teacher cache folder {str(folder)!r} is not writable ({error.strerror}); set "
+            "teacher.cache_dir to a writable folder, or DMLKD_CACHE, or use --teacher-mode online"
+        ) from None
+
+
+def run_transfer(
+    config: TransferConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: dict[str, Any] | None = None,
+    on_saved: Any = None,
+) -> TransferResult:
+    """Stage 2 from a typed config into the run folder ``out``: validate, open the folder, train, publish."""
+    prepared: dict[str, PreparedTransfer] = {}
+
+    def prepare_new() -> dict[str, Any]:
+        prepared["new"] = prepare_transfer(config)
+        return to_dict(prepared["new"].config)
+
+    def body(tree: dict[str, Any], run_dir: Path, on_saved: Any) -> TransferResult:
+        ready = prepared.get("new") or prepare_transfer(from_dict(TransferConfig, tree))
+        return train_transfer(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
+
+    return run_in_folder(
+        out,
+        "transfer",
+        resume=resume,
+        overwrite=overwrite,
+        given=given,
+        device=config.train.device,
+        prepare_new=prepare_new,
+        body=body,
+        on_saved=on_saved,
+    )
+
+
+def train_transfer(
+    config: TransferConfig,
+    run_dir: Path,
+    resume: bool = False,
+    prepared: PreparedTransfer | None = None,
+    on_saved: Any = None,
+) -> TransferResult:
+    """Train a student into a prepared run folder (``run_transfer`` does the whole sequence)."""
     with failure_recorded(run_dir, is_main):
-        return _train_transfer(config, run_dir, resume)
+        return _train_transfer(config, run_dir, resume, prepared, on_saved)
 
 
-def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False) -> TransferResult:
+def _train_transfer(
+    config: TransferConfig, run_dir: Path, resume: bool, prepared: PreparedTransfer | None, on_saved: Any
+) -> TransferResult:
     from dmlkd.data.transforms import ReplaySpec
     from dmlkd.models import build_model
 
@@ -227,7 +316,7 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls)
     teacher, teacher_record, digest = load_teacher(config.teacher.ref)
-    splits, bad = _training_splits(config)
+    splits, bad = (prepared.splits, prepared.bad) if prepared is not None else _training_splits(config)
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
     data = build_train_data(splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size)
     student = build_model(config.student)
@@ -261,7 +350,7 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
             },
         },
     )
-    result = fit(stage, config.optim, config.train, run_dir, resume=resume)
+    result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
     if is_main():
         mark_status(
             run_dir,

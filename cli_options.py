@@ -1,0 +1,220 @@
+"""Command-line option groups shared by the training commands, defined once (torch-free).
+
+``teacher train``, ``transfer train`` and every ``pipeline`` command take the same run options
+(``RUN_FLAGS``), with the same names and help, generated from this one table; a test checks that they
+cannot drift. Each flag names the config field(s) it sets. A training command turns its flags into
+``KEY=VALUE`` items (``stage_items`` for a stage command, ``pipeline_items`` for the pipelines), applied over
+the ``--config`` file and under ``--set``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+MODEL = "{model}"  # the model section of a stage: ``model`` (teacher) or ``student`` (transfer)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One shared option: its click declaration and the config keys it sets (``MODEL`` is the stage's model)."""
+
+    decls: tuple[str, ...]
+    dest: str
+    keys: tuple[str, ...]
+    help: str
+    type: Any = None
+    is_flag: bool = False
+    metavar: str | None = None
+
+    def option(self) -> Callable[[Any], Any]:
+        kwargs: dict[str, Any] = {"default": None, "help": self.help}
+        if self.is_flag:
+            kwargs["is_flag"] = True
+        elif self.type is not None:
+            kwargs["type"] = self.type
+        if self.metavar:
+            kwargs["metavar"] = self.metavar
+        return click.option(*self.decls, self.dest, **kwargs)
+
+    def value(self, params: dict[str, Any]) -> Any:
+        value = params.get(self.dest)
+        if self.is_flag:
+            return True if value else None
+        return value
+
+
+RUN_FLAGS: tuple[Flag, ...] = (
+    Flag(("--epochs",), "epochs", ("train.epochs",), "Training epochs.", int, metavar="N"),
+    Flag(
+        ("--max-steps",),
+        "max_steps",
+        ("train.max_steps",),
+        "Stop after N optimiser steps (smoke runs).",
+        int,
+        metavar="N",
+    ),
+    Flag(
+        ("--batch-size",),
+        "batch_size",
+        ("train.batch_size",),
+        "Distinct images per optimiser step (global, before views).",
+        int,
+        metavar="N",
+    ),
+    Flag(
+        ("--image-size",),
+        "image_size",
+        ("train.image_size", "eval.image_size"),
+        "Training crop and evaluation size in pixels (default: the dataset's; 224 for the public datasets).",
+        int,
+        metavar="PX",
+    ),
+    Flag(("--lr",), "lr", ("optim.lr",), "Learning rate.", float),
+    Flag(("--seed",), "seed", ("train.seed",), "Random seed (sampling, augmentation, initialisation).", int),
+    Flag(
+        ("--pretrained/--no-pretrained",),
+        "pretrained",
+        (f"{MODEL}.pretrained",),
+        "Start the backbone from ImageNet weights (--no-pretrained: from scratch; BN-freeze and warm-up of a "
+        "recipe are then turned off).",
+    ),
+    Flag(
+        ("--mixed-precision",),
+        "mixed_precision",
+        ("train.mixed_precision",),
+        "Autocast precision: no, bf16 or fp16 (GPU only).",
+        click.Choice(["no", "fp16", "bf16"]),
+    ),
+    Flag(("--num-workers",), "num_workers", ("train.num_workers",), "Data-loader worker processes.", int),
+    Flag(
+        ("--eval-every",),
+        "eval_every",
+        ("train.eval_every",),
+        "Evaluate on the test split every N epochs (and at the end).",
+        int,
+        metavar="N",
+    ),
+    Flag(
+        ("--save-every",),
+        "save_every",
+        ("train.save_every",),
+        "Save a resumable state every N optimiser steps (default: at each epoch end).",
+        int,
+        metavar="N",
+    ),
+    Flag(
+        ("--deterministic",),
+        "deterministic",
+        ("train.deterministic",),
+        "Deterministic algorithms (slower on GPUs).",
+        is_flag=True,
+    ),
+    Flag(("--device",), "device", ("train.device",), "auto (default), cpu, cuda or cuda:N."),
+    Flag(
+        ("--no-progress",),
+        "no_progress",
+        ("train.progress",),
+        "No progress bars (a setting that may change on --resume).",
+        is_flag=True,
+    ),
+)
+# The pipelines train a teacher and students: these go to the students, --teacher-* to the teacher.
+STUDENT_ONLY = ("epochs", "lr")
+PIPELINE_TEACHER_FLAGS: tuple[Flag, ...] = (
+    Flag(("--teacher-epochs",), "teacher_epochs", ("train.epochs",), "Epochs of the teacher stage.", int),
+    Flag(("--teacher-lr",), "teacher_lr", ("optim.lr",), "Learning rate of the teacher stage.", float),
+)
+
+CONFIG_HELP = (
+    "Read the config from this YAML (or JSON) file; command-line flags and --set override it. "
+    "--print-config output is such a file."
+)
+PRINT_HELP = "Print the fully resolved config (YAML) and exit without training; feed it back with --config."
+
+
+def run_options(function: Any) -> Any:
+    """Add ``RUN_FLAGS`` plus ``--config`` and ``--print-config`` to a training command."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            default=None,
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            help=CONFIG_HELP,
+        ),
+        click.option("--print-config", "print_config", is_flag=True, default=False, help=PRINT_HELP),
+        *(flag.option() for flag in RUN_FLAGS),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def pipeline_teacher_options(function: Any) -> Any:
+    for flag in reversed(PIPELINE_TEACHER_FLAGS):
+        function = flag.option()(function)
+    return function
+
+
+def items(values: dict[str, Any]) -> list[str]:
+    """``KEY=VALUE`` items for the values that were given (``None`` means not given)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+
+
+def stage_items(params: dict[str, Any], model_section: str) -> list[str]:
+    """The run flags of a stage command as ``KEY=VALUE`` items (``--no-progress`` sets progress false)."""
+    values: dict[str, Any] = {}
+    for flag in RUN_FLAGS:
+        value = flag.value(params)
+        if flag.dest == "no_progress" and value:
+            value = False
+        for key in flag.keys:
+            values[key.replace(MODEL, model_section)] = value
+    return items(values)
+
+
+def pipeline_items(params: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The run flags of a pipeline command: (teacher items, student items)."""
+    teacher: dict[str, Any] = {}
+    student: dict[str, Any] = {}
+    for flag in RUN_FLAGS:
+        value = flag.value(params)
+        if flag.dest == "no_progress" and value:
+            value = False
+        for key in flag.keys:
+            student[key.replace(MODEL, "student")] = value
+            if flag.dest not in STUDENT_ONLY:
+                teacher[key.replace(MODEL, "model")] = value
+    for flag in PIPELINE_TEACHER_FLAGS:
+        for key in flag.keys:
+            teacher[key] = flag.value(params)
+    return items(teacher), items(student)
+
+
+def shared_flag_names() -> list[str]:
+    """The option names every training command must expose (used by the drift test)."""
+    names = ["--config", "--print-config"]
+    for flag in RUN_FLAGS:
+        names.extend(part for decl in flag.decls for part in decl.split("/"))
+    return names
+
+
+def print_resolved(config: Any, stage: str) -> None:
+    """``--print-config``: validate like a run would (data read, defaults resolved) and print YAML."""
+    from dmlkd.config import dump_config, to_dict
+
+    if stage == "teacher":
+        from dmlkd.teacher.trainer import prepare_teacher
+
+        config = prepare_teacher(config).config
+    elif stage == "transfer":
+        from dmlkd.transfer.trainer import prepare_transfer
+
+        config = prepare_transfer(config).config
+    click.echo(dump_config(to_dict(config)), nl=False)

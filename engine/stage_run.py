@@ -1,0 +1,67 @@
+"""The sequence every training stage follows: validate, then open the run folder, then train.
+
+``run_in_folder`` is shared by the teacher stage, the transfer stage and the pipelines' stages, so the
+order cannot drift between them:
+
+1. a new run is validated and its config resolved (``prepare_new``) *before* anything is written;
+2. the run folder is opened on the main process (``RunFolder.open``: lock, ``--overwrite`` moves the old run
+   aside, ``--resume`` checks the saved config), every process receiving the resolved config;
+3. the body trains; the first checkpoint or state it writes deletes an overwritten run (``on_saved``);
+4. however the body ends (finished, failed, Ctrl-C/SIGTERM) is recorded in ``run.json`` and the lock
+   released; an overwritten run comes back when the new one wrote nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dmlkd.engine.rundir import RunFolder, sigterm_as_interrupt
+from dmlkd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def run_in_folder(
+    out: str | Path,
+    stage: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    given: dict[str, Any] | None,
+    device: str,
+    prepare_new: Callable[[], dict[str, Any]],
+    body: Callable[[dict[str, Any], Path, Callable[[], None]], T],
+    on_saved: Callable[[], None] | None = None,
+) -> T:
+    """Run ``body(config_tree, run_dir, on_saved)`` in the run folder ``out`` (see the module docstring)."""
+    from dmlkd.engine.distributed import call_on_main, init_processes, launched
+
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume and --overwrite contradict each other: --resume continues the run in --out, "
+            "--overwrite replaces it; pass one of them"
+        )
+    tree = None if resume else prepare_new()  # every check that needs no training, before any write
+    if launched():
+        init_processes(device)
+    opened: dict[str, RunFolder] = {}
+
+    def open_folder() -> dict[str, Any]:
+        folder = RunFolder.open(out, stage, tree or {}, resume=resume, overwrite=overwrite, given=given)
+        opened["folder"] = folder
+        return folder.tree
+
+    resolved = call_on_main(open_folder)
+    folder = opened.get("folder")
+    if folder is None:  # another process of a launched run: the main process owns the folder
+        return body(resolved, Path(out), lambda: None)
+
+    def saved() -> None:
+        folder.saved()
+        if on_saved is not None:
+            on_saved()
+
+    with sigterm_as_interrupt(), folder.active():
+        return body(resolved, folder.path, saved)

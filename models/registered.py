@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in backbone in ``dmlkd.registry.BACKBONES``."""
+
+from dmlkd.models import backbones, bn_inception  # noqa: F401
