@@ -356,6 +356,9 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU/NCCL only)
     # torch.use_deterministic_algorithms(True) (+ cuDNN/cuBLAS settings on a GPU): slower, reproducible on GPUs
     deterministic: bool = False
+    # A finished run deletes its resumable state/ (model, optimiser and RNG: as large as two checkpoints);
+    # true keeps it.
+    keep_state: bool = False
 
     def __post_init__(self) -> None:
         positive = {

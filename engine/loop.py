@@ -409,6 +409,28 @@ def _update_bar(
     bar.update(1)
 
 
+def recorded_result(run_dir: Path, seconds: float = 0.0) -> FitResult:
+    """The result of a finished run, read back from ``metrics.jsonl`` and its ``last/`` and ``best/``."""
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+    def selected(name: str) -> dict[str, Any]:
+        try:
+            return json.loads((run_dir / name / "config.json").read_text()).get("metrics", {})
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    last, best = selected("last"), selected("best")
+    strip = (*_ENTRY_KEYS, "selected")
+    return FitResult(
+        last={k: v for k, v in last.items() if k not in strip},
+        best={k: v for k, v in best.items() if k not in strip},
+        best_epoch=best.get("epoch"),
+        global_step=int(last.get("step", 0)),
+        seconds=seconds,
+        history=history,
+    )
+
+
 def _result(run: _Run, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
     best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
     strip = ("epoch", "step", "eval_seconds")

@@ -55,7 +55,9 @@ _RUN_CONTENT = {
     "results.json",
 }
 # Settings that never change what a run computes: they may differ on --resume (the new value applies).
-RUNTIME_KEYS = frozenset({"train.progress", "train.num_workers", "eval.num_workers", "train.log_every"})
+RUNTIME_KEYS = frozenset(
+    {"train.progress", "train.num_workers", "eval.num_workers", "train.log_every", "train.keep_state"}
+)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -170,8 +172,10 @@ class RunFolder:
                 "--overwrite replaces it; pass one of them"
             )
         # Refusals are decided read-only first, so a refused command changes nothing (not even the lock file);
-        # they are decided again under the lock, which a concurrent process may hold.
-        _check_allowed(run_dir, stage, resume, overwrite, given or {})
+        # they are decided again under the lock, which a concurrent process may hold. An overwrite cut short
+        # (``.previous-*``) is settled under the lock first, so the checks see the run that is kept.
+        if not any(run_dir.glob(f"{PREVIOUS_PREFIX}*")):
+            _check_allowed(run_dir, stage, resume, overwrite, given or {})
         lock = RunLock.acquire(run_dir)
         try:
             _recover_previous(run_dir)
@@ -282,8 +286,23 @@ def _open_resumed(run_dir: Path, stage: str, given: dict[str, Any]) -> dict[str,
 
     existing = read_run(run_dir) or {}
     saved = read_json(run_dir / CONFIG_FILE)
-    mark_status(run_dir, "running", resumed=int(existing.get("resumed", 0)) + 1)
+    if not is_complete(run_dir):  # a finished run whose state was dropped has nothing left to do
+        mark_status(run_dir, "running", resumed=int(existing.get("resumed", 0)) + 1)
     return apply_runtime(saved, given)
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A finished run that dropped its resumable state: ``--resume`` reports it and trains nothing."""
+    record = read_run(run_dir) or {}
+    return record.get("status") == "finished" and not (Path(run_dir) / "state").exists()
+
+
+def drop_state(run_dir: Path) -> None:
+    """A finished run no longer needs ``state/`` (``train.keep_state`` keeps it)."""
+    state = Path(run_dir) / "state"
+    if state.is_dir():
+        shutil.rmtree(state)
+        mark_status(run_dir, "finished", state_dropped=True)
 
 
 def _set_aside(run_dir: Path, overwrite: bool) -> Path | None:

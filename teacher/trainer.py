@@ -15,8 +15,8 @@ from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
 from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.data import build_train_data
 from dmlkd.engine.distributed import gather_view_major, init_processes, is_main, world_size_of_launch
-from dmlkd.engine.loop import FitResult, Stage, fit
-from dmlkd.engine.rundir import failure_recorded, mark_status
+from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
+from dmlkd.engine.rundir import drop_state, failure_recorded, is_complete, mark_status
 from dmlkd.engine.stage_run import run_in_folder
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch
@@ -139,8 +139,14 @@ def run_teacher(
         return to_dict(prepared["new"].config)
 
     def body(tree: dict[str, Any], run_dir: Path, on_saved: Any) -> TeacherResult:
+        if resume and is_complete(run_dir):
+            log.warning("the run in %s has finished; nothing to do", run_dir)
+            return TeacherResult(run_dir, recorded_result(run_dir))
         ready = prepared.get("new") or prepare_teacher(from_dict(TeacherConfig, tree))
-        return train_teacher(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
+        result = train_teacher(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
+        if is_main() and not ready.config.train.keep_state:
+            drop_state(run_dir)
+        return result
 
     return run_in_folder(
         out,

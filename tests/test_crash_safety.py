@@ -191,7 +191,9 @@ def test_sigkill_during_writes_and_at_random_then_resume_is_bit_identical(
     reference = reference_runs[0]
     for name in ("model.safetensors", "loss.safetensors"):
         _assert_identical(_tensors(reference / "last", name), _tensors(run / "last", name), f"seed {seed} {name}")
-    assert _saved_step(run) == STEPS
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["global_step"] == STEPS
+    assert not (run / "state").exists()  # a finished run drops its resumable state (train.keep_state=false)
 
 
 def test_a_state_swap_cut_short_is_repaired(tmp_path: Path) -> None:
@@ -272,6 +274,7 @@ def test_skipped_nonfinite_steps_are_counted_in_the_log(
     run = tmp_path / "run"
     poison.steps.extend([1, 2])
     args = ["teacher", "train", *TINY, "--max-steps", "4", "--out", str(run), "--set", "train.on_nonfinite=skip"]
+    args += ["--set", "train.keep_state=true"]
     with caplog.at_level(logging.WARNING, logger="dmlkd.engine.loop"):
         result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.stderr

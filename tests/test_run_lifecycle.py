@@ -259,7 +259,7 @@ def test_a_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_
         line = other.stderr.strip()
         assert line.startswith("error: run folder") and f"in use by process {first.pid}" in line, line
         assert len(line.splitlines()) == 1
-    assert _rows(run_dir) == [(4, 12)]  # no interleaved rows
+    assert _rows(run_dir) == [(3, 12)]  # one row, not interleaved ones (12 steps = 3 epochs of 4)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
@@ -486,3 +486,20 @@ def test_names_are_checked_before_torch_and_debug_works_anywhere(tmp_path: Path)
     assert result.exit_code != 0 and "unknown recipe" in str(result.exception)
     listing = CliRunner().invoke(main, ["recipes"])
     assert listing.exit_code == 0 and "pa-cub-bninception" in listing.output and "lr-cub" in listing.output
+
+
+def test_a_finished_run_drops_its_state_and_resume_has_nothing_to_do(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    assert not (reference / "state").exists()
+    assert json.loads((reference / "run.json").read_text())["state_dropped"] is True
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = _snapshot(run_dir)
+    again = _dmlkd(*RUN, "--out", str(run_dir), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "has finished; nothing to do" in again.stderr and "last (step 6)" in again.stdout
+    assert _snapshot(run_dir) == before
+    kept = _dmlkd(*RUN, "--out", str(tmp_path / "kept"), "--set", "train.keep_state=true")
+    assert kept.returncode == 0, kept.stderr
+    assert (tmp_path / "kept" / "state" / "progress.json").is_file()
