@@ -76,26 +76,36 @@ def metric_chunk_rows(case: dict, metric: str) -> int:
     return max(1, (1 << 30) // (gallery_labels.shape[0] * 24 + 48 * depth))
 
 
-def time_product(case: dict, metric: str) -> float:
+class Clock:
+    """Wall time and this process's CPU time (all threads); CPU time is the steadier figure on a shared host."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_product(case: dict, metric: str) -> tuple[float, float]:
     rows = metric_chunk_rows(case, metric)
-    start = time.perf_counter()
+    clock = Clock()
     queries = prepare(case["queries"], metric)
     gallery = None if case["gallery"] is None else prepare(case["gallery"], metric)
     for _ in score_chunks(queries, gallery, "cosine", rows):  # "cosine": the product alone, no distance terms
         pass
-    return time.perf_counter() - start
+    return clock.stop()
 
 
-def time_metrics(case: dict, metric: str) -> tuple[float, dict]:
-    start = time.perf_counter()
+def time_metrics(case: dict, metric: str) -> tuple[tuple[float, float], dict]:
+    clock = Clock()
     recall, map_r = retrieval_metrics(
         case["queries"], case["labels"], KS, metric, case["gallery"], case["gallery_labels"], True
     )
-    return time.perf_counter() - start, {**{f"R@{k}": v for k, v in recall.items()}, "MAP@R": map_r}
+    return clock.stop(), {**{f"R@{k}": v for k, v in recall.items()}, "MAP@R": map_r}
 
 
-def time_topk(case: dict, metric: str) -> tuple[float, dict]:
-    start = time.perf_counter()
+def time_topk(case: dict, metric: str) -> tuple[tuple[float, float], dict]:
+    clock = Clock()
     gallery_labels = case["labels"] if case["gallery"] is None else case["gallery_labels"]
     leave_one_out = case["gallery"] is None
     positives = count_positives(case["labels"], gallery_labels, leave_one_out)
@@ -114,11 +124,11 @@ def time_topk(case: dict, metric: str) -> tuple[float, dict]:
     available = gallery_labels.shape[0] - int(leave_one_out)
     values = {f"R@{k}": float((first_hit < min(k, available)).double().mean()) for k in KS}
     values["MAP@R"] = float(ap[positives > 0].mean())
-    return time.perf_counter() - start, values
+    return clock.stop(), values
 
 
 def run(case: dict, metric: str, repeats: int, with_topk: bool) -> None:
-    times = {"product": [], "metrics": [], "top-k": []}
+    times: dict[str, list[tuple[float, float]]] = {"product": [], "metrics": [], "top-k": []}
     values = topk_values = None
     for _ in range(repeats):
         times["product"].append(time_product(case, metric))
@@ -127,20 +137,19 @@ def run(case: dict, metric: str, repeats: int, with_topk: bool) -> None:
         if with_topk:
             seconds, topk_values = time_topk(case, metric)
             times["top-k"].append(seconds)
-    median = {key: statistics.median(value) for key, value in times.items() if value}
-    line = (
-        f"{case['name']:<8} {metric:<9} {case['queries'].shape[0]:>7} x "
-        f"{(case['gallery'] if case['gallery'] is not None else case['queries']).shape[0]:<7}"
-        f" product {median['product']:7.2f} s  metrics {median['metrics']:7.2f} s"
-        f"  metrics/product {median['metrics'] / median['product']:5.2f}"
-    )
-    if with_topk:
-        same = values == topk_values
-        line += f"  top-k {median['top-k']:7.2f} s  top-k/product {median['top-k'] / median['product']:5.2f}"
-        line += f"  identical values: {same}"
-    print(line, flush=True)
+    wall = {key: statistics.median(t[0] for t in value) for key, value in times.items() if value}
+    cpu = {key: statistics.median(t[1] for t in value) for key, value in times.items() if value}
+    gallery = case["gallery"] if case["gallery"] is not None else case["queries"]
+    print(f"{case['name']:<8} {metric:<9} {case['queries'].shape[0]:>7} x {gallery.shape[0]:<7}", flush=True)
+    for key in wall:
+        print(
+            f"    {key:<8} wall {wall[key]:8.2f} s  cpu {cpu[key]:8.2f} s"
+            f"  ÷ product: wall {wall[key] / wall['product']:5.2f}  cpu {cpu[key] / cpu['product']:5.2f}"
+            + ("  (values identical to metrics: " + str(values == topk_values) + ")" if key == "top-k" else "")
+        )
     print("    " + "  ".join(f"{key} {100 * value:.3f}" for key, value in values.items()), flush=True)
-    print("    runs (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in times.items() if v))
+    runs = "; ".join(f"{k} " + ", ".join(f"{w:.2f}/{c:.2f}" for w, c in v) for k, v in times.items() if v)
+    print("    runs (wall/cpu s): " + runs, flush=True)
 
 
 def main() -> None:

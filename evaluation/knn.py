@@ -89,11 +89,15 @@ def chunk_rows(num_gallery: int, k: int, itemsize: int = 4, max_bytes: int | Non
 
 
 def _scores(query: Tensor, gallery: Tensor, gallery_sq: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``(c, G)`` scores, larger = closer: inner products, or minus squared distances with ``gallery_sq``."""
-    scores = torch.matmul(query, gallery.T, out=out)
-    if gallery_sq is not None:
-        scores.mul_(2).sub_(query.pow(2).sum(dim=1, keepdim=True)).sub_(gallery_sq)
-    return scores
+    """``(c, G)`` scores, larger = closer: inner products, or minus squared distances with ``gallery_sq``.
+
+    The distance form is one GEMM that adds ``-‖g‖²`` while it accumulates ``2 q·g``, then one pass for
+    ``-‖q‖²`` (two passes over the block instead of three).
+    """
+    if gallery_sq is None:
+        return torch.matmul(query, gallery.T, out=out)
+    scores = torch.addmm(gallery_sq.neg().unsqueeze(0), query, gallery.T, alpha=2, out=out)
+    return scores.sub_(query.pow(2).sum(dim=1, keepdim=True))
 
 
 def score_chunks(queries: Tensor, gallery: Tensor | None, metric: str, rows: int) -> Iterator[tuple[int, Tensor]]:

@@ -25,6 +25,7 @@ from dmlkd.evaluation import (
     recall_at_k,
     retrieval_metrics,
 )
+from dmlkd.evaluation import metrics as evaluation_metrics
 from dmlkd.evaluation import ranks as ranks_module
 from dmlkd.evaluation.knn import chunk_rows
 from dmlkd.models.outputs import Batch, ModelOutput
@@ -450,3 +451,36 @@ def test_order_by_index_drops_padding_duplicates_for_distributed_gathers():
     assert torch.equal(ordered, embeddings[[1, 3, 0, 2]])
     with pytest.raises(DataError, match="different labels"):
         order_by_index(embeddings, torch.tensor([20, 0, 30, 10, 21, 0]), indices, 4, duplicates="drop")
+
+
+def test_nmi_seeds_large_k_randomly_and_small_k_with_kmeans_plus_plus(monkeypatch):
+    inits = []
+    original = evaluation_metrics.kmeans
+
+    def spy(*args, **kwargs):
+        inits.append(kwargs["init"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_metrics, "kmeans", spy)
+    monkeypatch.setattr(evaluation_metrics, "KMEANS_PP_MAX_CLUSTERS", 5)
+    x = np.random.default_rng(0).standard_normal((60, 4)).astype(np.float32)
+    nmi(x, np.arange(60) % 5)
+    nmi(x, np.arange(60) % 6)
+    assert inits == ["k-means++", "random"]
+
+
+def test_random_init_kmeans_is_deterministic_and_bounded_by_niter_and_tol():
+    centres = np.eye(8, dtype=np.float32) * 20
+    x = torch.from_numpy(np.repeat(centres, 30, axis=0) + np.random.default_rng(1).standard_normal((240, 8)))
+    info: dict = {}
+    first = kmeans(x.float(), 8, seed=4, init="random", info=info)
+    assert torch.equal(first, kmeans(x.float(), 8, seed=4, init="random"))
+    assert 1 <= info["iterations"] <= 100 and info["changed"] == 0
+    capped: dict = {}
+    kmeans(x.float(), 8, seed=4, init="random", niter=1, info=capped)
+    assert capped["iterations"] == 1
+    loose: dict = {}
+    kmeans(x.float(), 8, seed=4, init="random", tol=1.0, info=loose)  # any change is small enough: stop at once
+    assert loose["iterations"] == 2
+    with pytest.raises(ValueError, match="k-means\\+\\+, random"):
+        kmeans(x.float(), 8, init="forgy")
