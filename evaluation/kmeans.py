@@ -14,6 +14,8 @@ from torch import Tensor
 
 from dmlkd.evaluation.knn import DEFAULT_MAX_BYTES, import_faiss, resolve_backend
 
+INITS = ("k-means++", "random")
+
 
 def kmeans(
     x: Tensor,
@@ -22,33 +24,53 @@ def kmeans(
     niter: int = 100,
     backend: str = "auto",
     max_bytes: int | None = None,
+    init: str = "k-means++",
+    tol: float = 0.0,
+    info: dict | None = None,
 ) -> Tensor:
     """Cluster the rows of ``x`` and return ``(N,)`` int64 cluster ids in ``[0, num_clusters)``.
 
     Args:
         x: ``(N, D)`` float points (N >= num_clusters).
         num_clusters: k.
-        seed: seeds the k-means++ sampling (torch) or faiss's initialisation.
-        niter: at most this many Lloyd iterations; the torch version stops early once no assignment changes.
+        seed: seeds the initialisation (torch) or faiss's.
+        niter: at most this many Lloyd iterations.
         backend: ``"auto"``/``"torch"`` or ``"faiss"`` (``faiss.Kmeans``, which subsamples to 256 points per
             centroid by default, as DC used it).
         max_bytes: memory budget of one distance chunk (default 1 GiB).
+        init: torch initialisation: ``"k-means++"`` (D² sampling: k sequential passes over the points, each a
+            memory-bound mat-vec) or ``"random"`` (k distinct points drawn uniformly, as faiss does; no pass).
+        tol: the torch version stops once at most ``tol · N`` assignments change in an iteration (0: only when
+            none changes).
+        info: if given, filled with ``iterations`` (Lloyd assignments computed) and ``changed`` (assignments
+            that changed in the last iteration).
     """
     if not 1 <= num_clusters <= x.shape[0]:
         raise ValueError(f"num_clusters={num_clusters} must be between 1 and the number of points {x.shape[0]}")
+    if init not in INITS:
+        raise ValueError(f"unknown k-means init {init!r}; valid: {', '.join(INITS)}")
     if resolve_backend(backend) == "faiss":
         return _kmeans_faiss(x, num_clusters, seed, niter)
     generator = torch.Generator().manual_seed(seed)
-    centroids = kmeans_plus_plus(x, num_clusters, generator)
-    assignment = None
+    if init == "k-means++":
+        centroids = kmeans_plus_plus(x, num_clusters, generator)
+    else:
+        centroids = x[torch.randperm(x.shape[0], generator=generator)[:num_clusters].to(x.device)].clone()
+    assignment, iterations, changed = None, 0, -1
     for _ in range(niter):
         new_assignment, distances = assign(x, centroids, max_bytes)
-        if assignment is not None and torch.equal(new_assignment, assignment):
-            break
+        iterations += 1
+        if assignment is not None:
+            changed = int((new_assignment != assignment).sum())
+            if changed <= tol * x.shape[0]:
+                assignment = new_assignment
+                break
         assignment = new_assignment
         centroids = update_centroids(x, assignment, distances, num_clusters)
     if assignment is None:  # niter == 0: the seeding alone
         assignment, _ = assign(x, centroids, max_bytes)
+    if info is not None:
+        info.update(iterations=iterations, changed=changed)
     return assignment
 
 

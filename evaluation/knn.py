@@ -88,12 +88,39 @@ def chunk_rows(num_gallery: int, k: int, itemsize: int = 4, max_bytes: int | Non
     return max(1, budget // per_row)
 
 
-def _scores(query: Tensor, gallery: Tensor, gallery_sq: Tensor | None) -> Tensor:
-    """``(c, G)`` scores, larger = closer: inner products, or minus squared distances with ``gallery_sq``."""
-    scores = query @ gallery.T
-    if gallery_sq is not None:
-        scores.mul_(2).sub_(query.pow(2).sum(dim=1, keepdim=True)).sub_(gallery_sq)
-    return scores
+def _scores(query: Tensor, gallery: Tensor, gallery_sq: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``(c, G)`` scores, larger = closer: inner products, or minus squared distances with ``gallery_sq``.
+
+    The distance form is one GEMM that adds ``-‖g‖²`` while it accumulates ``2 q·g``, then one pass for
+    ``-‖q‖²`` (two passes over the block instead of three).
+    """
+    if gallery_sq is None:
+        return torch.matmul(query, gallery.T, out=out)
+    scores = torch.addmm(gallery_sq.neg().unsqueeze(0), query, gallery.T, alpha=2, out=out)
+    return scores.sub_(query.pow(2).sum(dim=1, keepdim=True))
+
+
+def score_chunks(queries: Tensor, gallery: Tensor | None, metric: str, rows: int) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(start, scores)``: the ``(c, G)`` score block of each chunk of ``rows`` queries.
+
+    ``queries``/``gallery`` must already be prepared (``prepare``: L2-normalised for cosine) and on one
+    device; ``gallery=None`` is leave-one-out, where each query's own column is set to ``-inf``. The blocks
+    share one buffer, so each is valid only until the next one is produced (reusing it saves faulting in
+    ``c × G`` fresh pages per chunk).
+    """
+    exclude_self = gallery is None
+    gallery = queries if exclude_self else gallery
+    gallery_sq = gallery.pow(2).sum(dim=1) if metric == "euclidean" else None
+    buffer = None
+    for start in range(0, queries.shape[0], rows):
+        chunk = queries[start : start + rows]
+        if buffer is None:
+            buffer = torch.empty(chunk.shape[0], gallery.shape[0], dtype=queries.dtype, device=queries.device)
+        scores = _scores(chunk, gallery, gallery_sq, out=buffer[: chunk.shape[0]])
+        if exclude_self:
+            position = torch.arange(chunk.shape[0], device=scores.device)
+            scores[position, position + start] = float("-inf")
+        yield start, scores
 
 
 def topk_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -178,16 +205,9 @@ def iter_knn(
 def _iter_torch(
     queries: Tensor, gallery: Tensor, k: int, metric: str, exclude_self: bool, max_bytes: int | None
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    gallery_sq = gallery.pow(2).sum(dim=1) if metric == "euclidean" else None
     rows = chunk_rows(gallery.shape[0], k, queries.element_size(), max_bytes)
-    for start in range(0, queries.shape[0], rows):
-        chunk = queries[start : start + rows]
-        scores = _scores(chunk, gallery, gallery_sq)
-        if exclude_self:
-            own = torch.arange(start, start + chunk.shape[0], device=scores.device)
-            scores[torch.arange(chunk.shape[0], device=scores.device), own] = float("-inf")
+    for start, scores in score_chunks(queries, None if exclude_self else gallery, metric, rows):
         values, indices = topk_lowest_index(scores, k)
-        del scores
         yield start, values, indices
 
 

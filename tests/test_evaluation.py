@@ -23,8 +23,10 @@ from dmlkd.evaluation import (
     normalized_mutual_info,
     order_by_index,
     recall_at_k,
+    retrieval_metrics,
 )
-from dmlkd.evaluation import metrics as metrics_module
+from dmlkd.evaluation import metrics as evaluation_metrics
+from dmlkd.evaluation import ranks as ranks_module
 from dmlkd.evaluation.knn import chunk_rows
 from dmlkd.models.outputs import Batch, ModelOutput
 
@@ -180,21 +182,60 @@ def test_map_at_r_divides_by_r_and_singletons_are_recall_misses():
     assert map_at_r(x, labels, metric="euclidean") == pytest.approx(expected)
 
 
-def test_search_depth_is_largest_class_or_max_k_never_the_gallery(monkeypatch):
+def test_search_depth_is_largest_class_or_small_k_never_max_k(monkeypatch):
     requested = []
-    original = metrics_module.iter_knn
+    original = ranks_module.topk_lowest_index
 
-    def spy(queries, gallery, k, *args, **kwargs):
+    def spy(scores, k):
         requested.append(k)
-        return original(queries, gallery, k, *args, **kwargs)
+        return original(scores, k)
 
-    monkeypatch.setattr(metrics_module, "iter_knn", spy)
+    monkeypatch.setattr(ranks_module, "topk_lowest_index", spy)
     labels = np.arange(300) // 3
     labels[:9] = 0  # largest class: 9 items, so R ≤ 8
     x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
     map_at_r(x, labels)
     recall_at_k(x, labels, ks=(1, 4))
-    assert requested == [8, 4]
+    # Recall@100 is counted, not searched: the shallow search stays at max(largest R, 16) neighbours.
+    recall_at_k(x, labels, ks=(1, 100))
+    map_at_r(x, labels, gallery=x[:200], gallery_labels=labels[:200], metric="euclidean")
+    assert requested == [8, 4, 16, 9]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("kind", ["random", "ties", "dups"])
+@pytest.mark.parametrize("min_depth", [1, 16])
+def test_counted_ranks_equal_bruteforce_beyond_the_search_depth(monkeypatch, metric, kind, min_depth):
+    # Small search depths leave most best positives to the counting path (ties included).
+    monkeypatch.setattr(ranks_module, "MIN_DEPTH", min_depth)
+    x, labels = make_data(kind, n=100, seed=5)
+    ks = (1, 2, 3, 5, 10, 20, 40, 99)
+    expected_recall, expected_map = oracle_metrics(x, labels, ks, metric)
+    for max_bytes in (None, 100 * (100 * 24 + 48 * 16) // 7):  # one chunk, and chunks of 7 rows
+        recall, value = retrieval_metrics(x, labels, ks, metric, max_bytes=max_bytes)
+        assert recall == pytest.approx(expected_recall, abs=1e-12)
+        assert value == pytest.approx(expected_map, abs=1e-12)
+    queries, gallery = x[:30], x[30:]  # query -> gallery, as In-shop: nothing is excluded
+    expected_recall, expected_map = oracle_metrics(queries, labels[:30], ks[:-1], metric, gallery, labels[30:])
+    recall, value = retrieval_metrics(
+        queries, labels[:30], ks[:-1], metric, gallery, labels[30:], max_bytes=4 * (70 * 24 + 48 * 16)
+    )
+    assert recall == pytest.approx(expected_recall, abs=1e-12)
+    assert value == pytest.approx(expected_map, abs=1e-12)
+
+
+def test_counted_ranks_break_ties_with_the_best_positive_by_index():
+    # Every candidate ties with every other (identical vectors): the rank of a query's best positive is the
+    # number of lower-indexed candidates, so Recall@K depends only on where the positives sit.
+    x = np.ones((12, 3), dtype=np.float32)
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 0])
+    ks = (1, 2, 5, 11)
+    expected_recall, expected_map = oracle_metrics(x, labels, ks, "cosine")
+    recall, value = retrieval_metrics(x, labels, ks, "cosine")
+    assert recall == pytest.approx(expected_recall, abs=1e-12)
+    assert value == pytest.approx(expected_map, abs=1e-12)
+    # Item 0's only positive is item 11, after 10 tied others: a miss at K = 5, a hit at K = 11.
+    assert expected_recall[5] < expected_recall[11]
 
 
 def test_k_larger_than_candidates_uses_all_of_them(caplog):
@@ -410,3 +451,36 @@ def test_order_by_index_drops_padding_duplicates_for_distributed_gathers():
     assert torch.equal(ordered, embeddings[[1, 3, 0, 2]])
     with pytest.raises(DataError, match="different labels"):
         order_by_index(embeddings, torch.tensor([20, 0, 30, 10, 21, 0]), indices, 4, duplicates="drop")
+
+
+def test_nmi_seeds_large_k_randomly_and_small_k_with_kmeans_plus_plus(monkeypatch):
+    inits = []
+    original = evaluation_metrics.kmeans
+
+    def spy(*args, **kwargs):
+        inits.append(kwargs["init"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_metrics, "kmeans", spy)
+    monkeypatch.setattr(evaluation_metrics, "KMEANS_PP_MAX_CLUSTERS", 5)
+    x = np.random.default_rng(0).standard_normal((60, 4)).astype(np.float32)
+    nmi(x, np.arange(60) % 5)
+    nmi(x, np.arange(60) % 6)
+    assert inits == ["k-means++", "random"]
+
+
+def test_random_init_kmeans_is_deterministic_and_bounded_by_niter_and_tol():
+    centres = np.eye(8, dtype=np.float32) * 20
+    x = torch.from_numpy(np.repeat(centres, 30, axis=0) + np.random.default_rng(1).standard_normal((240, 8)))
+    info: dict = {}
+    first = kmeans(x.float(), 8, seed=4, init="random", info=info)
+    assert torch.equal(first, kmeans(x.float(), 8, seed=4, init="random"))
+    assert 1 <= info["iterations"] <= 100 and info["changed"] == 0
+    capped: dict = {}
+    kmeans(x.float(), 8, seed=4, init="random", niter=1, info=capped)
+    assert capped["iterations"] == 1
+    loose: dict = {}
+    kmeans(x.float(), 8, seed=4, init="random", tol=1.0, info=loose)  # any change is small enough: stop at once
+    assert loose["iterations"] == 2
+    with pytest.raises(ValueError, match="k-means\\+\\+, random"):
+        kmeans(x.float(), 8, init="forgy")
