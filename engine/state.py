@@ -259,8 +259,12 @@ def check_resumable(run_dir: Path, stage: str) -> None:
 
     run_dir = Path(run_dir)
     path = run_dir / "run_config.json"
-    if not (run_dir / "run.json").is_file():
-        return  # not a run: prepare_run_dir says so
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # no run, or a corrupt run.json: prepare_run_dir says so
+    if not isinstance(run, dict) or run.get("stage") != stage:
+        return  # a run of another stage: prepare_run_dir says so
     if not path.is_file():
         raise CheckpointError(f"--resume: {str(path)!r} is missing; the run cannot be resumed (use --overwrite)")
     try:
