@@ -32,7 +32,7 @@ def loads(text: str, source: str, error: type[Exception], max_depth: int = MAX_D
     """``json.loads(text)``; malformed or too deeply nested JSON raises ``error`` with one line naming ``source``."""
     depth = nesting_depth(text)
     if depth > max_depth:
-        raise error(f"{source} is nested {depth} levels deep; at most {max_depth} are accepted (a damaged file?)")
+        raise error(f"{source} is nested {depth:,} levels deep; at most {max_depth} are accepted (a damaged file?)")
     try:
         return json.loads(text)
     except json.JSONDecodeError as problem:

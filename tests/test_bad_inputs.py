@@ -258,7 +258,7 @@ CASES.update(
             _eval("{ckpt_bad_digest}"), ("invalid file entry 'model.safetensors'", "64-digit hex SHA-256")
         ),
         "NaN in the checkpoint's model config (own)": _quick(
-            _eval("{ckpt_nan}"), ("model.bn_momentum", "finite number", "nan")
+            _eval("{ckpt_nan}"), ("bn_momentum: expected a finite number, got nan",)
         ),
         # 5-6: data that is not what it claims
         "class folder linking back to the root": _quick(
@@ -290,7 +290,7 @@ CASES.update(
             ("missing column(s)", "separated by commas, not ';'"),
         ),
         "csv holding a NUL byte (own)": _quick(
-            _eval("{ckpt}", "--dataset", "csv", "--data-root", "{csv_nul}"), ("line 3: holds a NUL character",)
+            _eval("{ckpt}", "--dataset", "csv", "--data-root", "{csv_nul}"), ("line 4: holds a NUL character",)
         ),
         "utf-16 csv with a duplicate row (own)": _quick(
             _eval("{ckpt}", "--dataset", "csv", "--data-root", "{csv_utf16_dup}"), ("'b.png' twice in train",)
@@ -811,10 +811,13 @@ def test_bad_input_gives_one_line_and_changes_nothing(name: str, outcomes: dict[
 
 
 def test_catalogue_is_large_enough_and_documented() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) >= 30 + 50
+    assert sum(name.endswith("(own)") for name in CASES) >= 20
     doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
-    for fragment in ("resnet50-", "fitnet", "--resume", "cache", "HF_HUB_OFFLINE", "verify_counts"):
-        assert fragment in doc
+    fragments = ("resnet50-", "fitnet", "--resume", "cache", "HF_HUB_OFFLINE", "verify_counts", "symbolic link")
+    fragments += ("data.allow_duplicates=true", "finite number", "progress.json", "at most 64", "posix.system")
+    for fragment in fragments:
+        assert fragment in doc, fragment
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
