@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -66,6 +67,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {_os_error_line(error)}", err=True)
             ctx.exit(2)
+        except Exception as error:  # safetensors' own error type wraps OS errors (a full disk) and bad files
+            line = _safetensors_line(error)
+            if line is None or (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {line}", err=True)
+            ctx.exit(2)
 
 
 # OS errors that a user fixes on the machine (space, permissions, limits); any other OSError is a bug and
@@ -84,6 +91,19 @@ def _os_error_line(error: OSError) -> str:
     else:
         hint = "choose a folder you can write to (--out) or fix its permissions"
     return f"{reason}{where} ({hint})"
+
+
+def _safetensors_line(error: BaseException) -> str | None:
+    """One line for a ``SafetensorError`` (an OS error it wraps is reported like one), else None."""
+    if type(error).__name__ != "SafetensorError" or not type(error).__module__.startswith("safetensors"):
+        return None
+    text = " ".join(str(error).split())
+    code = re.search(r"\(os error (\d+)\)", text)
+    if code and int(code.group(1)) in _ENVIRONMENT_ERRNOS:
+        number = int(code.group(1))
+        path = re.search(r'at path "([^"]+)"', text)
+        return _os_error_line(OSError(number, os.strerror(number), path.group(1) if path else None))
+    return f"a safetensors file could not be read or written: {text} (re-create the file, or rerun with --debug)"
 
 
 def _usage_line(error: click.UsageError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -149,12 +152,15 @@ def load_config(cls: type[C], base: Mapping[str, Any] | None = None, overrides: 
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from ``path``; a missing or malformed file is a ``ConfigError`` naming it."""
+    from dmlkd import jsondata
+
     try:
-        data = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+    data = jsondata.loads(text, f"config file {str(path)!r}", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
     return data
@@ -241,6 +247,8 @@ class DataConfig:
     root: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     skip_bad_images: bool = False
+    # Accept the same image twice in a split, or in both train and test (by path; by content for csv/folder).
+    allow_duplicates: bool = False
 
 
 @dataclasses.dataclass
@@ -311,6 +319,8 @@ class OptimConfig:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must lie in [0, 1), got {self.momentum}")
         for name in ("backbone_lr_mult", "head_lr_mult", "loss_lr_mult", "clip_grad_value", "clip_grad_norm"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -378,6 +388,8 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.num_workers < 0:
             raise ConfigError(f"num-workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.ipc is not None and self.ipc > self.batch_size:
             raise ConfigError(
                 f"ipc {self.ipc} is larger than the batch size {self.batch_size}; a batch holds P classes x "

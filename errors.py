@@ -7,11 +7,25 @@ and exits with status 2 instead of showing a traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+# torch re-raises an error from a DataLoader worker as ``type(error)(text)`` where text is
+# "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nmodule.DataError: <message>".
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.ASCII)
 
 
 class DmlkdError(Exception):
-    """Base class of errors caused by user input; ``str(error)`` is a complete one-line explanation."""
+    """Base class of errors caused by user input; ``str(error)`` is a complete one-line explanation.
+
+    Re-raised from a DataLoader worker, the error keeps its own line rather than the worker's traceback.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER_TRACEBACK.match(args[0]):
+            last = [line for line in args[0].splitlines() if line.strip()][-1]
+            args = (re.sub(r"^[\w.]+Error: ", "", last, count=1),)
+        super().__init__(*args)
 
 
 class ConfigError(DmlkdError):

@@ -48,15 +48,23 @@ class ConversionResult:
 def _load_error(path: Path, error: Exception) -> CheckpointError:
     """One line for a file ``torch.load(weights_only=True)`` refused; pickled code is named as such."""
     text = str(error)
-    details = [line.strip() for line in text.partition("WeightsUnpickler error:")[2].splitlines() if line.strip()]
-    reason = details[0][:160] if details else " ".join(text.split())[:300]
-    called = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+    called = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if called:
         return CheckpointError(
-            f"refusing {str(path)!r}: loading it would call {called.group(1)}; dmlkd reads .pth files with "
-            "weights_only=True and never runs pickled code; re-save it with torch.save(model.state_dict(), ...)"
+            f"refusing {str(path)!r}: it is a pickle that would call {called.group(1)}; dmlkd reads .pth files "
+            "with weights_only=True and never runs pickled code; the file must hold only tensors (re-save it with "
+            "torch.save(model.state_dict(), ...))"
         )
-    return CheckpointError(f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason}")
+    size = path.stat().st_size
+    if isinstance(error, EOFError) or size == 0:
+        what = "is empty (0 bytes)" if size == 0 else f"ends early after {size:,} bytes (truncated?)"
+        return CheckpointError(f"cannot read {str(path)!r}: the file {what}; download the .pth file again")
+    details = [line.strip() for line in text.partition("WeightsUnpickler error:")[2].splitlines() if line.strip()]
+    reason = details[0][:160] if details else " ".join(text.split())[:300]
+    return CheckpointError(
+        f"cannot read {str(path)!r} as a PyTorch weights file (weights_only): {reason or type(error).__name__}; "
+        "pass a .pth file written by torch.save"
+    )
 
 
 def read_reference_file(path: Path) -> dict[str, Any]:

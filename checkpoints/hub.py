@@ -28,6 +28,7 @@ from dmlkd.checkpoints.io import (
     MODEL_FILE,
     load_checkpoint,
     read_checkpoint_config,
+    verify_files,
     write_folder_atomically,
 )
 from dmlkd.errors import CheckpointError
@@ -162,6 +163,12 @@ def _download_error(ref: HubRef, error: Exception, endpoint: str | None) -> Chec
         return CheckpointError(f"Hub request for {name} failed: {_one_line(error)}")
     if isinstance(error, errors.HFValidationError):
         return CheckpointError(f"invalid Hub reference {name!r}: {_one_line(error)}")
+    if isinstance(error, ValueError):  # huggingface_hub refuses unsafe file names listed by the repository
+        return CheckpointError(
+            f"Hub repository {name} lists a file name dmlkd will not write ({_one_line(error)}); only "
+            f"{CONFIG_FILE}, NAME.safetensors and {CARD_FILE} at the top of the repository are read: check the "
+            "repository or revision"
+        )
     return None
 
 
@@ -281,7 +288,7 @@ def pull(
         if (snapshot.path / CARD_FILE).is_file():
             shutil.copyfile(snapshot.path / CARD_FILE, tmp / CARD_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        read_checkpoint_config(tmp)
+        verify_files(tmp, read_checkpoint_config(tmp))  # the copies, not only what was loaded
 
     write_folder_atomically(out_path, fill)
     return PullResult(snapshot, out_path, record)
@@ -346,8 +353,9 @@ def push(
     with tempfile.TemporaryDirectory(prefix="dmlkd-push-") as staging:
         staged = Path(staging)
         names = [CONFIG_FILE, *sorted(record["files"]), CARD_FILE]
-        for name in names[:-1]:
-            shutil.copyfile(folder / name, staged / name)
+        for name in names[:-1]:  # load_checkpoint refused links; never follow one that appeared since
+            shutil.copyfile(folder / name, staged / name, follow_symlinks=False)
+        verify_files(staged, read_checkpoint_config(staged))  # upload exactly the bytes the digests name
         (staged / CARD_FILE).write_text(card)
         try:
             api = HfApi(endpoint=endpoint, token=token, library_name="dmlkd")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dmlkd import jsondata
 from dmlkd.errors import CheckpointError, ConfigError
 
 FORMAT_NAME = "dmlkd-checkpoint"
@@ -53,6 +56,25 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tensor_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures are ``OSError`` naming ``path``.
+
+    safetensors raises its own ``SafetensorError`` for a full disk or a refused write; turned into the
+    ``OSError`` it wraps, the CLI reports it in one line like any other machine problem.
+    """
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as error:
+        code = _OS_ERROR.search(str(error))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,7 +148,7 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         digests = {}
         for file_name, tensors in files.items():
-            save_file(_contiguous(tensors), str(tmp / file_name), metadata={"format": FORMAT_NAME})
+            save_tensor_file(_contiguous(tensors), tmp / file_name, metadata={"format": FORMAT_NAME})
             digests[file_name] = sha256_file(tmp / file_name)
         record = {
             "format": FORMAT_NAME,
@@ -154,10 +176,12 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
             f"{str(directory)!r} is not a dmlkd checkpoint: {CONFIG_FILE} is missing "
             f"(expected {CONFIG_FILE} and {MODEL_FILE}, or a run folder with best/ or last/)"
         )
+    _refuse_link(directory, CONFIG_FILE)
     try:
-        record = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = config_path.read_text()
+    except UnicodeDecodeError as error:
         raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {error}") from None
+    record = jsondata.loads(text, repr(str(config_path)), CheckpointError)
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{str(config_path)!r} is not a dmlkd checkpoint config (format != {FORMAT_NAME!r})")
     if record.get("format_version") != FORMAT_VERSION:
@@ -172,9 +196,61 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise CheckpointError(f"{str(config_path)!r} lists no {MODEL_FILE} digest under 'files'")
     for name, digest in files.items():
-        if "/" in name or "\\" in name or not name.endswith(".safetensors") or not isinstance(digest, str):
-            raise CheckpointError(f"{str(config_path)!r} lists an invalid file entry {name!r}")
+        if not _SAFE_NAME.match(name) or not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise CheckpointError(
+                f"{str(config_path)!r} lists an invalid file entry {name!r}: {digest!r}; expected NAME.safetensors "
+                "(letters, digits, _ . -) mapped to a 64-digit hex SHA-256"
+            )
     return record
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _hub_blobs(directory: Path) -> Path | None:
+    """``<repo cache>/blobs`` when ``directory`` is a Hub cache snapshot (whose files link there), else None."""
+    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
+        return (directory.parent.parent / "blobs").resolve()
+    return None
+
+
+def _refuse_link(directory: Path, name: str) -> Path:
+    """``directory/name`` if it is a regular file inside ``directory``; a symlink or special file is refused.
+
+    A Hub cache snapshot is the one exception: its files are links into the cache's own ``blobs/``.
+    """
+    path = directory / name
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return path  # the caller reports the missing file
+    if stat.S_ISLNK(info.st_mode):
+        blobs = _hub_blobs(directory)
+        target = path.resolve()
+        if blobs is None or not target.is_relative_to(blobs) or not target.is_file():
+            raise CheckpointError(
+                f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); a checkpoint folder must hold its "
+                "files themselves: replace the link by a copy of the file"
+            )
+    elif not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{str(path)!r} is not a regular file; a checkpoint folder holds files only")
+    return path
+
+
+def verify_files(directory: str | Path, record: Mapping[str, Any]) -> None:
+    """Check every file ``config.json`` lists: present, a regular file (no link out of the folder), digest."""
+    directory = Path(directory)
+    _refuse_link(directory, CONFIG_FILE)
+    for name, expected in sorted(record["files"].items()):
+        path = _refuse_link(directory, name)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
+        if sha256_file(path) != expected:
+            raise CheckpointError(
+                f"{str(path)!r} does not match the digest in {CONFIG_FILE} (truncated or modified file); "
+                "re-download or re-export the checkpoint"
+            )
 
 
 def _model_config(record: Mapping[str, Any], directory: Path) -> Any:
@@ -194,9 +270,9 @@ def read_tensors(directory: str | Path, file_name: str, record: Mapping[str, Any
     directory = Path(directory)
     record = record if record is not None else read_checkpoint_config(directory)
     expected = record["files"].get(file_name)
-    path = directory / file_name
     if expected is None:
         raise CheckpointError(f"checkpoint {str(directory)!r} has no file {file_name!r}")
+    path = _refuse_link(directory, file_name)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {file_name} is missing")
     if sha256_file(path) != expected:
@@ -227,6 +303,11 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
             raise CheckpointError(
                 f"{source} does not fit the model: {key} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
+            )
+        if own[key].dtype != tensor.dtype:
+            raise CheckpointError(
+                f"{source} does not fit the model: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                f"the model expects {str(own[key].dtype).removeprefix('torch.')}"
             )
     module.load_state_dict(state, strict=True)
 
@@ -266,6 +347,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     directory = resolve_checkpoint_dir(ref)
     record = read_checkpoint_config(directory)
     model_config = _model_config(record, directory)
+    verify_files(directory, record)  # every listed file, not only the weights this load reads
     # Never fetch ImageNet weights for a model whose weights are about to be replaced.
     model = build_model(_without_pretrained(model_config))
     state = read_tensors(directory, MODEL_FILE, record)

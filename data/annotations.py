@@ -7,6 +7,7 @@ turns the parsed rows into ``DatasetSplits``.
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -136,9 +137,11 @@ def _csv_header(path: Path, reader: Any) -> dict[str, int]:
         required += ["is_query", "is_gallery"]
     missing = [column for column in required if column not in header]
     if missing:
+        other = next((sep for sep in ";\t|" if len(header) == 1 and sep in header[0]), None)
+        hint = f" separated by commas, not {other!r}" if other else ""
         raise DataError(
             f"CSV {str(path)!r}: missing column(s) {', '.join(missing)} in header {','.join(header)!r}; "
-            "expected path,label,split[,is_query,is_gallery]"
+            f"expected path,label,split[,is_query,is_gallery]{hint}"
         )
     return {column: header.index(column) for column in required}
 
@@ -162,6 +165,39 @@ def _add_csv_row(table: CsvTable, values: dict[str, str], where: str) -> None:
             raise DataError(f"{where}: a test image is either a query or a gallery item, not both")
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _csv_text(path: Path) -> str:
+    """The CSV's text: UTF-8, or UTF-8/16/32 announced by a byte-order mark (as spreadsheets save it)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read CSV {str(path)!r}: {error.strerror}") from None
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"CSV {str(path)!r} line {line}: byte {data[error.start]:#04x} is not {encoding.upper()} text; save the "
+            "file as UTF-8 (with or without a byte-order mark) or UTF-16 with one"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(
+            f"CSV {str(path)!r} line {line}: holds a NUL character (a binary file, or UTF-16 without a byte-order "
+            "mark?); save it as UTF-8 text"
+        )
+    return text
+
+
 def read_csv_table(path: Path) -> CsvTable:
     """Parse and check a CSV with header ``path,label,split[,is_query,is_gallery]`` (extra columns ignored).
 
@@ -170,10 +206,7 @@ def read_csv_table(path: Path) -> CsvTable:
     """
     if not path.is_file():
         raise DataError(f"CSV file {str(path)!r} does not exist; expected columns path,label,split")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read CSV {str(path)!r}: {error}") from None
+    text = _csv_text(path)
     reader = csv.reader(text.splitlines())
     try:
         columns = _csv_header(path, reader)

@@ -18,6 +18,48 @@ from PIL import Image
 
 from dmlkd.errors import DataError
 
+_ALPHA_MODES = {"RGBA": "RGBA", "LA": "LA", "PA": "RGBA", "La": "LA", "RGBa": "RGBA"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of whatever mode PIL opened ``image`` in.
+
+    ``convert("RGB")`` alone clips high-bit-depth pixels instead of scaling them (a 16-bit PNG becomes almost
+    white), so integer modes are scaled by their range: ``I;16*`` by 65535, ``I`` by 65535 when its values fit
+    16 bits (how PIL opens 16-bit PNGs) and by its own maximum otherwise; ``F`` is taken as [0, 1] when its
+    values lie there, as 0-255 when they lie there, and scaled min-max otherwise. Transparent pixels (alpha
+    modes, palettes with a transparent colour) are composited over white; CMYK, YCbCr, LAB and HSV are
+    converted by PIL.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.ndim == 3:  # a multi-channel high-bit-depth image PIL exposes as one array
+            values = values[..., 0]
+        high = float(values.max()) if values.size else 0.0
+        low = float(values.min()) if values.size else 0.0
+        if mode.startswith("I;16"):
+            scaled = values / 65535.0
+        elif mode == "I":
+            scaled = np.clip(values, 0, None) / (65535.0 if high <= 65535 else high)
+        elif low >= 0.0 and high <= 1.0:
+            scaled = values
+        elif low >= 0.0 and high <= 255.0:
+            scaled = values / 255.0
+        else:
+            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        gray = np.rint(np.nan_to_num(scaled, nan=0.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert(_ALPHA_MODES[mode]).convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
 
 class ImageCollection:
     """A labelled, indexable set of images. Subclasses implement ``load``."""
@@ -55,7 +97,7 @@ class FileImageCollection(ImageCollection):
         try:
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(image)
         except FileNotFoundError:
             raise DataError(f"image file {str(path)!r} does not exist") from None
         except (OSError, ValueError, Image.DecompressionBombError) as error:
@@ -70,7 +112,7 @@ class ArrayImageCollection(ImageCollection):
         self.images = images
 
     def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index]).convert("RGB")
+        return to_rgb(Image.fromarray(self.images[index]))
 
 
 class Subset(ImageCollection):

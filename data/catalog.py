@@ -21,6 +21,10 @@ def build_splits(config: DataConfig) -> tuple[DatasetSplits, list[tuple[str, str
     _check_options(config.name, builder, config.options)
     root = Path(config.root).expanduser() if config.root else None
     splits = builder(root, **config.options)
+    if not config.allow_duplicates:
+        from dmlkd.data.checks import check_duplicates
+
+        check_duplicates(splits, by_content=config.name in ("csv", "folder"))
     bad: list[tuple[str, str]] = []
     if config.skip_bad_images:
         from dmlkd.data.checks import drop_bad_images

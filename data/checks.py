@@ -8,7 +8,9 @@ each split with a ``Subset`` of its readable images. ``describe`` gives the imag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -128,3 +130,74 @@ def describe(splits: DatasetSplits) -> dict[str, Any]:
         if collection is not None:
             counts[split] = {"images": len(collection), "classes": collection.num_classes}
     return {"dataset": splits.name, "recall_ks": list(splits.recall_ks), "splits": counts}
+
+
+def _real_paths(collection: FileImageCollection) -> list[str]:
+    """Resolved paths of a collection's files (links resolved once per folder, not once per file)."""
+    folders: dict[str, str] = {}
+    paths = []
+    for index in range(len(collection)):
+        head, tail = os.path.split(os.path.join(collection.root, collection.identifiers[index]))
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        paths.append(os.path.join(folders[head], tail))
+    return paths
+
+
+def _content_groups(entries: list[tuple[str, str, str]]) -> list[list[tuple[str, str, str]]]:
+    """Groups of ``(split, identifier, path)`` with identical bytes; only files sharing a size are hashed."""
+    by_size: dict[int, list[tuple[str, str, str]]] = {}
+    for entry in entries:
+        try:
+            by_size.setdefault(os.stat(entry[2]).st_size, []).append(entry)
+        except OSError:
+            continue  # missing files are reported by the readers and the image checks
+    groups = [group for group in by_size.values() if len(group) > 1]
+    for limit in (1 << 16, None):  # the first 64 KiB of same-size files, then whole files where those agree
+        refined = []
+        for group in groups:
+            by_digest: dict[str, list[tuple[str, str, str]]] = {}
+            for entry in group:
+                with open(entry[2], "rb") as handle:
+                    data = handle.read() if limit is None else handle.read(limit)
+                by_digest.setdefault(hashlib.sha256(data).hexdigest(), []).append(entry)
+            refined += [same for same in by_digest.values() if len(same) > 1]
+        groups = refined
+    return groups
+
+
+def check_duplicates(splits: DatasetSplits, by_content: bool = False) -> None:
+    """Refuse the same image twice within train or test, or in both (by resolved path; by bytes if asked).
+
+    An image listed twice counts twice in training and finds itself at rank 1 in evaluation, so Recall@1 of
+    even an untrained model reaches 100 %. ``data.allow_duplicates=true`` accepts them knowingly.
+
+    Raises:
+        DataError: naming the number of duplicates and the first offenders.
+    """
+    entries: list[tuple[str, str, str]] = []
+    for split in ("train", "test"):
+        collection = getattr(splits, split)
+        if isinstance(collection, FileImageCollection):
+            entries += [(split, ident, path) for ident, path in zip(collection.identifiers, _real_paths(collection))]
+    seen: dict[str, tuple[str, str]] = {}
+    problems: list[str] = []
+    for split, ident, path in entries:
+        if path in seen:
+            first_split, first = seen[path]
+            where = f"twice in {split}" if first_split == split else f"in both {first_split} and {split}"
+            same = f"{first!r}" if first == ident else f"{first!r} and {ident!r} (the same file)"
+            problems.append(f"{same} {where}")
+        else:
+            seen[path] = (split, ident)
+    if by_content and not problems:
+        for group in _content_groups([(s, i, p) for p, (s, i) in seen.items()]):
+            (split_a, first, _), (split_b, second, _) = group[0], group[1]
+            where = f"both in {split_a}" if split_a == split_b else f"in {split_a} and {split_b}"
+            problems.append(f"{first!r} and {second!r} have the same content ({where})")
+    if problems:
+        raise DataError(
+            f"dataset {splits.name!r}: {len(problems):,} duplicate image(s), first {problems[0]}; an image listed "
+            "twice inflates Recall@K (it retrieves itself): remove the duplicates, or pass "
+            "--set data.allow_duplicates=true to keep them knowingly"
+        )

@@ -178,7 +178,19 @@ def _image_files(folder: Path, recursive: bool) -> list[str]:
 
 
 def _class_folders(root: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    """Sorted class folder names; a linked folder that leads back into (or above) ``root`` is refused."""
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    real_root = os.path.realpath(root)
+    for name in names:
+        if not os.path.islink(root / name):
+            continue
+        target = os.path.realpath(root / name)
+        if target == real_root or real_root.startswith(target + os.sep) or target.startswith(real_root + os.sep):
+            raise DataError(
+                f"class folder {str(root / name)!r} is a symbolic link to {target!r}, inside or above the data "
+                "root: it would become an extra class holding copies of other images; remove the link"
+            )
+    return names
 
 
 def _labelled_tree(base: Path, prefix: str, recursive: bool) -> tuple[list[str], np.ndarray]:

@@ -143,8 +143,8 @@ def eval_view(image: Image.Image, size: int, resize_ratio: float | None = 256 / 
     ``resize_ratio`` None or 1.0 resizes the shorter side to ``size`` (no zoom-in), for centred data.
     """
     resize_ratio = 1.0 if resize_ratio is None else resize_ratio
-    if resize_ratio < 1.0:
-        raise ConfigError(f"eval resize ratio {resize_ratio} is below 1; use a ratio >= 1 (1 = no zoom-in)")
+    if not 1.0 <= resize_ratio < float("inf"):  # NaN and inf too
+        raise ConfigError(f"eval resize ratio {resize_ratio} is invalid; use a finite ratio >= 1 (1 = no zoom-in)")
     short = round(size * resize_ratio)
     width, height = image.size
     if width <= height:

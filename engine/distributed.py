@@ -280,7 +280,10 @@ def prepare_run_dir_on_main(
     would find the first's ``run.json`` and refuse. Errors (a non-empty folder...) reach every process.
     """
     from dmlkd.engine.rundir import prepare_run_dir
+    from dmlkd.engine.state import check_resumable
 
+    if resume:  # a damaged run_config.json or state/ is one line, before anything is written
+        check_resumable(run_dir, stage)
     if launched():
         init_processes(device_name)
     return call_on_main(prepare_run_dir, run_dir, stage, config_tree, resume=resume, overwrite=overwrite)

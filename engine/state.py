@@ -12,15 +12,17 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from dmlkd.checkpoints.io import load_state_strict, sha256_file, write_folder_atomically
+from dmlkd import jsondata
+from dmlkd.checkpoints.io import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
 from dmlkd.errors import CheckpointError
 
 TENSORS = "tensors.safetensors"
@@ -83,7 +85,7 @@ def save_state(
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / TENSORS))
+        save_tensor_file(tensors, tmp / TENSORS)
         record = {
             "progress": asdict(progress),
             "optimizer": optimizer_record,
@@ -148,19 +150,148 @@ def load_state(
     """Restore module, optimiser, scheduler and RNG states saved by ``save_state``."""
     if not has_state(directory):
         raise CheckpointError(f"{str(directory)!r} holds no resumable state ({PROGRESS} and {TENSORS})")
-    try:
-        record = json.loads((directory / PROGRESS).read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{str(directory / PROGRESS)!r} is not valid JSON: {error}") from None
-    if sha256_file(directory / TENSORS) != record.get("digest"):
-        raise CheckpointError(f"{str(directory / TENSORS)!r} is truncated or modified (digest mismatch)")
+    record = read_state_record(directory)
     tensors = load_file(str(directory / TENSORS))
     module_state = {k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")}
     load_state_strict(module, module_state, f"resumable state {str(directory)!r}")
-    optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
-    scheduler.load_state_dict(record["scheduler"])
+    try:
+        optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
+        scheduler.load_state_dict(record["scheduler"])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise CheckpointError(
+            f"{str(directory / PROGRESS)!r}: the saved optimizer/scheduler state does not fit this run "
+            f"({' '.join(str(error).split())}); resume with the options the run was started with, or --overwrite"
+        ) from None
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return Progress(**record["progress"]), record.get("extra", {})
+
+
+_RECORD_KEYS = {"progress": dict, "optimizer": dict, "scheduler": dict, "extra": dict, "digest": str}
+_PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "batch_in_epoch": (int,),
+    "global_step": (int,),
+    "best_metric": (int, float, type(None)),
+    "best_epoch": (int, type(None)),
+    "finished": (bool,),
+    "skipped_steps": (int,),
+}
+
+
+def _bad(path: Path, key: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{str(path)!r}: {key} {problem}; the resumable state is damaged: restore it, or start again with --overwrite"
+    )
+
+
+def read_state_record(directory: Path) -> dict[str, Any]:
+    """``progress.json`` of a state folder, validated as data, and the tensors file checked against it.
+
+    Every key and type is checked before anything is restored, and ``tensors.safetensors`` must match the
+    recorded digest and hold the RNG state and well-formed optimiser tensor names; a problem is one
+    ``CheckpointError`` line naming the file and the key.
+    """
+    directory = Path(directory)
+    path = directory / PROGRESS
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
+    record = jsondata.loads(text, repr(str(path)), CheckpointError)
+    if not isinstance(record, dict):
+        raise _bad(path, "the top level", f"is {type(record).__name__}, expected an object")
+    for key, kind in _RECORD_KEYS.items():
+        if key not in record:
+            raise _bad(path, f"key {key!r}", "is missing")
+        if not isinstance(record[key], kind):
+            raise _bad(path, f"key {key!r}", f"is {type(record[key]).__name__}, expected {kind.__name__}")
+    extra = sorted(set(record) - set(_RECORD_KEYS))
+    if extra:
+        raise _bad(path, f"key {extra[0]!r}", f"is unknown (expected: {', '.join(_RECORD_KEYS)})")
+    progress = record["progress"]
+    names = [field.name for field in fields(Progress)]
+    for name in names:
+        if name not in progress:
+            raise _bad(path, f"key progress.{name}", "is missing")
+        value, kinds = progress[name], _PROGRESS_TYPES[name]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise _bad(path, f"key progress.{name}", f"is {value!r}, expected {' or '.join(k.__name__ for k in kinds)}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise _bad(path, f"key progress.{name}", f"is {value!r}, expected a count >= 0")
+    unknown = sorted(set(progress) - set(names))
+    if unknown:
+        raise _bad(path, f"key progress.{unknown[0]}", f"is unknown (expected: {', '.join(names)})")
+    optimizer = record["optimizer"]
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        raise _bad(path, "key optimizer", "needs a list 'param_groups' and an object 'scalars'")
+    for param_id, entries in optimizer["scalars"].items():
+        if not param_id.isdigit() or not isinstance(entries, dict):
+            raise _bad(path, f"key optimizer.scalars.{param_id}", "is not a parameter index with an object")
+    tensors_path = directory / TENSORS
+    if sha256_file(tensors_path) != record["digest"]:
+        raise CheckpointError(f"{str(tensors_path)!r} is truncated or modified (digest mismatch)")
+    try:
+        with safe_open(str(tensors_path), framework="pt") as handle:
+            keys = set(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {str(tensors_path)!r}: {error}") from None
+    if "rng.torch" not in keys:
+        raise _bad(tensors_path, "tensor 'rng.torch'", "is missing")
+    for key in sorted(keys):
+        parts = key.split(".", 2)
+        if key.startswith("optimizer.") and (len(parts) != 3 or not parts[1].isdigit()):
+            raise _bad(tensors_path, f"tensor {key!r}", "is not optimizer.<index>.<name>")
+    return record
+
+
+def check_resumable(run_dir: Path, stage: str) -> None:
+    """Validate a run's ``run_config.json`` and ``state/`` as data before ``--resume`` touches anything.
+
+    ``run_config.json`` must be a JSON object that builds the stage's config; ``state/progress.json`` and
+    ``tensors.safetensors`` (when a state was saved) are checked by ``read_state_record``. Each problem is one
+    line naming the file and the key.
+    """
+    from dmlkd.config import from_dict
+    from dmlkd.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "run_config.json"
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # no run, or a corrupt run.json: prepare_run_dir says so
+    if not isinstance(run, dict) or run.get("stage") != stage:
+        return  # a run of another stage: prepare_run_dir says so
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {str(path)!r} is missing; the run cannot be resumed (use --overwrite)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
+    tree = jsondata.loads(text, repr(str(path)), CheckpointError)
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{str(path)!r} holds {type(tree).__name__}, expected a JSON object (the run's config)")
+    config_class = _stage_config(stage)
+    if config_class is not None:
+        try:
+            from_dict(config_class, tree)
+        except ConfigError as error:
+            raise CheckpointError(f"{str(path)!r} is not a valid {stage} config: {error}") from None
+    state = run_dir / "state"
+    if (state / PROGRESS).is_file() and (state / TENSORS).is_file():
+        read_state_record(state)
+
+
+def _stage_config(stage: str) -> Any:
+    if stage == "teacher":
+        from dmlkd.teacher.config import TeacherConfig
+
+        return TeacherConfig
+    if stage == "transfer":
+        from dmlkd.transfer.config import TransferConfig
+
+        return TransferConfig
+    return None

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmlkd.errors import ConfigError
 from dmlkd.models.backbones import Backbone
 from dmlkd.models.outputs import ModelOutput
-from dmlkd.models.spec import ModelConfig
+from dmlkd.models.spec import ModelConfig, input_size_problem
 from dmlkd.registry import BACKBONES
 
 
@@ -88,6 +89,10 @@ class EmbeddingNet(nn.Module):
             ``ModelOutput`` with ``embedding`` ``(B, D)`` (unit norm if ``config.l2_norm``), ``pooled``
             ``(B, pooled_dim)`` and, if asked, ``features``: the post-ReLU maps ``(B, C_i, H_i, W_i)``.
         """
+        if images.dim() == 4:
+            problem = input_size_problem(self.config.arch, int(images.shape[-2]), int(images.shape[-1]))
+            if problem:
+                raise ConfigError(f"{problem}; choose another image size (--image-size)")
         maps = self.backbone(self.preprocess(images))
         pooled = global_pool(maps[-1], self.config.pooling)
         embedding = self.embedding(pooled)

@@ -7,6 +7,7 @@ batch of RGB images in [0, 1]: every model converts its own input (see ``Embeddi
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -50,6 +51,72 @@ DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {
 }
 
 
+# Backbone parameters (without the head) and channels of the pooled feature, per architecture; the embedding
+# head adds (pooled + 1) * D. Used to refuse a model that cannot fit in memory before building it.
+BACKBONE_SIZES: dict[str, tuple[int, int]] = {
+    "bn_inception": (10_270_240, 1024),
+    "googlenet": (5_599_904, 1024),
+    "resnet18": (11_176_512, 512),
+    "resnet34": (21_284_672, 512),
+    "resnet50": (23_508_032, 2048),
+    "resnet101": (42_500_160, 2048),
+}
+
+# The smallest input side each architecture accepts (a smaller map shrinks to nothing inside the network).
+# The Caffe-ported BN-Inception concatenates branches whose ceil/floor poolings agree only for sides with
+# (side + 1) % 32 < 8: 31-38, 63-70, ..., 223-230, 255-262.
+MIN_INPUT_SIZE: dict[str, int] = {
+    "bn_inception": 31,
+    "googlenet": 15,
+    "resnet18": 1,
+    "resnet34": 1,
+    "resnet50": 1,
+    "resnet101": 1,
+}
+
+
+def input_size_problem(arch: str, height: int, width: int) -> str | None:
+    """Why ``arch`` cannot embed ``height x width`` images (a readable reason naming valid sizes), or None."""
+    smallest = MIN_INPUT_SIZE.get(arch, 1)
+    if min(height, width) < smallest:
+        return f"{arch} needs images of at least {smallest}x{smallest} pixels, got {height}x{width}"
+    if arch == "bn_inception":
+        bad = [side for side in (height, width) if (side + 1) % 32 >= 8]
+        if bad:
+            below = max(31, (bad[0] + 1) // 32 * 32 - 1)
+            return (
+                f"bn_inception cannot embed {height}x{width} images: each side must satisfy (side + 1) % 32 < 8, "
+                f"e.g. {below}-{below + 7} or 224 (got {bad[0]})"
+            )
+    return None
+
+
+def parameter_count(arch: str, embedding_dim: int) -> int:
+    """Parameters of ``ARCH-DIM``: the backbone's plus the linear head's."""
+    backbone, pooled = BACKBONE_SIZES[arch]
+    return backbone + (pooled + 1) * embedding_dim
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where it cannot be asked."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_fits(arch: str, embedding_dim: int, where: str) -> None:
+    """Refuse a model whose float32 weights alone exceed the machine's memory, before anything is allocated."""
+    count = parameter_count(arch, embedding_dim)
+    available = memory_bytes()
+    if available is not None and 4 * count > available:
+        raise ModelSpecError(
+            f"{where} would have {count:.3g} parameters ({4 * count / 2**30:,.0f} GiB as float32), more than this "
+            f"machine's {available / 2**30:,.0f} GiB of memory; use a smaller embedding dimension "
+            "(the papers use 64-512)"
+        )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """An architecture name and an embedding dimension, written ``ARCH-DIM``."""
@@ -79,6 +146,7 @@ def parse_spec(text: str) -> ModelSpec:
         )
     if dim <= 0:
         raise ModelSpecError(f"embedding dimension must be a positive integer, got {dim} in model spec {text!r}")
+    _check_fits(arch, dim, f"model spec {text!r}")
     return ModelSpec(arch, dim)
 
 
@@ -119,6 +187,7 @@ class ModelConfig:
             raise ModelSpecError(f"unknown architecture {self.arch!r}; choose from: {choices(ARCHITECTURES)}")
         if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim <= 0:
             raise ModelSpecError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
+        _check_fits(self.arch, self.embedding_dim, f"model {self.arch}-{self.embedding_dim}")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"model.head_init {self.head_init!r} is not valid; choose from: {choices(HEAD_INITS)}")
         if self.pooling not in POOLINGS:

@@ -9,6 +9,7 @@ safetensors file whose metadata lists the image paths in row order (``read_embed
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from dmlkd.data.base import to_rgb
 from dmlkd.errors import ConfigError, DataError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -107,14 +109,15 @@ def _as_items(images: Any) -> list[Any]:
 def open_image(item: Image.Image | str | os.PathLike) -> Image.Image:
     """An RGB PIL image from a PIL image or a file path; unreadable files are a ``DataError`` naming them."""
     if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
+        return to_rgb(item)
     path = Path(item)
     if not path.is_file():
         raise DataError(f"image file {str(path)!r} does not exist")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read image {str(path)!r}: {error}") from None
 
 
@@ -163,6 +166,7 @@ def embed_images(
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+    _check_resize_ratio(resize_ratio)
     size = image_size if image_size is not None else default_image_size(model)
     if size < 1:
         raise ConfigError(f"image size must be a positive integer, got {size}")
@@ -250,6 +254,14 @@ def read_embeddings(path: str | os.PathLike) -> tuple[Tensor, list[str], dict[st
     return embeddings, paths, extra
 
 
+def _check_resize_ratio(resize_ratio: float | None) -> None:
+    if resize_ratio is not None and not (math.isfinite(resize_ratio) and 1.0 <= resize_ratio <= 8.0):
+        raise ConfigError(
+            f"resize ratio must be a number from 1 (no zoom-in) to 8, got {resize_ratio}; the default is "
+            f"{DEFAULT_RESIZE_RATIO:.4f} (256/224)"
+        )
+
+
 def embed_paths(
     ref: str | os.PathLike,
     sources: Sequence[str | os.PathLike],
@@ -273,8 +285,11 @@ def embed_paths(
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
     from dmlkd.engine.evaluate import resolve_device
 
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; pass the path of a .safetensors file to write")
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"output file {str(out)!r} already exists; pass --overwrite to replace it")
+    _check_resize_ratio(resize_ratio)
     paths = expand_image_paths(sources)
     directory = resolve_checkpoint_dir(ref)
     model, record = load_checkpoint(directory, device=resolve_device(device))

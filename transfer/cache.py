@@ -54,6 +54,7 @@ from dmlkd.transfer.cache_file import (
     _read_checked,
     _sha256_json,
     _write_atomically,
+    check_writable_folder,
 )
 from dmlkd.transfer.cache_spec import CacheSpec, _digest_of, cache_key, cache_path, key_parts, teacher_digest
 from dmlkd.transfer.cache_views import run_teacher
@@ -278,6 +279,8 @@ def load_or_build_cache(
             key,
             metadata,
         )
+    if is_main():
+        check_writable_folder(Path(folder))
     if is_main() and not path.is_file():
         _log_other_caches(Path(folder), parts, path)
     return build_cache(

@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from dmlkd.checkpoints.io import save_tensor_file
+from dmlkd.errors import ConfigError
 
 if TYPE_CHECKING:
     from dmlkd.transfer.cache_spec import CacheSpec
@@ -41,12 +44,25 @@ def _content_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Refuse a cache folder that cannot be written before hours are spent computing what goes in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"teacher cache folder {str(folder)!r} is not writable ({error.strerror}); set "
+            "--set teacher.cache_dir=A_WRITABLE_FOLDER (or the DMLKD_CACHE variable), or use --teacher-mode online"
+        ) from None
+
+
 def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata=metadata)
+        save_tensor_file(tensors, Path(temporary), metadata=metadata)
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
