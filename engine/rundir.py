@@ -263,9 +263,10 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
         _refuse_foreign_content(run_dir)
         existing = read_run(run_dir) if run_dir.is_dir() else None
         if existing is not None and not overwrite and not failed_without_progress(run_dir, existing):
-            state = "unfinished " if existing.get("status") != "finished" else ""
+            status = existing.get("status")
+            state = f" ({status})" if status not in (None, "finished") else ""
             raise ConfigError(
-                f"output folder {str(run_dir)!r} already holds a {state}{existing.get('stage')} run; "
+                f"output folder {str(run_dir)!r} already holds a {existing.get('stage')} run{state}; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
         return
