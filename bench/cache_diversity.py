@@ -3,6 +3,7 @@
 Usage:
     python bench/cache_diversity.py [--work DIR] [--seeds 0,1,2] [--epochs 20] [--max-classes 40]
                                     [--variants online,k2,k8,k32,k8r5] [--teacher RUN] [--student resnet18-32]
+                                    [--image-size 32] [--parallel 1]
 
 One teacher (trained here once with ``dmlkd teacher train`` on the glyph demo data, or ``--teacher``) and, for
 every seed, the same student recipe trained with each teacher variant:
@@ -13,7 +14,9 @@ every seed, the same student recipe trained with each teacher variant:
   image every ``E`` epochs, at ``N*K`` teacher passes per refresh.
 
 Each run is a fresh ``dmlkd transfer train`` process (relaxed contrastive, the demo transfer recipe with the
-epochs and classes given here); the cache folder is per run so that every cached variant pays for its build.
+epochs, classes and image size given here; ``--parallel`` seeds at a time, the variants of a seed in turn, so
+that a noisy machine slows whole seeds rather than single variants); the cache folder is per run so that every
+cached variant pays for its build.
 Prints, per variant, test Recall@1 mean ± std over seeds (the run's final evaluation), the difference to
 online, and the median wall time of a run (build included), and writes ``results.json`` to ``--work``.
 """
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -34,8 +38,11 @@ def _dmlkd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dmlkd", *args]
 
 
-def _glyph_args(max_classes: int) -> list[str]:
-    return ["--dataset", "glyphs", "--set", f"data.options.max_classes={max_classes}", "--no-progress"]
+def _glyph_args(args: argparse.Namespace) -> list[str]:
+    return [
+        *("--dataset", "glyphs", "--set", f"data.options.max_classes={args.max_classes}", "--no-progress"),
+        *("--image-size", str(args.image_size), "--set", "train.save_every=1000000"),  # no mid-run states
+    ]
 
 
 def train_teacher(work: Path, args: argparse.Namespace) -> Path:
@@ -55,7 +62,7 @@ def train_teacher(work: Path, args: argparse.Namespace) -> Path:
         str(args.batch_size),
         "--ipc",
         "4",
-        *_glyph_args(args.max_classes),
+        *_glyph_args(args),
         "--set",
         "eval.nmi=false",
     )
@@ -99,7 +106,7 @@ def run_student(work: Path, teacher: Path, name: str, seed: int, args: argparse.
         str(args.batch_size),
         "--ipc",
         "4",
-        *_glyph_args(args.max_classes),
+        *_glyph_args(args),
         "--set",
         f"teacher.cache_dir={out}-cache",
         "--set",
@@ -128,6 +135,8 @@ def main() -> None:
     parser.add_argument("--teacher-model", default="resnet18-32")
     parser.add_argument("--teacher-epochs", type=int, default=12)
     parser.add_argument("--student", default="resnet18-32")
+    parser.add_argument("--image-size", type=int, default=32, help="Training (and teacher) input size.")
+    parser.add_argument("--parallel", type=int, default=1, help="Seeds trained at the same time (one process each).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -137,12 +146,20 @@ def main() -> None:
     teacher = args.teacher or train_teacher(args.work, args)
     teacher_r1 = recall_at_1(teacher) if (teacher / "last" / "config.json").is_file() else float("nan")
     results: dict[str, dict[str, list[float]]] = {name: {"r1": [], "wall": []} for name in variants}
-    for seed in seeds:  # seed-major, so that a partial run still compares every variant
-        for name in variants:
+
+    def one_seed(seed: int) -> list[tuple[str, float, float]]:
+        done = []
+        for name in variants:  # the variants of one seed run back to back, so a slow spell hits a whole seed
             r1, wall = run_student(args.work, teacher, name, seed, args)
-            results[name]["r1"].append(r1)
-            results[name]["wall"].append(wall)
             print(f"seed {seed} {name:8s} R@1 {r1:6.2f}  {wall:6.1f} s", flush=True)
+            done.append((name, r1, wall))
+        return done
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for done in pool.map(one_seed, seeds):
+            for name, r1, wall in done:
+                results[name]["r1"].append(r1)
+                results[name]["wall"].append(wall)
     online = statistics.mean(results["online"]["r1"]) if "online" in results else float("nan")
     print(f"\nteacher R@1 {teacher_r1:.2f}; {len(seeds)} seeds, {args.epochs} epochs, {args.max_classes} classes")
     print(f"{'variant':8s} {'R@1 mean':>9s} {'std':>6s} {'vs online':>9s} {'median wall s':>13s}")
