@@ -318,6 +318,7 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
                 "skipped_images": [i for i, _ in bad],
                 "transfer_set": config.transfer_set,
                 "train_images": len(splits.train),
+                "input": _input_record(config, splits),  # what embed/export/eval use by default
             },
         },
     )
@@ -331,6 +332,12 @@ def _train_transfer(config: TransferConfig, run_dir: Path, resume: bool = False)
             train_seconds=round(result.seconds, 1),
         )
     return TransferResult(run_dir, result, mode)
+
+
+def _input_record(config: TransferConfig, splits: DatasetSplits) -> dict[str, Any]:
+    from dmlkd.student.embed import run_input_record
+
+    return run_input_record(config.train, config.eval, splits)
 
 
 def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
