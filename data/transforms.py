@@ -43,16 +43,27 @@ class ViewParams:
 
 @dataclass(frozen=True)
 class ReplaySpec:
-    """``num_sets`` stored view parameter sets per image, drawn from ``seed`` (for a teacher cache)."""
+    """``num_sets`` stored view parameter sets per image, drawn from ``seed`` (for a teacher cache).
+
+    ``refresh_draws`` > 0 draws a new generation of sets every ``refresh_draws`` sampler draws (the trainer uses
+    ``E`` epochs' worth): draw ``d`` replays sets ``g * num_sets .. (g + 1) * num_sets - 1`` with
+    ``g = d // refresh_draws``, so a run sees ``num_sets`` fresh views per image every ``E`` epochs.
+    """
 
     num_sets: int
     seed: int
+    refresh_draws: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_sets < 1 or self.seed < 0:
+        if self.num_sets < 1 or self.seed < 0 or self.refresh_draws < 0:
             raise ConfigError(
-                f"invalid replay num_sets={self.num_sets}, seed={self.seed}; need num_sets >= 1 and seed >= 0"
+                f"invalid replay num_sets={self.num_sets}, seed={self.seed}, refresh_draws={self.refresh_draws}; "
+                "need num_sets >= 1, seed >= 0 and refresh_draws >= 0"
             )
+
+    def generation(self, draw: int) -> int:
+        """Which generation of sets the draw ``draw`` replays (always 0 without refresh)."""
+        return int(draw) // self.refresh_draws if self.refresh_draws else 0
 
 
 def _seed_int(*keys: int, spawn_key: tuple[int, ...] = ()) -> int:
@@ -173,7 +184,12 @@ def replay_view_params(
 
 def replay_keys(keys: Sequence[tuple[int, int]], views: int, seed: int, replay: ReplaySpec) -> list[tuple[int, int]]:
     """The ``(image index, k)`` pair of every view of a sampler batch, view-major like ``Batch``."""
-    return [(index, replay_choice(seed, draw, view, replay.num_sets)) for view in range(views) for index, draw in keys]
+    sets = replay.num_sets
+    return [
+        (index, replay_choice(seed, draw, view, sets) + replay.generation(draw) * sets)
+        for view in range(views)
+        for index, draw in keys
+    ]
 
 
 def _check_scale_ratio(scale: tuple[float, float], ratio: tuple[float, float], flip_p: float) -> None:
@@ -224,6 +240,7 @@ class TrainDataset(Dataset):
             generator = view_generator(self.seed, draw, view)
             return sample_view_params(generator, width, height, self.scale, self.ratio, self.flip_p), -1
         k = replay_choice(self.seed, draw, view, self.replay.num_sets)
+        k += self.replay.generation(draw) * self.replay.num_sets
         params = replay_view_params(self.replay, index, k, width, height, self.scale, self.ratio, self.flip_p)
         return params, k
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from dmlkd.engine.distributed import (
     world_size,
 )
 from dmlkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -131,6 +134,7 @@ def evaluate_model(
     device: torch.device,
     progress: bool = True,
     distributed: bool = False,
+    resize_ratio: float | None = None,
 ) -> dict[str, float]:
     """Recall@K (the dataset's K unless ``config.ks``), MAP@R and NMI of ``model`` on the test split.
 
@@ -140,7 +144,8 @@ def evaluate_model(
     """
     distributed = distributed and world_size() > 1
     image_size = eval_image_size(config, splits)
-    resize_ratio = eval_resize_ratio(config, splits)
+    if resize_ratio is None:  # given: a checkpoint's recorded eval view (``dmlkd eval``)
+        resize_ratio = eval_resize_ratio(config, splits)
     ks = tuple(config.ks or splits.recall_ks)
     if splits.query is not None and splits.gallery is not None:
         query, query_labels = embed_collection(
@@ -201,6 +206,26 @@ def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     from dmlkd.data.catalog import build_splits
 
     device = init_processes(config.device).device if launched() else resolve_device(config.device)
-    model, _record = load_checkpoint(config.checkpoint, device=device)
+    model, record = load_checkpoint(config.checkpoint, device=device)
     splits, _bad = build_splits(config.data)
-    return evaluate_model(model, splits, config.eval, device, distributed=launched())
+    evaluation, resize_ratio = _recorded_eval_view(config.eval, record)
+    return evaluate_model(model, splits, evaluation, device, distributed=launched(), resize_ratio=resize_ratio)
+
+
+def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple[EvalConfig, float | None]:
+    """``dmlkd eval`` evaluates at the checkpoint's recorded eval view unless ``--image-size`` says otherwise
+    (with a warning when it differs); without a record, the dataset's defaults as before."""
+    import dataclasses
+
+    from dmlkd.student.embed import recorded_image_size, recorded_resize_ratio
+
+    recorded = recorded_image_size(record)
+    if evaluation.image_size is None and recorded is not None:
+        evaluation = dataclasses.replace(evaluation, image_size=recorded)
+    elif evaluation.image_size is not None and recorded is not None and evaluation.image_size != recorded:
+        log.warning(
+            "evaluating at %d px, but the checkpoint was trained and evaluated at %d px",
+            evaluation.image_size,
+            recorded,
+        )
+    return evaluation, recorded_resize_ratio(record)

@@ -105,16 +105,16 @@ class EmbeddingNet(nn.Module):
         images: Any,
         *,
         image_size: int | None = None,
-        resize_ratio: float | None = 256 / 224,
+        resize_ratio: float | str | None = "recorded",
         batch_size: int = 64,
         normalize: bool = False,
     ) -> Tensor:
         """Embed PIL images, image paths or an image tensor; returns ``(N, D)`` float32 on the CPU.
 
         PIL images and paths get the eval view at ``image_size`` (None: the size recorded with the
-        checkpoint, else 224); tensors ``(B, 3, H, W)`` in [0, 1] (or uint8 0-255) are used as given. Runs
-        in eval mode under ``no_grad`` on this model's device; ``normalize`` L2-normalises the rows. See
-        ``dmlkd.student.embed.embed_images``.
+        checkpoint, else 224) and ``resize_ratio`` (``"recorded"``: the checkpoint's, else 256/224); tensors
+        ``(B, 3, H, W)`` in [0, 1] (or uint8 0-255) are used as given. Runs in eval mode under ``no_grad`` on
+        this model's device; ``normalize`` L2-normalises the rows. See ``dmlkd.student.embed.embed_images``.
         """
         from dmlkd.student.embed import embed_images
 

@@ -57,9 +57,9 @@ def _parity_line(parity: dict) -> str:
 @click.option(
     "--resize-ratio",
     type=float,
-    default=256 / 224,
-    show_default=True,
-    help="Shorter side is resized to round(size * ratio) before the centre crop (1 = no zoom-in).",
+    default=None,
+    help="Shorter side is resized to round(size * ratio) before the centre crop (1 = no zoom-in; default: "
+    "the checkpoint's recorded ratio, else 256/224).",
 )
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
@@ -70,7 +70,7 @@ def embed_command(
     images: tuple[str, ...],
     out: str,
     image_size: int | None,
-    resize_ratio: float,
+    resize_ratio: float | None,
     batch_size: int,
     normalize: bool,
     device: str,
@@ -91,7 +91,7 @@ def embed_command(
         images,
         out,
         image_size=image_size,
-        resize_ratio=resize_ratio,
+        resize_ratio="recorded" if resize_ratio is None else resize_ratio,
         batch_size=batch_size,
         normalize=normalize,
         device=device,

@@ -1,7 +1,10 @@
 """Embed images with a trained model: PIL images, image files or tensors in, an ``(N, D)`` tensor out.
 
 PIL images and files get the evaluation view (``eval_view``: shorter side to ``round(size * resize_ratio)``,
-centre crop ``size``), tensors are used as given. The model applies its own preprocessing, so inputs are
+bilinear, centre crop ``size``), tensors are used as given. Size and ratio default to the model's *input
+record* (``provenance.input`` of its checkpoint: the eval view it was trained and evaluated with, written by
+both trainers), so the demo's 32 px glyph models are embedded at 32 px, not 224; asking for another size
+works and logs a warning. The model applies its own preprocessing, so inputs are
 always RGB in [0, 1] (uint8 tensors in 0-255 are scaled). ``save_embeddings`` writes the result as one
 safetensors file whose metadata lists the image paths in row order (``read_embeddings`` reads it back).
 """
@@ -9,6 +12,7 @@ safetensors file whose metadata lists the image paths in row order (``read_embed
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -30,32 +34,103 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".t
 EMBEDDINGS_FORMAT = "dmlkd-embeddings"
 _RANGE_SLACK = 1e-3  # float inputs may overshoot [0, 1] by rounding, not by a different convention
 
+RECORDED = "recorded"  # ``resize_ratio`` default: the model's recorded eval view, else 256/224
+
 ImageInput = Image.Image | str | os.PathLike | Tensor | Sequence[Image.Image | str | os.PathLike]
+
+logger = logging.getLogger(__name__)
+
+
+def input_record(image_size: int, resize_ratio: float | None, train_image_size: int | None = None) -> dict[str, Any]:
+    """What a checkpoint records about its input (``provenance.input``): the eval view it was evaluated with
+    (and that ``embed``, ``model.embed``, ``export`` and ``eval`` use by default) and the training crop size."""
+    record: dict[str, Any] = {
+        "image_size": int(image_size),
+        "resize_ratio": float(resize_ratio or 1.0),
+        "resize": "shorter side to round(image_size * resize_ratio)",
+        "crop": "center",
+        "interpolation": "bilinear",
+        "value_range": "RGB [0, 1] (the model applies its own preprocessing)",
+    }
+    if train_image_size is not None:
+        record["train_image_size"] = int(train_image_size)
+        record["train_crop"] = "random resized crop (scale, ratio), bilinear"
+    return record
+
+
+def run_input_record(train: Any, evaluation: Any, splits: Any) -> dict[str, Any]:
+    """``input_record`` of a training run: its resolved eval view (``EvalConfig`` and the dataset's defaults,
+    as the run's own evaluation uses them) and training crop size (``TrainConfig``)."""
+    from dmlkd.engine.data import train_image_size
+    from dmlkd.engine.evaluate import eval_image_size
+
+    resize_ratio = splits.defaults.get("eval_resize_ratio", DEFAULT_RESIZE_RATIO)
+    return input_record(eval_image_size(evaluation, splits), resize_ratio, train_image_size(train, splits))
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def recorded_image_size(record: dict[str, Any]) -> int | None:
-    """The input size a checkpoint record implies: an export's size, else the training or eval image size."""
-    exported = (record.get("provenance") or {}).get("export") or {}
+    """The input size a checkpoint record implies: its input record, an export's size, else the training or
+    eval image size of its config."""
+    provenance = record.get("provenance") or {}
+    exported = provenance.get("export") or {}
     train_config = record.get("train_config") or {}
     for value in (
+        (provenance.get("input") or {}).get("image_size"),
         exported.get("image_size"),
-        (train_config.get("train") or {}).get("image_size"),
         (train_config.get("eval") or {}).get("image_size"),
+        (train_config.get("train") or {}).get("image_size"),
     ):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _positive_int(value):
             return value
     return None
 
 
+def recorded_resize_ratio(record: dict[str, Any]) -> float | None:
+    """The eval-view resize ratio a checkpoint record holds (its input record or an export's), else None."""
+    provenance = record.get("provenance") or {}
+    for source in (provenance.get("input") or {}, provenance.get("export") or {}):
+        value = source.get("resize_ratio")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+            return float(value)
+    return None
+
+
 def attach_embed_defaults(model: nn.Module, record: dict[str, Any]) -> nn.Module:
-    """Remember the checkpoint's image size on ``model`` (as ``embed_image_size``) for ``embed`` to use."""
+    """Remember the checkpoint's eval view on ``model`` (``embed_image_size``, ``embed_resize_ratio``)."""
     model.embed_image_size = recorded_image_size(record)
+    model.embed_resize_ratio = recorded_resize_ratio(record)
     return model
 
 
 def default_image_size(model: nn.Module) -> int:
     """``model.embed_image_size`` when a loader recorded one, else 224."""
     return getattr(model, "embed_image_size", None) or DEFAULT_IMAGE_SIZE
+
+
+def resolve_view(
+    model: nn.Module, image_size: int | None, resize_ratio: float | str | None
+) -> tuple[int, float | None]:
+    """The eval view to embed with: the requested one, else the model's recorded one, else 224 and 256/224.
+
+    Logs a warning when the requested size differs from the size the model recorded."""
+    recorded = getattr(model, "embed_image_size", None)
+    if image_size is not None and recorded is not None and image_size != recorded:
+        logger.warning(
+            "embedding at %d px, but this model was trained and evaluated at %d px (its recorded input size)",
+            image_size,
+            recorded,
+        )
+    size = image_size if image_size is not None else default_image_size(model)
+    if resize_ratio == RECORDED:
+        ratio = getattr(model, "embed_resize_ratio", None)
+        resize_ratio = ratio if ratio is not None else DEFAULT_RESIZE_RATIO
+    elif isinstance(resize_ratio, str):
+        raise ConfigError(f"resize_ratio must be a number >= 1, None or {RECORDED!r}, got {resize_ratio!r}")
+    return size, resize_ratio
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -144,7 +219,7 @@ def embed_images(
     images: ImageInput,
     *,
     image_size: int | None = None,
-    resize_ratio: float | None = DEFAULT_RESIZE_RATIO,
+    resize_ratio: float | str | None = RECORDED,
     batch_size: int = 64,
     normalize: bool = False,
 ) -> Tensor:
@@ -156,7 +231,7 @@ def embed_images(
             tensor ``(B, 3, H, W)`` / ``(3, H, W)``, float in [0, 1] or uint8 in 0-255 (used at its own size).
         image_size: crop size of the eval view; None uses the checkpoint's recorded size, else 224.
         resize_ratio: eval view zoom (shorter side resized to ``round(image_size * resize_ratio)``); None or 1
-            means no zoom-in.
+            means no zoom-in; ``"recorded"`` (default): the checkpoint's recorded ratio, else 256/224.
         batch_size: images per forward pass.
         normalize: L2-normalise each row of the result.
 
@@ -166,8 +241,8 @@ def embed_images(
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+    size, resize_ratio = resolve_view(model, image_size, resize_ratio)
     _check_resize_ratio(resize_ratio)
-    size = image_size if image_size is not None else default_image_size(model)
     if size < 1:
         raise ConfigError(f"image size must be a positive integer, got {size}")
     device = _model_device(model)
@@ -268,7 +343,7 @@ def embed_paths(
     out: str | os.PathLike,
     *,
     image_size: int | None = None,
-    resize_ratio: float | None = DEFAULT_RESIZE_RATIO,
+    resize_ratio: float | str | None = RECORDED,
     batch_size: int = 64,
     normalize: bool = False,
     device: str = "auto",
@@ -294,7 +369,7 @@ def embed_paths(
     directory = resolve_checkpoint_dir(ref)
     model, record = load_checkpoint(directory, device=resolve_device(device))
     attach_embed_defaults(model, record)
-    size = image_size if image_size is not None else default_image_size(model)
+    size, resize_ratio = resolve_view(model, image_size, resize_ratio)
     embeddings = embed_images(
         model, paths, image_size=size, resize_ratio=resize_ratio, batch_size=batch_size, normalize=normalize
     )

@@ -21,6 +21,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from dmlkd.errors import ConfigError, DmlkdError, choices
+
+logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("onnx", "safetensors", "torch.export")
 ARTEFACTS: dict[str, str] = {
@@ -310,7 +313,7 @@ def export_model(
         threshold: minimum row cosine between eager and exported outputs.
     """
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir, write_folder_atomically
-    from dmlkd.student.embed import DEFAULT_IMAGE_SIZE, recorded_image_size
+    from dmlkd.student.embed import DEFAULT_IMAGE_SIZE, recorded_image_size, recorded_resize_ratio
 
     check_format(export_format)
     if image_size is not None and image_size < 1:
@@ -320,7 +323,10 @@ def export_model(
     out, source = Path(out), resolve_checkpoint_dir(ref)
     _check_target(out, source, overwrite)
     model, record = load_checkpoint(source, device="cpu")
-    size = image_size or recorded_image_size(record) or DEFAULT_IMAGE_SIZE
+    recorded = recorded_image_size(record)
+    if image_size is not None and recorded is not None and image_size != recorded:
+        logger.warning("exporting at %d px, but the model was trained and evaluated at %d px", image_size, recorded)
+    size = image_size or recorded or DEFAULT_IMAGE_SIZE
     if normalize:  # the model normalises inside forward, so every format captures it
         model.config = dataclasses.replace(model.config, l2_norm=True)
     inputs = parity_inputs(size)
@@ -332,7 +338,8 @@ def export_model(
         "spec": str(model.config.spec),
         "model_digest": record["files"]["model.safetensors"],
     }
-    provenance = {"image_size": size, "normalize": normalize, "source": source_info}
+    resize_ratio = recorded_resize_ratio(record)
+    provenance = {"image_size": size, "resize_ratio": resize_ratio, "normalize": normalize, "source": source_info}
     context = {"record": record, "example": inputs[-1], "provenance": provenance}
     result: dict[str, Any] = {}
 
@@ -340,6 +347,11 @@ def export_model(
         exporter = _WRITERS[export_format](model, folder, context)
         parity = _check_parity(export_format, folder, inputs, eager, threshold)
         result.update(_export_record(export_format, folder, model, size, normalize, source_info))
+        result["input"]["eval_view"] = {  # how to turn an image into the input (the model's recorded view)
+            "resize": f"shorter side to round({size} * resize_ratio), bilinear",
+            "resize_ratio": resize_ratio if resize_ratio is not None else 256 / 224,
+            "crop": f"center {size} x {size}",
+        }
         result.update({"parity": parity, "exporter": exporter})
         (folder / EXPORT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 

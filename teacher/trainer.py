@@ -254,7 +254,10 @@ def initialise_from(model: nn.Module, ref: str) -> str:
 
 
 def _provenance(config: TeacherConfig, splits: Any, bad: list[tuple[str, str]]) -> dict[str, Any]:
+    from dmlkd.student.embed import run_input_record
+
     return {
+        "input": run_input_record(config.train, config.eval, splits),  # what embed/export/eval use by default
         "dataset": config.data.name,
         "train_images": len(splits.train),
         "test_images": len(splits.test),

@@ -43,7 +43,7 @@ COMPARABLE = [
     *("--set", "teacher.eval.nmi=false", "--set", "transfer.eval.nmi=false"),
     *("--set", "teacher.train.eval_at_start=false", "--set", "transfer.teacher.cache_views=2"),
     *("--set", "transfer.train.views=1", "--set", "transfer.train.sampler_mode=cover"),
-    *("--set", "transfer.train.max_steps=1"),
+    *("--set", "transfer.train.max_steps=1", "--set", "transfer.teacher.mode=cached"),
 ]
 for _stage in ("teacher", "transfer"):
     COMPARABLE += [

@@ -177,18 +177,23 @@ def test_each_spec_part_changes_the_key_and_rebuilds(teacher, collection, tmp_pa
     digest = teacher_digest(teacher)
     base = _load(teacher, collection, tmp_path, SPEC, digest)
     spec = dataclasses.replace(SPEC, **change)
-    assert cache_key(spec, digest, collection.identifiers) != base.key
+    assert cache_key(spec, digest, collection) != base.key
     rebuilt = _load(teacher, collection, tmp_path, spec, digest)
     assert counter.builds == 2 and rebuilt.spec == spec
 
 
 def test_key_ignores_fields_the_mode_does_not_use(collection):
-    ids = collection.identifiers
     clean = CacheSpec(mode="clean", num_sets=1, seed=0, image_size=16)
-    assert cache_key(clean, "t", ids) == cache_key(dataclasses.replace(clean, seed=5, flip_p=0.0), "t", ids)
-    assert cache_key(clean, "t", ids) != cache_key(dataclasses.replace(clean, eval_resize_ratio=1.0), "t", ids)
-    assert cache_key(SPEC, "t", ids) == cache_key(dataclasses.replace(SPEC, eval_resize_ratio=1.0), "t", ids)
-    assert cache_key(SPEC, "t", ids) == cache_key(dataclasses.replace(SPEC, scale=[0.3, 1]), "t", ids)
+    assert cache_key(clean, "t", collection) == cache_key(
+        dataclasses.replace(clean, seed=5, flip_p=0.0), "t", collection
+    )
+    assert cache_key(clean, "t", collection) != cache_key(
+        dataclasses.replace(clean, eval_resize_ratio=1.0), "t", collection
+    )
+    assert cache_key(SPEC, "t", collection) == cache_key(
+        dataclasses.replace(SPEC, eval_resize_ratio=1.0), "t", collection
+    )
+    assert cache_key(SPEC, "t", collection) == cache_key(dataclasses.replace(SPEC, scale=[0.3, 1]), "t", collection)
 
 
 def test_teacher_weights_and_identifiers_change_the_key_and_rebuild(teacher, collection, tmp_path, counter):
@@ -196,11 +201,11 @@ def test_teacher_weights_and_identifiers_change_the_key_and_rebuild(teacher, col
     other_teacher = _teacher(seed=1)
     other_digest = teacher_digest(other_teacher)
     assert other_digest != teacher_digest(teacher)
-    assert cache_key(SPEC, other_digest, collection.identifiers) != base.key
+    assert cache_key(SPEC, other_digest, collection) != base.key
     rebuilt = _load(other_teacher, collection, tmp_path, digest=other_digest)
     assert counter.builds == 2 and not torch.equal(rebuilt.embeddings, base.embeddings)
     renamed = ArrayImageCollection(collection.images, [f"x/img{i}" for i in range(NUM_IMAGES)], collection.labels)
-    assert cache_key(SPEC, teacher_digest(teacher), renamed.identifiers) != base.key
+    assert cache_key(SPEC, teacher_digest(teacher), renamed) != base.key
     _load(teacher, renamed, tmp_path)
     assert counter.builds == 3
 
@@ -239,7 +244,7 @@ def test_damaged_cache_file_is_rebuilt(teacher, collection, tmp_path, counter, d
 def test_cache_file_of_another_teacher_is_not_used(teacher, collection, tmp_path, counter, caplog):
     other_teacher = _teacher(seed=1)
     other = _load(other_teacher, collection, tmp_path, digest=teacher_digest(other_teacher))
-    wanted_key = cache_key(SPEC, teacher_digest(teacher), collection.identifiers)
+    wanted_key = cache_key(SPEC, teacher_digest(teacher), collection)
     shutil.copy(cache_path(tmp_path, other.key), cache_path(tmp_path, wanted_key))  # wrong content, right name
     with caplog.at_level(logging.WARNING, logger="dmlkd.transfer.cache"):
         cache = _load(teacher, collection, tmp_path)

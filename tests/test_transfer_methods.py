@@ -402,13 +402,13 @@ def test_crd_loss_matches_explicit_computation_and_z_is_fixed():
     contrasts = []
     for step, seed in enumerate((0, 1)):
         batch = _batch(seed)
-        contrast = method.sample_contrast_indices(batch.indices, batch.labels)
-        method.sample_contrast_indices = lambda indices, labels, fixed=contrast: fixed  # replay these draws
+        contrast = method._contrast_per_image(batch.indices, batch.labels)  # one draw per image, every view
+        method._contrast_per_image = lambda indices, labels, fixed=contrast: fixed  # replay these draws
         student, teacher = _outputs(method, seed=10 * seed)
         student.pooled, teacher.pooled = student.pooled.double(), teacher.pooled.double()
         banks = method.memory_student.clone(), method.memory_teacher.clone()
         terms = method(student, teacher, batch)
-        del method.sample_contrast_indices
+        del method._contrast_per_image
         contrasts.append(contrast)
         student_features = F.normalize(method.student_head(student.pooled), dim=1).detach()
         teacher_features = F.normalize(method.teacher_head(teacher.pooled), dim=1).detach()

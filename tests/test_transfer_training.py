@@ -21,7 +21,7 @@ from dmlkd.cli import main
 from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo
-from dmlkd.transfer.cache import describe_cache
+from dmlkd.transfer.cache import describe_cache, teacher_digest
 
 STUDENT = "resnet18-8"
 # Tiny runs: a 16-class glyph subset, 4 classes x 4 images x 2 views per step, 2 steps, no NMI.
@@ -115,11 +115,12 @@ def _has_state(method: str) -> bool:
 @pytest.mark.parametrize("method", TRANSFER_METHODS.names())
 def test_every_method_trains_end_to_end(tmp_path: Path, teacher: Path, shared_cache: Path, method: str) -> None:
     out = tmp_path / "student"
+    expected_mode = "cached" if TRANSFER_METHODS.get(method).cacheable else "online"
+    mode = ["--teacher-mode", expected_mode]  # auto runs a 2-step run online (cheaper than the cache)
     code, stdout, stderr = _run(
-        _transfer(out, teacher, shared_cache, "--method", method, *METHOD_OPTIONS.get(method, []))
+        _transfer(out, teacher, shared_cache, "--method", method, *METHOD_OPTIONS.get(method, []), *mode)
     )
     assert code == 0, stderr
-    expected_mode = "cached" if TRANSFER_METHODS.get(method).cacheable else "online"
     assert f"teacher mode: {expected_mode}" in stdout
     for name in ("last", "best"):
         assert (out / name / "model.safetensors").is_file()
@@ -193,14 +194,15 @@ def test_cache_is_built_once_reused_and_rebuilt_for_other_views(tmp_path: Path, 
     built = _files(cache_dir)
     assert list(built) == [Path(description["path"]).name]
     assert description["mode"] == "cached" and description["num_sets"] == 8 and description["embedding_dim"] == 16
-    assert description["teacher_digest"] == _record(teacher, "best")["files"]["model.safetensors"]
+    assert description["teacher_digest"] == teacher_digest(teacher)  # weights and model config
 
     for name in ("first", "second"):  # both training runs replay the file `cache build` wrote
-        code, _, stderr = _run(_transfer(tmp_path / name, teacher, cache_dir, steps=1))
+        code, _, stderr = _run(_transfer(tmp_path / name, teacher, cache_dir, "--teacher-mode", "cached", steps=1))
         assert code == 0, stderr
         assert _files(cache_dir) == built
 
-    code, _, stderr = _run(_transfer(tmp_path / "third", teacher, cache_dir, "--cache-views", "2", steps=1))
+    third = _transfer(tmp_path / "third", teacher, cache_dir, "--cache-views", "2", "--teacher-mode", "cached", steps=1)
+    code, _, stderr = _run(third)
     assert code == 0, stderr
     after = _files(cache_dir)
     assert len(after) == 2 and {k: v for k, v in after.items() if k in built} == built
@@ -262,6 +264,8 @@ def test_sigint_then_resume_is_bit_identical_with_cached_teacher(
             "train.save_every=1",
             "--set",
             "train.eval_every=5",
+            "--teacher-mode",
+            "cached",
             *extra,
             steps=8,
         )

@@ -12,12 +12,17 @@ Modes (``CacheSpec.mode``):
 
 A cache is one safetensors file ``teacher-<key[:16]>.safetensors`` holding ``embeddings`` ``(N, K, D)`` fp16
 and, with ``with_pooled``, ``pooled`` ``(N, K, P)`` fp16. It costs ``N*K*D*2`` bytes of disk and of host
-memory while building (rows are filled batch by batch, the file is written once), and the same on the device
-while training: SOP train with K=8, D=512 is 59,551 x 8 x 512 x 2 B ≈ 488 MB. The file metadata holds every
-part of the key (content spec, teacher digest, identifiers digest, dmlkd/torch/Pillow versions), the key and
-a SHA-256 of the tensor bytes; a file whose parts, key, shapes or bytes do not check out is rebuilt (the
-differing part is logged), never used. The key does not cover image *contents*: replacing an image file
-under the same identifier needs a new cache folder.
+memory while building, and the same on the device while training: SOP train with K=8, D=512 is
+59,551 x 8 x 512 x 2 B ≈ 488 MB. The file metadata holds every part of the key (content spec including the
+precision the teacher ran at, teacher digest over weights *and* model config, a digest of the images'
+identifiers *and contents* (``cache_content``), dmlkd/torch/Pillow versions), the key and a SHA-256 of the
+tensor bytes; a file whose parts, key, shapes or bytes do not check out is rebuilt (the differing part is
+logged), never used.
+
+A build is resumable: rows are computed in chunks of images, each chunk written atomically to
+``teacher-<key[:16]>.partial/`` as it finishes; an interrupted build (Ctrl-C, a crash, a killed job) started
+again with the same key computes only the missing chunks. The finished file is written atomically and the
+chunk folder removed.
 
 Parts: ``cache_spec`` (the spec and the key), ``cache_views`` (running the teacher on the views, sharded over
 processes), ``cache_file`` (the checked, atomic file); this module holds the cache, building and loading it.
@@ -25,8 +30,10 @@ processes), ``cache_file`` (the checked, atomic file); this module holds the cac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -36,6 +43,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from dmlkd.data.base import ImageCollection
 from dmlkd.engine.distributed import (
@@ -46,14 +54,17 @@ from dmlkd.engine.distributed import (
 )
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import ModelOutput
+from dmlkd.transfer.cache_content import images_digest as digest_images
 from dmlkd.transfer.cache_file import (
     _READ_ERRORS,
     FORMAT_NAME,
     _content_digest,
     _differences,
     _read_checked,
+    _read_chunk,
     _sha256_json,
     _write_atomically,
+    _write_chunk,
     check_writable_folder,
 )
 from dmlkd.transfer.cache_spec import CacheSpec, _digest_of, cache_key, cache_path, key_parts, teacher_digest
@@ -61,6 +72,7 @@ from dmlkd.transfer.cache_views import run_teacher
 
 __all__ = [
     "CacheSpec",
+    "RefreshingCache",
     "TeacherCache",
     "build_cache",
     "cache_key",
@@ -71,6 +83,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+CHUNK_VIEWS = 8192  # teacher views per resumable chunk (chunk_images = CHUNK_VIEWS // K)
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -112,20 +126,29 @@ class TeacherCache:
         return TeacherCache(self.embeddings.to(device), pooled, self.spec, self.key, self.metadata)
 
     def check_dataset(self, dataset: Any) -> None:
-        """Raise ``ConfigError`` unless ``dataset`` (a ``TrainDataset``) replays exactly the cached views."""
+        """Raise ``ConfigError`` unless ``dataset`` (a ``TrainDataset``) replays exactly the cached views.
+
+        Checks the image count and identifiers, and in cached mode the replay sets, image size, crop scale,
+        ratio and flip probability (the trainer calls it on every use of a cache).
+        """
         if len(dataset) != self.num_images:
             raise ConfigError(f"the teacher cache holds {self.num_images} images, the dataset {len(dataset)}")
+        identifiers = getattr(getattr(dataset, "collection", None), "identifiers", None)
+        recorded = self.metadata.get("identifiers_sha256")
+        if identifiers is not None and recorded and _sha256_json([str(name) for name in identifiers]) != recorded:
+            raise ConfigError("the training dataset's images are not the images the teacher cache was built on")
         if self.spec.mode == "clean":
             return
         spec = self.spec
+        replay = dataset.replay
         theirs = (
-            dataset.replay,
+            None if replay is None else (replay.num_sets, replay.seed),
             dataset.image_size,
             tuple(dataset.scale),
             tuple(dataset.ratio),
             dataset.flip_p,
         )
-        ours = (spec.replay, spec.image_size, spec.scale, spec.ratio, spec.flip_p)
+        ours = ((spec.num_sets, spec.seed), spec.image_size, spec.scale, spec.ratio, spec.flip_p)
         if theirs != ours:
             raise ConfigError(
                 f"the training dataset (replay, image_size, scale, ratio, flip_p) = {theirs} does not replay "
@@ -151,13 +174,14 @@ class TeacherCache:
             replay_k = torch.zeros_like(indices)
         elif replay_k is None:
             raise ConfigError("an exact-replay teacher cache needs the replay_k of every view (from collate_views)")
-        replay_k = torch.as_tensor(replay_k).long()
+        replay_k = torch.as_tensor(replay_k).long() - self.spec.first_set
         if replay_k.shape != indices.shape or indices.dim() != 1:
             raise ValueError(f"indices {tuple(indices.shape)} and replay_k {tuple(replay_k.shape)} must be (M,)")
         if indices.numel() and (int(replay_k.min()) < 0 or int(replay_k.max()) >= self.spec.num_sets):
             raise ConfigError(
-                f"replay_k must lie in [0, {self.spec.num_sets}), got [{int(replay_k.min())}, "
-                f"{int(replay_k.max())}] (-1: the TrainDataset was built without replay={self.spec.replay})"
+                f"replay_k must lie in [{self.spec.first_set}, {self.spec.first_set + self.spec.num_sets}), got "
+                f"[{int(replay_k.min()) + self.spec.first_set}, {int(replay_k.max()) + self.spec.first_set}] "
+                f"(-1: the TrainDataset was built without replay={self.spec.replay})"
             )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_images):
             raise DataError(f"indices must lie in [0, {self.num_images}) for this teacher cache")
@@ -168,6 +192,45 @@ class TeacherCache:
         return ModelOutput(embedding=embedding, pooled=pooled)  # type: ignore[arg-type]
 
 
+class RefreshingCache:
+    """Generations of exact-replay caches: generation ``g`` holds the sets ``g*K .. (g+1)*K - 1`` of every image.
+
+    ``load(g)`` returns generation ``g`` (built on first use, then kept on disk like any cache); only the current
+    generation is held in memory. A batch replays one generation (``ReplaySpec.refresh_draws`` is a whole number
+    of epochs), so every process switches at the same step.
+    """
+
+    def __init__(self, load: Any, first: TeacherCache) -> None:
+        self.load, self.current, self.generation = load, first, 0
+        self.spec, self.key = first.spec, first.key
+
+    @property
+    def num_images(self) -> int:
+        return self.current.num_images
+
+    def check_dataset(self, dataset: Any) -> None:
+        self.current.check_dataset(dataset)
+
+    def lookup(
+        self, indices: Tensor, replay_k: Tensor | None = None, device: torch.device | str | None = None
+    ) -> ModelOutput:
+        if replay_k is None:
+            raise ConfigError("an exact-replay teacher cache needs the replay_k of every view (from collate_views)")
+        replay_k = torch.as_tensor(replay_k).long()
+        if replay_k.numel():
+            sets = self.spec.num_sets
+            first, last = int(replay_k.min()) // sets, int(replay_k.max()) // sets
+            if first != last:
+                raise ConfigError(f"a batch replays two generations of cached views ({first} and {last})")
+            if first != self.generation:
+                where = self.current.device
+                self.current = None  # type: ignore[assignment]  # free the old generation first
+                self.current = self.load(first).to(where)
+                self.generation = first
+                logger.info("teacher cache: views of generation %d", first)
+        return self.current.lookup(indices, replay_k, device)
+
+
 def build_cache(
     teacher: nn.Module,
     collection: ImageCollection,
@@ -176,46 +239,59 @@ def build_cache(
     *,
     key: str | None = None,
     teacher_digest: str | None = None,
+    images_digest: str | None = None,
     batch_size: int = 128,
     num_workers: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    chunk_images: int | None = None,
 ) -> TeacherCache:
     """Run the teacher (eval mode, no grad) on every cached view and write the cache file atomically.
 
     Args:
         teacher: returns a ``ModelOutput`` for RGB ``[0, 1]`` images; its train/eval flags are restored.
         collection: the training images; row ``i`` of the cache is ``collection`` item ``i``.
-        spec: what to cache.
+        spec: what to cache (``spec.autocast``: the precision the teacher runs at).
         path: the file to write (``load_or_build_cache`` uses ``cache_path(folder, key)``).
-        key: if given, must equal ``cache_key(spec, teacher_digest, collection.identifiers)``.
+        key: if given, must equal ``cache_key(spec, teacher_digest, collection)``.
         teacher_digest: recorded in the metadata (default: ``teacher_digest(teacher)``).
+        images_digest: ``cache_content.images_digest(collection)`` if already computed.
         batch_size: views per teacher forward (``batch_size // K`` images, at least one).
         num_workers: data loader workers that decode and crop the images.
         device: where the teacher runs and the returned cache lives (default: the teacher's device).
         progress: show a progress bar in images/s.
+        chunk_images: images per resumable chunk (default ``CHUNK_VIEWS // K``); finished chunks of an
+            interrupted build with the same key are reused.
     """
+    path = Path(path)
     digest = teacher_digest if teacher_digest is not None else _digest_of(teacher)
-    parts = key_parts(spec, digest, collection.identifiers)
+    parts = key_parts(spec, digest, collection, images_digest, index_folder=path.parent)
     expected = _sha256_json(parts)
     if key is not None and key != expected:
         raise ConfigError(f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)")
+    count = len(collection)
+    if count == 0:
+        raise DataError("the teacher cache covers 0 of 0 images; nothing to cache")
     device = _device_of(teacher, device)
     teacher.to(device)  # the images go to ``device``; so must the teacher
-    tensors = run_teacher(teacher, collection, spec, device, batch_size, num_workers, progress)
+    tensors = _run_in_chunks(
+        teacher, collection, spec, path, expected, device, batch_size, num_workers, progress, chunk_images
+    )
     config = getattr(teacher, "config", None)
     metadata = {
         **parts,
         "format": FORMAT_NAME,
         "key": expected,
         "content_sha256": _content_digest(tensors),
+        "identifiers_sha256": _sha256_json([str(name) for name in collection.identifiers]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher_config": json.dumps(asdict(config) if is_dataclass(config) else None, sort_keys=True),
     }
     metadata = broadcast_object(metadata)
     if is_main():  # the processes built it together; one writes it
-        _write_atomically(Path(path), tensors, metadata)
-        logger.info("wrote teacher cache %s (%s images x %d views)", path, len(collection), spec.num_sets)
+        _write_atomically(path, tensors, metadata)
+        shutil.rmtree(_partial_folder(path), ignore_errors=True)
+        logger.info("wrote teacher cache %s (%s images x %d views)", path, count, spec.num_sets)
     barrier()
     pooled = tensors.get("pooled")
     return TeacherCache(
@@ -225,6 +301,54 @@ def build_cache(
         expected,
         metadata,
     )
+
+
+def _partial_folder(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".safetensors") + ".partial")
+
+
+def _run_in_chunks(
+    teacher: nn.Module,
+    collection: ImageCollection,
+    spec: CacheSpec,
+    path: Path,
+    key: str,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    chunk_images: int | None,
+) -> dict[str, Tensor]:
+    """Every cached row, chunk by chunk: finished chunks of an earlier build are read, the rest computed."""
+    count, sets = len(collection), spec.num_sets
+    size = max(1, int(chunk_images or CHUNK_VIEWS // sets))
+    ranges = [(start, min(start + size, count)) for start in range(0, count, size)]
+    names = ("embeddings", "pooled") if spec.with_pooled else ("embeddings",)
+    folder = _partial_folder(path)
+    found = [_read_chunk(folder, start, stop, key, names, sets) for start, stop in ranges]
+    missing = any_true(*(rows is None for rows in found)) if ranges else ()
+    reused = sum(not flag for flag in missing)
+    if reused:
+        logger.info("resuming teacher cache %s: %d of %d chunks already built", path, reused, len(ranges))
+    pieces: list[dict[str, Tensor]] = []
+    with tqdm(total=count, desc="teacher cache", unit="img", disable=not progress) as bar:
+        for (start, stop), rows, absent in zip(ranges, found, missing):
+            if not absent:
+                assert rows is not None
+                bar.update(stop - start)
+                pieces.append(rows)
+                continue
+            rows = run_teacher(teacher, collection, spec, device, batch_size, num_workers, bar, start, stop)
+            if is_main():
+                try:
+                    _write_chunk(folder, start, stop, rows, key)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only if empty: finished chunks stay for the next try
+                    raise
+            barrier()
+            pieces.append(rows)
+    return {name: torch.cat([piece[name] for piece in pieces]) for name in names}
 
 
 def _log_other_caches(folder: Path, parts: Mapping[str, str], path: Path) -> None:
@@ -257,7 +381,8 @@ def load_or_build_cache(
     version) is rebuilt; the reason is logged. Arguments are those of ``build_cache``; the returned cache
     lives on ``device`` (default: the teacher's device).
     """
-    parts = key_parts(spec, teacher_digest, collection.identifiers)
+    images = digest_images(collection, folder)
+    parts = key_parts(spec, teacher_digest, collection, images)
     key = _sha256_json(parts)
     path = cache_path(folder, key)
     found = path.is_file()
@@ -290,6 +415,7 @@ def load_or_build_cache(
         path,
         key=key,
         teacher_digest=teacher_digest,
+        images_digest=images,
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
@@ -326,7 +452,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
             name: metadata.get(name)
             for name in (
                 "teacher_digest",
-                "identifiers_digest",
+                "images_digest",
                 "dmlkd_version",
                 "torch_version",
                 "pillow_version",

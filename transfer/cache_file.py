@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from dmlkd.transfer.cache_spec import CacheSpec
 
 FORMAT_NAME = "dmlkd-teacher-cache"
-FORMAT_VERSION = 1
+CHUNK_FORMAT_NAME = "dmlkd-teacher-cache-chunk"
+FORMAT_VERSION = 2  # 2: the key covers image contents and the full teacher digest
 _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
@@ -114,3 +115,42 @@ def _read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tupl
     if _content_digest(tensors) != metadata.get("content_sha256"):
         raise ValueError("its tensor bytes do not match the recorded SHA-256 (corrupt file)")
     return tensors, metadata
+
+
+def _chunk_path(folder: Path, start: int, stop: int) -> Path:
+    return folder / f"chunk-{start:09d}-{stop:09d}.safetensors"
+
+
+def _write_chunk(folder: Path, start: int, stop: int, tensors: dict[str, Tensor], key: str) -> None:
+    """One finished range of rows of a cache being built, written atomically (a resumed build keeps it)."""
+    metadata = {
+        "format": CHUNK_FORMAT_NAME,
+        "key": key,
+        "start": str(start),
+        "stop": str(stop),
+        "content_sha256": _content_digest(tensors),
+    }
+    _write_atomically(_chunk_path(folder, start, stop), tensors, metadata)
+
+
+def _read_chunk(
+    folder: Path, start: int, stop: int, key: str, names: tuple[str, ...], sets: int
+) -> dict[str, Tensor] | None:
+    """The rows of a finished chunk of the build with ``key``, or None if it is missing or does not check out."""
+    path = _chunk_path(folder, start, stop)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = dict(file.metadata() or {})
+        wanted = {"format": CHUNK_FORMAT_NAME, "key": key, "start": str(start), "stop": str(stop)}
+        if any(metadata.get(name) != value for name, value in wanted.items()):
+            return None
+        tensors = load_file(str(path))
+        if set(tensors) != set(names) or _content_digest(tensors) != metadata.get("content_sha256"):
+            return None
+        if any(t.dtype != torch.float16 or tuple(t.shape[:2]) != (stop - start, sets) for t in tensors.values()):
+            return None
+    except _READ_ERRORS:
+        return None
+    return tensors

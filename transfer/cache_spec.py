@@ -1,15 +1,16 @@
 """What determines a teacher cache's content, and the key that names it.
 
 ``CacheSpec`` says which views are cached (exact-replay sets or the clean eval view) and how the teacher runs;
-``cache_key`` hashes it together with the teacher's digest, the image identifiers and the library versions.
+``cache_key`` hashes it together with the teacher's digest (weights and model config), the images (identifiers and
+*content*, ``dmlkd.transfer.cache_content``) and the library versions.
 See ``dmlkd.transfer.cache`` for the cache itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import PIL
 import torch
 from torch import nn
 
+from dmlkd.data.base import ImageCollection
 from dmlkd.data.transforms import ReplaySpec
 from dmlkd.errors import ConfigError
 from dmlkd.transfer.cache_file import FORMAT_VERSION, _sha256_json
@@ -31,7 +33,10 @@ class CacheSpec:
 
     ``seed``/``scale``/``ratio``/``flip_p`` matter in ``cached`` mode only, ``eval_resize_ratio`` in ``clean``
     mode only (None means 1.0, as in ``eval_view``); the key ignores the fields a mode does not use.
-    ``autocast`` (``float16`` or ``bfloat16``) runs the teacher under ``torch.autocast``; None keeps fp32.
+    ``autocast`` (``float16`` or ``bfloat16``) runs the teacher under ``torch.autocast``; None keeps fp32. The
+    trainer sets it to the training precision, so the cached teacher runs exactly as the online one would.
+    ``first_set`` numbers the stored sets ``first_set .. first_set + num_sets - 1`` (a refreshed generation of
+    views, ``ReplaySpec.refresh_draws``); 0 for an ordinary cache.
     """
 
     mode: Literal["cached", "clean"]
@@ -44,6 +49,7 @@ class CacheSpec:
     eval_resize_ratio: float | None = 256 / 224
     with_pooled: bool = False
     autocast: str | None = None
+    first_set: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(value) for value in self.scale))
@@ -54,6 +60,8 @@ class CacheSpec:
             raise ConfigError(f"invalid num_sets={self.num_sets} for mode {self.mode!r}; need >= 1 (1 for clean)")
         if self.seed < 0 or self.image_size < 1:
             raise ConfigError(f"invalid seed={self.seed} or image_size={self.image_size}; need >= 0 and >= 1")
+        if self.first_set < 0 or (self.mode == "clean" and self.first_set != 0):
+            raise ConfigError(f"invalid first_set={self.first_set} for mode {self.mode!r}; need >= 0 (0 for clean)")
         scale, ratio = self.scale, self.ratio
         if len(scale) != 2 or len(ratio) != 2 or not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise ConfigError(f"invalid crop scale={scale} or ratio={ratio}; need 0 < s0 <= s1 <= 1, 0 < r0 <= r1")
@@ -70,6 +78,10 @@ class CacheSpec:
         """What the training ``TrainDataset`` must replay (None in clean mode)."""
         return ReplaySpec(self.num_sets, self.seed) if self.mode == "cached" else None
 
+    def for_generation(self, generation: int) -> CacheSpec:
+        """The spec of the ``generation``-th refreshed set of views (sets ``generation * K ..``)."""
+        return dataclasses.replace(self, first_set=int(generation) * self.num_sets)
+
     def content(self) -> dict[str, Any]:
         """The JSON-compatible fields that determine the content in this mode (what the key covers)."""
         data: dict[str, Any] = {
@@ -81,29 +93,47 @@ class CacheSpec:
         }
         if self.mode == "cached":
             data.update(seed=int(self.seed), scale=list(self.scale), ratio=list(self.ratio), flip_p=float(self.flip_p))
+            if self.first_set:
+                data["first_set"] = int(self.first_set)
         else:
             data["eval_resize_ratio"] = float(self.eval_resize_ratio or 1.0)
         return data
 
 
-def key_parts(spec: CacheSpec, teacher_digest: str, identifiers: Sequence[str]) -> dict[str, str]:
-    from dmlkd import __version__
+def key_parts(
+    spec: CacheSpec,
+    teacher_digest: str,
+    collection: ImageCollection,
+    images_digest: str | None = None,
+    index_folder: str | Path | None = None,
+) -> dict[str, str]:
+    """Every input the cached outputs depend on, as strings (the file metadata records them).
 
+    ``images_digest`` (from ``dmlkd.transfer.cache_content.images_digest``) is computed if not given;
+    ``index_folder`` holds the file-hash side index that makes recomputing it cheap.
+    """
+    from dmlkd import __version__
+    from dmlkd.transfer.cache_content import images_digest as digest_images
+
+    if not isinstance(collection, ImageCollection):
+        raise TypeError(f"the cache key needs the ImageCollection itself (its contents), got {type(collection)}")
     return {
         "format_version": str(FORMAT_VERSION),
         "spec": json.dumps(spec.content(), sort_keys=True),
         "teacher_digest": teacher_digest,
-        "identifiers_digest": _sha256_json([str(name) for name in identifiers]),
-        "num_images": str(len(identifiers)),
+        "images_digest": images_digest or digest_images(collection, index_folder),
+        "num_images": str(len(collection)),
         "dmlkd_version": __version__,
         "torch_version": torch.__version__,
         "pillow_version": PIL.__version__,
     }
 
 
-def cache_key(spec: CacheSpec, teacher_digest: str, identifiers: Sequence[str]) -> str:
-    """Hex SHA-256 over the canonical JSON of the key parts (spec content, teacher, identifiers, versions)."""
-    return _sha256_json(key_parts(spec, teacher_digest, identifiers))
+def cache_key(
+    spec: CacheSpec, teacher_digest: str, collection: ImageCollection, images_digest: str | None = None
+) -> str:
+    """Hex SHA-256 over the canonical JSON of the key parts (spec content, teacher, image contents, versions)."""
+    return _sha256_json(key_parts(spec, teacher_digest, collection, images_digest))
 
 
 def cache_path(folder: str | Path, key: str) -> Path:

@@ -15,26 +15,32 @@ from dmlkd.data.transforms import apply_view, eval_view, replay_view_params
 from dmlkd.engine.distributed import gather_uneven, rank, shard_batches, world_size
 from dmlkd.errors import DataError
 from dmlkd.transfer.cache_spec import CacheSpec
+from dmlkd.transfer.precision import autocast_disabled
 
 
 class CacheViewDataset(Dataset):
-    """Item ``i`` -> ``(views (K, 3, S, S), i)``: the ``K`` cached views of image ``i``, loaded once."""
+    """Item ``j`` -> ``(views (K, 3, S, S), j)``: the ``K`` cached views of image ``start + j``, loaded once.
 
-    def __init__(self, collection: ImageCollection, spec: CacheSpec) -> None:
+    The views are the sets ``spec.first_set .. spec.first_set + K - 1`` of that image.
+    """
+
+    def __init__(self, collection: ImageCollection, spec: CacheSpec, start: int = 0, stop: int | None = None) -> None:
         self.collection, self.spec = collection, spec
+        self.start, self.stop = start, len(collection) if stop is None else stop
 
     def __len__(self) -> int:
-        return len(self.collection)
+        return self.stop - self.start
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        spec, image = self.spec, self.collection.load(index)
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        spec, index = self.spec, self.start + item
+        image = self.collection.load(index)
         if spec.mode == "clean":
-            return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), index
+            return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), item
         views = []
-        for k in range(spec.num_sets):
+        for k in range(spec.first_set, spec.first_set + spec.num_sets):
             params = replay_view_params(spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p)
             views.append(apply_view(image, params, spec.image_size))
-        return torch.stack(views), index
+        return torch.stack(views), item
 
 
 @contextlib.contextmanager
@@ -56,16 +62,20 @@ def run_teacher(
     device: torch.device,
     batch_size: int,
     num_workers: int,
-    progress: bool,
+    progress: bool | tqdm,
+    start: int = 0,
+    stop: int | None = None,
 ) -> dict[str, Tensor]:
-    """Every cached output, on the CPU in fp16: ``{"embeddings": (N, K, D)[, "pooled": (N, K, P)]}``.
+    """The cached outputs of images ``start .. stop - 1``, on the CPU in fp16: ``{"embeddings": (n, K, D)
+    [, "pooled": (n, K, P)]}`` (``progress`` may be an open ``tqdm`` bar to advance).
 
     With several processes each runs the teacher on its share of the single-process batches and the rows
     are gathered, so every process returns the whole (identical) result.
     """
-    count, sets = len(collection), spec.num_sets
+    stop = len(collection) if stop is None else stop
+    count, sets = stop - start, spec.num_sets
     loader = DataLoader(
-        CacheViewDataset(collection, spec),
+        CacheViewDataset(collection, spec, start, stop),
         batch_sampler=shard_batches(count, max(1, batch_size // sets), rank(), world_size()),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -73,13 +83,16 @@ def run_teacher(
     names = ("embeddings", "pooled") if spec.with_pooled else ("embeddings",)
     store: dict[str, Tensor] = {}
     filled = torch.zeros(count, dtype=torch.bool)
-    autocast = (
-        torch.autocast(device.type, dtype=getattr(torch, spec.autocast)) if spec.autocast else contextlib.nullcontext()
-    )
-    with (
-        _eval_mode(teacher),
-        tqdm(total=count, desc="teacher cache", unit="img", disable=not progress) as bar,
-    ):
+    # The teacher runs at ``spec.autocast`` (None: fp32, also when called inside a training autocast region).
+    if spec.autocast:
+        autocast = torch.autocast(device.type, dtype=getattr(torch, spec.autocast))
+    else:
+        autocast = autocast_disabled(device)
+    if isinstance(progress, tqdm):
+        bar_context: contextlib.AbstractContextManager = contextlib.nullcontext(progress)
+    else:
+        bar_context = tqdm(total=count, desc="teacher cache", unit="img", disable=not progress)
+    with _eval_mode(teacher), bar_context as bar:
         for views, indices in loader:
             with autocast:
                 output = teacher(views.flatten(0, 1).to(device, non_blocking=True))

@@ -40,6 +40,12 @@ def _transfer_options(function: Any) -> Any:
         click.option(
             "--cache-views", type=int, default=None, help="K pre-drawn views per image in the cache (cached mode)."
         ),
+        click.option(
+            "--cache-refresh-epochs",
+            type=int,
+            default=None,
+            help="Re-draw the K cached views every E epochs (more view diversity; K*N teacher passes per E).",
+        ),
         click.option("--ipc", type=int, default=None, help="Images per class in a batch (P x K sampling)."),
         click.option("--views", type=int, default=None, help="Augmented views per image (the reference: 2)."),
     ]
@@ -61,6 +67,7 @@ def resolve_command_config(
         "teacher.ref": params.pop("teacher_ref"),
         "teacher.mode": params.pop("teacher_mode"),
         "teacher.cache_views": params.pop("cache_views"),
+        "teacher.cache_refresh_epochs": params.pop("cache_refresh_epochs"),
         "student.arch": spec.arch if spec else None,
         "student.embedding_dim": spec.dim if spec else None,
         "method.name": method,

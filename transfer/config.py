@@ -47,10 +47,13 @@ class TeacherSourceConfig:
     cache_views: int = 8
     cache_dir: str | None = None  # None: <dmlkd cache folder>/teacher-outputs
     cache_batch_size: int = 128
+    cache_refresh_epochs: int = 0  # > 0: re-draw the K cached views every E epochs (diversity, at K*N per E)
 
     def __post_init__(self) -> None:
         if self.cache_views <= 0:
             raise ConfigError(f"cache-views must be a positive integer, got {self.cache_views}")
+        if self.cache_refresh_epochs < 0:
+            raise ConfigError(f"cache-refresh-epochs must be >= 0 (0: never), got {self.cache_refresh_epochs}")
         if self.cache_batch_size <= 0:
             raise ConfigError(f"teacher.cache_batch_size must be a positive integer, got {self.cache_batch_size}")
 

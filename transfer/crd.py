@@ -226,6 +226,19 @@ class CRD(ProxyAnchorTerm):
             negatives[clash] = self._other_class_fallback(anchors[clash], negatives[clash], generator)
         return torch.cat([indices.long().unsqueeze(1), negatives], dim=1)
 
+    def _contrast_per_image(self, indices: Tensor, labels: Tensor) -> Tensor:
+        """One index and one set of negatives per image, shared by its V views (view-major rows), as the
+        reference's ``__getitem__`` draws them once per sample and returns them with every view."""
+        views, rows = self.num_views, indices.shape[0]
+        if views == 1:
+            return self.sample_contrast_indices(indices, labels)
+        if rows % views:
+            raise ValueError(f"crd got {rows} rows, not a multiple of its {views} views (view-major batches)")
+        images = rows // views
+        if not torch.equal(indices.view(views, images), indices[:images].expand(views, images)):
+            raise ValueError("crd needs view-major batches: row i + v * B is view v of image i")
+        return self.sample_contrast_indices(indices[:images], labels[:images]).repeat(views, 1)
+
     # --- Loss.
 
     def _scores(self, memory: Tensor, features: Tensor, contrast: Tensor) -> Tensor:
@@ -255,7 +268,7 @@ class CRD(ProxyAnchorTerm):
             )
         indices = batch.indices.long()
         self._check_indices(indices)
-        contrast = self.sample_contrast_indices(indices, batch.labels)
+        contrast = self._contrast_per_image(indices, batch.labels)
         dtype = self.student_head.weight.dtype
         with full_precision(indices.device):
             student_features = F.normalize(self.student_head(student.pooled.to(dtype)), p=2, dim=1)

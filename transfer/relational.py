@@ -16,7 +16,15 @@ from dmlkd.teacher.proxy_anchor import check_real, compute_dtype, full_precision
 from dmlkd.transfer import functional
 from dmlkd.transfer.base import ModelInfo, TransferMethod, check_count, check_weight
 
-__all__ = ["PKT", "RKD", "DarkRank", "batch_all_triplet"]
+__all__ = ["PKT", "RKD", "DarkRank", "batch_all_triplet", "unit_teacher"]
+
+
+def unit_teacher(embedding: Tensor) -> Tensor:
+    """The teacher embedding as the reference feeds it to every embedding-transfer loss: L2-normalised
+    (``--source-norm 1``; seed-spec §2.14 "L2 emb"), in float32, detached. Normalising an already
+    normalised teacher changes it only by float rounding. PKT, DarkRank and the relaxed losses normalise
+    inside; RKD's terms are not invariant to per-row norms and need this."""
+    return F.normalize(embedding.detach().float(), p=2, dim=1)
 
 
 class RKD(TransferMethod):
@@ -24,6 +32,8 @@ class RKD(TransferMethod):
 
     Returns ``{"rkd_distance": distance_weight · L_D, "rkd_angle": angle_weight · L_A}`` (reference 1 and 2);
     see :func:`dmlkd.transfer.functional.rkd_distance` and :func:`~dmlkd.transfer.functional.rkd_angle`.
+    The teacher embedding is L2-normalised first, whatever the teacher's ``l2_norm`` (the reference's
+    ``--source-norm 1``, seed-spec §1 item 4); the student's stays raw.
     The angle term costs O(N³) memory in the batch size N.
     """
 
@@ -44,9 +54,10 @@ class RKD(TransferMethod):
         self.angle_weight = check_weight("angle_weight", angle_weight)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+        teacher_embedding = unit_teacher(teacher.embedding)
         return {
-            "rkd_distance": self.distance_weight * functional.rkd_distance(student.embedding, teacher.embedding),
-            "rkd_angle": self.angle_weight * functional.rkd_angle(student.embedding, teacher.embedding),
+            "rkd_distance": self.distance_weight * functional.rkd_distance(student.embedding, teacher_embedding),
+            "rkd_angle": self.angle_weight * functional.rkd_angle(student.embedding, teacher_embedding),
         }
 
     def extra_repr(self) -> str:

@@ -150,22 +150,16 @@ def _cache_folder(config: TransferConfig) -> Path:
     return Path(cache_folder()) / "teacher-outputs"
 
 
-def build_teacher_source(
-    config: TransferConfig,
-    teacher: nn.Module,
-    digest: str,
-    splits: DatasetSplits,
-    method_cls: Any,
-    mode: str,
-    device: torch.device,
-) -> TeacherSource:
-    if mode == "online":
-        return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
-    from dmlkd.transfer.cache import CacheSpec, load_or_build_cache
+_TEACHER_AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+
+
+def cache_spec_for(config: TransferConfig, splits: DatasetSplits, method_cls: Any, mode: str) -> Any:
+    """The cache spec of a run: its views, and the teacher at the training precision (as the online teacher)."""
+    from dmlkd.transfer.cache import CacheSpec
 
     train = config.train
     views = augmentation(train, splits)
-    spec = CacheSpec(
+    return CacheSpec(
         mode=mode,
         num_sets=config.teacher.cache_views if mode == "cached" else 1,
         seed=train.seed,
@@ -175,19 +169,84 @@ def build_teacher_source(
         flip_p=views.flip_p,
         eval_resize_ratio=eval_resize_ratio(config.eval, splits),
         with_pooled=bool(method_cls.needs_pooled),
+        autocast=_TEACHER_AUTOCAST[train.mixed_precision],
     )
-    cache = load_or_build_cache(
-        teacher.to(device),  # the cache is built on the training device
-        splits.train,
-        spec,
-        _cache_folder(config),
-        teacher_digest=digest,
-        batch_size=config.teacher.cache_batch_size,
-        num_workers=train.num_workers,
-        device=device,
-        progress=train.progress,
-    )
-    return TeacherSource(mode, cache=cache.to(device))
+
+
+def planned_teacher_views(config: TransferConfig, data: Any) -> tuple[int, int]:
+    """(teacher forwards an online run makes, teacher forwards the cache build makes) for this run."""
+    train = config.train
+    steps = train.epochs * int(data.batches_per_epoch)
+    if train.max_steps is not None:
+        steps = min(steps, train.max_steps)
+    online = steps * train.batch_size * train.views
+    generations = 1
+    refresh = config.teacher.cache_refresh_epochs
+    if refresh:
+        epochs_run = -(-steps // max(1, int(data.batches_per_epoch)))
+        generations = max(1, -(-epochs_run // refresh))
+    return online, len(data.dataset) * config.teacher.cache_views * generations
+
+
+def build_teacher_source(
+    config: TransferConfig,
+    teacher: nn.Module,
+    digest: str,
+    splits: DatasetSplits,
+    method_cls: Any,
+    mode: str,
+    device: torch.device,
+    data: Any = None,
+) -> TeacherSource:
+    """The teacher of a run. With ``data`` (the run's ``TrainData``) its dataset is set to replay the cache's views
+    (or none, online), the cache is checked against it, and ``auto`` picks online for a ``--max-steps`` run that
+    would make fewer teacher forwards online than the cache build costs (a smoke run does not pay for a full
+    cache; an explicit ``--teacher-mode cached`` still builds it)."""
+    limited = config.train.max_steps is not None
+    if mode == "cached" and data is not None and config.teacher.mode == "auto" and limited:
+        online, build = planned_teacher_views(config, data)
+        if online < build:
+            log.info(
+                "teacher mode auto: online (this run makes %d teacher forwards online; the cache would cost %d)",
+                online,
+                build,
+            )
+            mode = "online"
+    if mode == "online":
+        if data is not None:
+            data.dataset.replay = None
+        return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
+    from dmlkd.data.transforms import ReplaySpec
+    from dmlkd.transfer.cache import RefreshingCache, load_or_build_cache, teacher_digest
+
+    train = config.train
+    spec = cache_spec_for(config, splits, method_cls, mode)
+    cache_digest = teacher_digest(config.teacher.ref)  # weights *and* model config (preprocessing, l2_norm, ...)
+
+    def load(generation: int) -> Any:
+        cache = load_or_build_cache(
+            teacher.to(device),  # the cache is built on the training device
+            splits.train,
+            spec.for_generation(generation) if generation else spec,
+            _cache_folder(config),
+            teacher_digest=cache_digest,
+            batch_size=config.teacher.cache_batch_size,
+            num_workers=train.num_workers,
+            device=device,
+            progress=train.progress,
+        )
+        return cache.to(device)
+
+    cache = load(0)
+    refresh = config.teacher.cache_refresh_epochs if mode == "cached" else 0
+    if data is not None:
+        if mode == "cached":
+            draws = refresh * int(data.batches_per_epoch) * train.batch_size
+            data.dataset.replay = ReplaySpec(spec.num_sets, spec.seed, refresh_draws=draws)
+        cache.check_dataset(data.dataset)
+    if refresh:
+        cache = RefreshingCache(load, cache)
+    return TeacherSource(mode, cache=cache)
 
 
 @dataclass
@@ -328,7 +387,8 @@ def _train_transfer(
     data = build_train_data(splits, config.train, replay=replay, rank=processes.rank, world_size=processes.world_size)
     student = build_model(config.student)
     method = build_method(config, student, teacher, splits, data.num_classes)
-    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, processes.device)
+    source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, processes.device, data=data)
+    mode = source.mode  # auto may run a short run online
     module = TransferModule(student, method, source)
     stage = Stage(
         module=module,
@@ -354,6 +414,7 @@ def _train_transfer(
                 "skipped_images": [i for i, _ in bad],
                 "transfer_set": config.transfer_set,
                 "train_images": len(splits.train),
+                "input": _input_record(config, splits),  # what embed/export/eval use by default
             },
         },
     )
@@ -367,6 +428,12 @@ def _train_transfer(
             train_seconds=round(result.seconds, 1),
         )
     return TransferResult(run_dir, result, mode)
+
+
+def _input_record(config: TransferConfig, splits: DatasetSplits) -> dict[str, Any]:
+    from dmlkd.student.embed import run_input_record
+
+    return run_input_record(config.train, config.eval, splits)
 
 
 def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
