@@ -192,7 +192,7 @@ def _register_stage_commands() -> None:
     # Stage command groups live next to their code; importing them is cheap (no torch at import time).
     from dmlkd.checkpoints.cli import convert_command, hub_group, zoo_command
     from dmlkd.pipelines.cli import pipeline_group
-    from dmlkd.student.cli import embed_command, export_command
+    from dmlkd.student.cli import embed_command, export_command, search_command
     from dmlkd.teacher.cli import teacher_group
     from dmlkd.transfer.cli import cache_group, transfer_group
 
@@ -202,6 +202,7 @@ def _register_stage_commands() -> None:
     main.add_command(pipeline_group)
     main.add_command(export_command)
     main.add_command(embed_command)
+    main.add_command(search_command)
     main.add_command(hub_group)
     main.add_command(zoo_command)
     main.add_command(convert_command)
