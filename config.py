@@ -292,8 +292,13 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU/NCCL only)
     # torch.use_deterministic_algorithms(True) (+ cuDNN/cuBLAS settings on a GPU): slower, reproducible on GPUs
     deterministic: bool = False
+    # Experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...; see dmlkd.engine.tracking).
+    report_to: list[str] = dataclasses.field(default_factory=list)
+    log_every: int = 50  # optimiser steps between plain log lines (no terminal or --no-progress); 0: none
 
     def __post_init__(self) -> None:
+        if self.log_every < 0:
+            raise ConfigError(f"log-every must be >= 0, got {self.log_every}")
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from dmlkd.engine.tracking import report_to_option
+
 SET_HELP = "Override any config field, e.g. --set optim.lr_decay_step=5 (repeatable)."
 
 
@@ -63,6 +65,7 @@ def _overrides(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[st
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@report_to_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def train_command(
     model_spec: str | None,
@@ -97,6 +100,7 @@ def train_command(
     resume: bool,
     overwrite: bool,
     no_progress: bool,
+    report_to: tuple[str, ...] | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Train a teacher embedding and keep last/ and best/ checkpoints in --out.
@@ -132,6 +136,7 @@ def train_command(
         "train.deterministic": deterministic or None,
         "train.device": device,
         "train.progress": False if no_progress else None,
+        "train.report_to": list(report_to) if report_to else None,
         "init": init_ref,
         "iaa.enabled": intra,
         "iaa.intra_lambda": intra_lambda,

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from dmlkd.engine.tracking import report_to_option
+
 SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable)."
 
 
@@ -119,6 +121,7 @@ def transfer_group() -> None:
 @click.option("--out", required=True, help="Run folder to create (or resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+@report_to_option
 @_common_options
 def train_command(method: str | None, out: str, resume: bool, overwrite: bool, **params: Any) -> None:
     """Train a student against a frozen teacher; last/ and best/ checkpoints go to --out.
@@ -131,6 +134,8 @@ def train_command(method: str | None, out: str, resume: bool, overwrite: bool, *
     from dmlkd.transfer.config import TransferConfig
     from dmlkd.transfer.trainer import check_transfer_config
 
+    if report_to := params.pop("report_to"):
+        params["overrides"] = (f"train.report_to={json.dumps(list(report_to))}", *params["overrides"])
     items, tree = build_config_tree(params, method)
     config = from_dict(TransferConfig, tree)
     check_transfer_config(config)  # before the run folder is created
