@@ -39,7 +39,7 @@ def test_teacher_run_logs_lines_steps_and_tensorboard(tmp_path: Path, tiny_glyph
     args = ["teacher", "train", "--out", str(out), "--max-steps", "4", "--epochs", "2", *tiny_glyph_args]
     result = _run([*args, "--set", "train.log_every=2", "--report-to", "tensorboard"])
     assert result.exit_code == 0, result.output
-    # Not a terminal: timestamped plain lines on stdout, labelled with the stage, every 2 steps and around the evaluation.
+    # Not a terminal: timestamped plain lines on stdout, with the stage, every 2 steps and around the evaluation.
     lines = result.stdout.splitlines()
     steps = [line for line in lines if re.match(rf"{STAMP} teacher: step \d/4 epoch \d loss \d", line)]
     assert [re.search(r"step (\d)/", line).group(1) for line in steps] == ["2", "4"]
