@@ -199,6 +199,10 @@ def _register_stage_commands() -> None:
     main.add_command(teacher_group)
     main.add_command(transfer_group)
     main.add_command(cache_group)
+    from dmlkd.transfer.cache_cli import cache_clean_command, cache_ls_command
+
+    cache_group.add_command(cache_ls_command)
+    cache_group.add_command(cache_clean_command)
     main.add_command(pipeline_group)
     main.add_command(export_command)
     main.add_command(embed_command)
