@@ -20,7 +20,9 @@ FORMAT_HELP = "onnx (model.onnx), safetensors (checkpoint folder for dmlkd.load)
 def export_command(
     ref: str, export_format: str, out: str, normalize: bool, image_size: int | None, overwrite: bool
 ) -> None:
-    """Export the embedding model of REF (a run or checkpoint folder) with a parity check.
+    """Export the embedding model of REF (a checkpoint, hf:// reference or run folder) with a parity check.
+
+    For a run folder best/ is used if present, else last/; export.json names the checkpoint exported.
 
     The exported model takes RGB (B, 3, S, S) float in [0, 1], applies the model's own preprocessing and
     returns the (B, D) embedding. It is compared with the eager model on seeded random images (cosine >=
