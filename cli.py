@@ -205,7 +205,12 @@ def _recipe_summary(tree: dict[str, Any], model_section: str) -> str:
 
 
 @main.command("eval")
-@click.option("--checkpoint", required=True, help="Checkpoint or run folder.")
+@click.argument("ref", required=False, metavar="[REF]")
+@click.option(
+    "--checkpoint",
+    default=None,
+    help="Checkpoint or run folder (or give it as REF, like export/embed/hub push). [required]",
+)
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs.")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file for --dataset csv).")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None, help="Distance for ranking.")
@@ -215,7 +220,8 @@ def _recipe_summary(tree: dict[str, Any], model_section: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @set_option
 def eval_command(
-    checkpoint: str,
+    ref: str | None,
+    checkpoint: str | None,
     dataset: str | None,
     data_root: str | None,
     metric: str | None,
@@ -227,9 +233,20 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint: Recall@K, MAP@R and NMI on a dataset's test split.
 
-    Example: dmlkd eval --checkpoint runs/glyphs-teacher --dataset glyphs
+    REF (or --checkpoint) is a checkpoint folder, an hf://ORG/NAME reference or a run folder; for a run folder
+    best/ is used if present, else last/, and the output names the checkpoint it evaluated (--json: the
+    keys checkpoint, selected, epoch, step, metric, dataset next to the metrics).
+
+    \b
+    Example: dmlkd eval runs/glyphs-teacher --dataset glyphs
     """
     from dmlkd.config import EvalCommandConfig, load_config
+
+    if ref and checkpoint and ref != checkpoint:
+        raise click.UsageError(f"give the checkpoint once: REF {ref!r} and --checkpoint {checkpoint!r} differ")
+    checkpoint = ref or checkpoint
+    if not checkpoint:
+        raise click.UsageError("Missing argument 'REF' (the checkpoint or run folder to evaluate)")
 
     shortcuts = {
         "checkpoint": checkpoint,
@@ -242,27 +259,37 @@ def eval_command(
     }
     config = load_config(EvalCommandConfig, {}, shortcut_overrides(shortcuts, overrides))
 
-    from dmlkd.engine.evaluate import run_eval_command
+    from dmlkd.engine.evaluate import describe_selection, run_eval_command
     from dmlkd.evaluation import format_table
 
     results = run_eval_command(config)
-    click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    about = ("checkpoint", "selected", "epoch", "step", "metric", "dataset")
+    click.echo(format_table({k: v for k, v in results.items() if k not in about}))
+    click.echo(describe_selection(results))
 
 
 def _register_stage_commands() -> None:
     # Stage command groups live next to their code; importing them is cheap (no torch at import time).
     from dmlkd.checkpoints.cli import convert_command, hub_group, zoo_command
     from dmlkd.pipelines.cli import pipeline_group
-    from dmlkd.student.cli import embed_command, export_command
+    from dmlkd.student.cli import embed_command, export_command, search_command
     from dmlkd.teacher.cli import teacher_group
     from dmlkd.transfer.cli import cache_group, transfer_group
 
     main.add_command(teacher_group)
     main.add_command(transfer_group)
     main.add_command(cache_group)
+    from dmlkd.transfer.cache_cli import cache_clean_command, cache_ls_command
+
+    cache_group.add_command(cache_ls_command)
+    cache_group.add_command(cache_clean_command)
     main.add_command(pipeline_group)
     main.add_command(export_command)
     main.add_command(embed_command)
+    main.add_command(search_command)
     main.add_command(hub_group)
     main.add_command(zoo_command)
     main.add_command(convert_command)

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from dmlkd.engine.tracking import report_to_option
+
 MODEL = "{model}"  # the model section of a stage: ``model`` (teacher) or ``student`` (transfer)
 
 
@@ -150,6 +152,7 @@ def run_options(function: Any) -> Any:
         ),
         click.option("--print-config", "print_config", is_flag=True, default=False, help=PRINT_HELP),
         *(flag.option() for flag in RUN_FLAGS),
+        report_to_option,
     ]
     for option in reversed(options):
         function = option(function)
@@ -167,9 +170,14 @@ def items(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
+def _report_to(params: dict[str, Any]) -> list[str] | None:
+    trackers = params.get("report_to")
+    return list(trackers) if trackers else None
+
+
 def stage_items(params: dict[str, Any], model_section: str) -> list[str]:
     """The run flags of a stage command as ``KEY=VALUE`` items (``--no-progress`` sets progress false)."""
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"train.report_to": _report_to(params)}
     for flag in RUN_FLAGS:
         value = flag.value(params)
         if flag.dest == "no_progress" and value:
@@ -181,8 +189,8 @@ def stage_items(params: dict[str, Any], model_section: str) -> list[str]:
 
 def pipeline_items(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The run flags of a pipeline command: (teacher items, student items)."""
-    teacher: dict[str, Any] = {}
-    student: dict[str, Any] = {}
+    teacher: dict[str, Any] = {"train.report_to": _report_to(params)}
+    student: dict[str, Any] = {"train.report_to": _report_to(params)}
     for flag in RUN_FLAGS:
         value = flag.value(params)
         if flag.dest == "no_progress" and value:
@@ -199,7 +207,7 @@ def pipeline_items(params: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def shared_flag_names() -> list[str]:
     """The option names every training command must expose (used by the drift test)."""
-    names = ["--config", "--print-config"]
+    names = ["--config", "--print-config", "--report-to"]
     for flag in RUN_FLAGS:
         names.extend(part for decl in flag.decls for part in decl.split("/"))
     return names

@@ -369,8 +369,13 @@ class TrainConfig:
     # A finished run deletes its resumable state/ (model, optimiser and RNG: as large as two checkpoints);
     # true keeps it.
     keep_state: bool = False
+    # Experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...; see dmlkd.engine.tracking).
+    report_to: list[str] = dataclasses.field(default_factory=list)
+    log_every: int = 50  # optimiser steps between plain log lines (no terminal or --no-progress); 0: none
 
     def __post_init__(self) -> None:
+        if self.log_every < 0:
+            raise ConfigError(f"log-every must be >= 0, got {self.log_every}")
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,

@@ -39,4 +39,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(f"dmlkd.checkpoints.{_HOMES[name]}"), name)
-    raise AttributeError(f"module 'dmlkd.checkpoints' has no attribute {name!r}")
+    from dmlkd import _submodule
+
+    return _submodule(__name__, name)  # e.g. dmlkd.checkpoints.<module> without importing it first

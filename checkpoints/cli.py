@@ -55,19 +55,46 @@ def pull_command(reference: str, out: str | None, overwrite: bool, as_json: bool
 @click.option("--private", is_flag=True, default=None, help="Create the repository as private.")
 @click.option("--branch", default=None, help="Push to this branch instead of main.")
 @click.option("--message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="Upload nothing: write the files and model card to --out instead.")
+@click.option("--out", default=None, help="Folder for --dry-run (default: ./hub-preview-NAME).")
 def push_command(
-    run_dir: str, repo_id: str, which: str, private: bool | None, branch: str | None, message: str | None
+    run_dir: str,
+    repo_id: str,
+    which: str,
+    private: bool | None,
+    branch: str | None,
+    message: str | None,
+    dry_run: bool,
+    out: str | None,
 ) -> None:
     """Upload a run's best/ (or last/) checkpoint, or a checkpoint folder, with a generated model card.
 
     Only config.json, the checkpoint's *.safetensors files and README.md are uploaded. Needs a token with
     write access (`hf auth login` or HF_TOKEN).
 
-    Example: dmlkd hub push runs/cub-r50 my-org/cub-resnet50-512
+    \b
+    Examples:
+      dmlkd hub push runs/cub-r50 my-org/cub-resnet50-512 --dry-run   # read the model card first
+      dmlkd hub push runs/cub-r50 my-org/cub-resnet50-512
     """
     from dmlkd.checkpoints.hub import push
 
-    result = push(run_dir, repo_id, which=which, private=private or None, revision=branch, commit_message=message)
+    if out is not None and not dry_run:
+        raise click.UsageError("--out is only used with --dry-run")
+    preview = (out or f"hub-preview-{repo_id.rsplit('/', 1)[-1]}") if dry_run else None
+    result = push(
+        run_dir,
+        repo_id,
+        which=which,
+        private=private or None,
+        revision=branch,
+        commit_message=message,
+        dry_run_dir=preview,
+    )
+    if dry_run:
+        click.echo(f"dry run: wrote {', '.join(result.files)} of {result.source} to {preview} (nothing uploaded)")
+        click.echo(f"read {preview}/README.md, then push without --dry-run")
+        return
     click.echo(f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}")
     click.echo(f"{result.url}")
     click.echo(f'load it with dmlkd.load("hf://{result.repo_id}@{result.commit}")')

@@ -336,11 +336,14 @@ def push(
     commit_message: str | None = None,
     endpoint: str | None = None,
     token: str | bool | None = None,
+    dry_run_dir: str | Path | None = None,
 ) -> PushResult:
     """Upload a run's ``best/`` (or ``last/``) checkpoint, or a checkpoint folder, with a model card.
 
     The checkpoint is loaded strictly first; only ``config.json``, its ``*.safetensors`` files and the
-    generated ``README.md`` are uploaded (``create_repo(exist_ok=True)`` + ``upload_folder``).
+    generated ``README.md`` are uploaded (``create_repo(exist_ok=True)`` + ``upload_folder``). With
+    ``dry_run_dir`` nothing is uploaded: exactly those files are written to that new folder (``commit`` and
+    ``url`` of the result are empty), so the model card can be read before publishing.
     """
     hub_ref = parse_hub_ref(repo_id)
     if hub_ref.revision:
@@ -348,11 +351,13 @@ def push(
     folder = resolve_push_source(source, which)
     _model, record = load_checkpoint(folder)
     card = model_card(record, hub_ref.repo_id, run=_read_run(folder))
+    names = [CONFIG_FILE, *sorted(record["files"]), CARD_FILE]
+    if dry_run_dir is not None:
+        return _write_preview(Path(dry_run_dir), folder, names, card, hub_ref.repo_id)
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="dmlkd-push-") as staging:
         staged = Path(staging)
-        names = [CONFIG_FILE, *sorted(record["files"]), CARD_FILE]
         for name in names[:-1]:  # load_checkpoint refused links; never follow one that appeared since
             shutil.copyfile(folder / name, staged / name, follow_symlinks=False)
         verify_files(staged, read_checkpoint_config(staged))  # upload exactly the bytes the digests name
@@ -372,13 +377,38 @@ def push(
     return PushResult(hub_ref.repo_id, info.oid, str(info.commit_url), tuple(names), folder)
 
 
+def _write_preview(target: Path, folder: Path, names: list[str], card: str, repo_id: str) -> PushResult:
+    from dmlkd.checkpoints.io import write_folder_atomically
+
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"dry-run folder {str(target)!r} already exists and is not empty; choose another --out")
+
+    def fill(staged: Path) -> None:
+        for name in names[:-1]:
+            shutil.copyfile(folder / name, staged / name)
+        (staged / CARD_FILE).write_text(card)
+
+    if target.exists():
+        target.rmdir()
+    write_folder_atomically(target, fill)
+    return PushResult(repo_id, "", "", tuple(names), folder)
+
+
 def _push_error(repo_id: str, error: Exception, endpoint: str | None) -> Exception:
     import httpx2
     from huggingface_hub import errors
 
     where = _endpoint(endpoint)
+    preview = "`dmlkd hub push --dry-run` writes the upload with its model card to a local folder"
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        return CheckpointError(
+            f"cannot push {repo_id}: HF_HUB_OFFLINE=1 is set, which forbids uploads; unset it (e.g. "
+            f"HF_HUB_OFFLINE=0 dmlkd hub push ...) on a machine with network access; {preview}"
+        )
     if isinstance(error, (httpx2.TransportError, ConnectionError)):
-        return CheckpointError(f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online")
+        return CheckpointError(
+            f"no network: cannot reach the Hub at {where} to push {repo_id}; retry when online ({preview})"
+        )
     if isinstance(error, (errors.HfHubHTTPError, errors.LocalTokenNotFoundError, errors.HFValidationError)):
         return CheckpointError(
             f"push to Hub repository {repo_id} at {where} failed: {_one_line(error)}; log in with "

@@ -317,6 +317,22 @@ def _preview(keys: list[str], limit: int = 4) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
+# A run folder stands for one of its checkpoints; every command that takes a run folder uses this order and
+# says which one it used (``dmlkd eval`` output, embeddings metadata, export.json).
+RUN_CHECKPOINT_ORDER = ("best", "last")
+SELECTION_NOTE = {
+    "best": "best/: the evaluation with the highest primary metric on the test split, optimistic",
+    "last": "last/: the end of training",
+}
+
+
+def _looks_like_hub_id(ref: str | Path) -> bool:
+    """``org/name`` (one slash, Hub-style names, not ./ or /-anchored): probably meant as ``hf://org/name``."""
+    import re
+
+    return isinstance(ref, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?", ref) is not None
+
+
 def resolve_checkpoint_dir(ref: str | Path) -> Path:
     """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, or ``hf://ORG/NAME[@REV]``.
 
@@ -330,11 +346,12 @@ def resolve_checkpoint_dir(ref: str | Path) -> Path:
     path = Path(ref)
     if (path / CONFIG_FILE).is_file():
         return path
-    for child in ("best", "last"):
+    for child in RUN_CHECKPOINT_ORDER:
         if (path / child / CONFIG_FILE).is_file():
             return path / child
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(ref)!r} does not exist (give a checkpoint or run folder)")
+        hint = f"; if you meant a Hugging Face Hub model, use 'hf://{ref}'" if _looks_like_hub_id(ref) else ""
+        raise CheckpointError(f"checkpoint {str(ref)!r} does not exist (give a checkpoint or run folder){hint}")
     raise CheckpointError(
         f"{str(ref)!r} holds no checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} in it, or in its best/ or last/"
     )

@@ -1,1 +1,9 @@
 """dmlkd.data."""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    from dmlkd import _submodule
+
+    return _submodule(__name__, name)  # e.g. dmlkd.data.<module> without importing it first

@@ -51,6 +51,6 @@ def describe_datasets() -> list[dict[str, Any]]:
     rows = []
     for name in DATASETS.names():
         builder = DATASETS.get(name)
-        summary = (inspect.getdoc(builder) or "").split("\n")[0]
+        summary = (inspect.getdoc(builder) or "").split("\n")[0].replace("``", "")  # docstring RST -> plain
         rows.append({"name": name, "summary": summary, "options": dataset_options(builder)})
     return rows

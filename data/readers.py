@@ -208,7 +208,7 @@ def _labelled_tree(base: Path, prefix: str, recursive: bool) -> tuple[list[str],
 
 @_reader("cub")
 def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
-    """CUB-200-2011: ``CUB_200_2011/images/<NNN.Name>/*.jpg``; classes 0-99 train, 100-199 test."""
+    """CUB-200-2011: ``CUB_200_2011/images/<NNN.Name>/*.jpg``; classes 001-100 train, 101-200 test."""
     base = _dataset_dir("cub", root, "CUB_200_2011", "images")
     relpaths, labels = _labelled_tree(base, "images", recursive=False)
     hint = " (6,033 images is CUB-200 2010, not CUB-200-2011)" if len(relpaths) == 6_033 else ""

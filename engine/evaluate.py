@@ -201,15 +201,30 @@ def _metrics(
 
 
 def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
-    """``dmlkd eval``: load the checkpoint, read the dataset, evaluate (shared by the processes of a launcher)."""
-    from dmlkd.checkpoints import load_checkpoint
+    """``dmlkd eval``: load the checkpoint, read the dataset, evaluate (shared by the processes of a launcher).
+
+    Returns the metrics plus ``checkpoint`` (the folder evaluated), ``selected`` (``best``/``last`` for a
+    run's checkpoint, else None), the ``epoch``/``step`` it was saved at, ``metric`` and ``dataset``.
+    """
+    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
     from dmlkd.data.catalog import build_splits
 
     device = init_processes(config.device).device if launched() else resolve_device(config.device)
-    model, record = load_checkpoint(config.checkpoint, device=device)
+    directory = resolve_checkpoint_dir(config.checkpoint)
+    model, record = load_checkpoint(directory, device=device)
     splits, _bad = build_splits(config.data)
     evaluation, resize_ratio = _recorded_eval_view(config.eval, record)
-    return evaluate_model(model, splits, evaluation, device, distributed=launched(), resize_ratio=resize_ratio)
+    metrics = evaluate_model(model, splits, evaluation, device, distributed=launched(), resize_ratio=resize_ratio)
+    saved = record.get("metrics") or {}
+    return {
+        **metrics,
+        "checkpoint": str(directory),
+        "selected": saved.get("selected"),
+        "epoch": saved.get("epoch"),
+        "step": saved.get("step"),
+        "metric": config.eval.metric,
+        "dataset": config.data.name,
+    }
 
 
 def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple[EvalConfig, float | None]:
@@ -229,3 +244,14 @@ def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple
             recorded,
         )
     return evaluation, recorded_resize_ratio(record)
+
+
+def describe_selection(results: dict[str, Any]) -> str:
+    """One line naming the evaluated checkpoint and how it was chosen (for ``dmlkd eval`` without --json)."""
+    from dmlkd.checkpoints.io import SELECTION_NOTE
+
+    parts = [SELECTION_NOTE[results["selected"]]] if results.get("selected") in SELECTION_NOTE else []
+    if results.get("step") is not None:
+        parts.append(f"saved at epoch {results['epoch']}, step {results['step']}")
+    note = f" ({'; '.join(parts)})" if parts else ""
+    return f"checkpoint {results['checkpoint']}{note}; {results['metric']} distance on {results['dataset']}"

@@ -32,9 +32,11 @@ from dmlkd.checkpoints import save_checkpoint
 from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.engine import distributed as dist_utils
+from dmlkd.engine import tracking
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
+from dmlkd.engine.tracking import Watcher
 from dmlkd.errors import ConfigError, DmlkdError, Interrupted
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,11 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
-def make_accelerator(config: TrainConfig, find_unused_parameters: bool = False) -> Any:
+def make_accelerator(config: TrainConfig, find_unused_parameters: bool = False, **tracking: Any) -> Any:
     """The run's ``Accelerator``; under a launcher it joins (or starts) the process group.
 
-    ``find_unused_parameters`` is needed when some parameters get no gradient in a step (warm-up, BN-freeze).
+    ``find_unused_parameters`` is needed when some parameters get no gradient in a step (warm-up, BN-freeze);
+    ``tracking`` holds ``log_with``/``project_dir`` for experiment trackers (``tracking.tracker_kwargs``).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -113,7 +116,9 @@ def make_accelerator(config: TrainConfig, find_unused_parameters: bool = False) 
         raise ConfigError("mixed precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 or no")
     dist_utils.init_processes(config.device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
+    return Accelerator(
+        cpu=device.type == "cpu", mixed_precision=config.mixed_precision, kwargs_handlers=[ddp], **tracking
+    )
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -143,6 +148,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.metrics_path = run_dir / "metrics.jsonl"
         self.on_saved: Callable[[], None] = lambda: None
+        self.watcher: Watcher | None = None  # set by ``fit``: evaluation indicator, log lines, trackers
         if self.metrics_path.exists():
             self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
@@ -163,6 +169,8 @@ class _Run:
         if recorded is not None:
             return recorded
         started = time.perf_counter()
+        if self.watcher is not None:
+            self.watcher.eval_started(epoch, step)
         distributed = dist_utils.world_size() > 1
         if distributed:
             dist_utils.broadcast_buffers(self.stage.module)
@@ -184,6 +192,8 @@ class _Run:
         if dist_utils.is_main():
             with open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
+        if self.watcher is not None:
+            self.watcher.eval_finished(epoch, step, metrics, entry["eval_seconds"])
         return metrics
 
     def save(self, name: str, metrics: dict[str, float], epoch: int, step: int) -> None:
@@ -234,7 +244,9 @@ def fit(
     ``last/`` and ``best/`` end as those of an uninterrupted run. ``on_saved`` is called (main process)
     after every checkpoint or state write.
     """
-    accelerator = make_accelerator(train, find_unused_parameters=optim.warmup_epochs > 0 or optim.bn_freeze)
+    accelerator = make_accelerator(
+        train, optim.warmup_epochs > 0 or optim.bn_freeze, **tracking.tracker_kwargs(train, run_dir)
+    )
     device = accelerator.device
     if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
         dist_utils.convert_sync_batchnorm(stage.module, device)
@@ -257,6 +269,7 @@ def fit(
         total_steps = min(total_steps, train.max_steps)
     started = time.perf_counter()
     last_metrics: dict[str, float] = {}
+    run.watcher = watcher = _watcher(stage, train, run_dir, total_steps, progress.global_step, accelerator)
 
     if train.eval_at_start and progress.global_step == 0 and not run.history:
         run.evaluate(device, 0, 0, train.progress)
@@ -267,8 +280,7 @@ def fit(
             run.on_saved()
         dist_utils.barrier()
 
-    bar = _progress_bar(train.progress and dist_utils.is_main(), total_steps, progress.global_step)
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, watcher:
         while progress.global_step < total_steps and not progress.finished:
             epoch = progress.epoch
             module.train()
@@ -289,10 +301,17 @@ def fit(
                     )
                 progress.global_step += 1
                 progress.batch_in_epoch += 1
-                _update_bar(bar, terms, optimizer, batch, time.perf_counter() - step_started)
+                images = len(batch.images) * dist_utils.world_size()  # global
+                watcher.step(
+                    progress.global_step,
+                    epoch,
+                    terms,
+                    current_lrs(optimizer),
+                    images,
+                    time.perf_counter() - step_started,
+                )
                 if stopping:
                     save_progress()
-                    bar.close()
                     raise Interrupted(stop.signum or signal.SIGTERM, progress.global_step, str(run_dir))
                 if train.save_every and progress.global_step % train.save_every == 0:
                     save_progress()
@@ -309,13 +328,12 @@ def fit(
             if epoch_done and progress.epoch % train.eval_every == 0:
                 last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
             save_progress()
-    bar.close()
-    # The publish sequence: final evaluation, last/, best/, then the state marked finished. Every part is
-    # skipped when already done, so a run killed inside it and resumed completes it exactly once.
-    last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
-    if not progress.finished:
-        progress.finished = True
-        save_progress()
+        # The publish sequence: final evaluation, last/, best/, then the state marked finished. Every part is
+        # skipped when already done, so a run killed inside it and resumed completes it exactly once.
+        last_metrics = _evaluate_and_save(run, progress, device, train, stage.primary_metric)
+        if not progress.finished:
+            progress.finished = True
+            save_progress()
     return _result(run, progress, last_metrics, time.perf_counter() - started)
 
 
@@ -381,32 +399,19 @@ def _clip(accelerator: Any, module: nn.Module, optim: OptimConfig) -> None:
         accelerator.clip_grad_norm_(params, optim.clip_grad_norm)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
+def _watcher(
+    stage: Stage, train: TrainConfig, run_dir: Path, total_steps: int, initial_step: int, accelerator: Any
+) -> Watcher:
+    return Watcher(
+        label=tracking.stage_label(stage.record),
+        run_dir=run_dir,
+        train=train,
+        total_steps=total_steps,
+        initial_step=initial_step,
+        main=dist_utils.is_main(),
+        accelerator=accelerator,
+        hparams=stage.record.get("train_config"),
     )
-
-
-def _update_bar(
-    bar: Any, terms: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, batch: Any, seconds: float
-) -> None:
-    images = batch.images
-    lrs = current_lrs(optimizer)
-    first_lr = next(iter(lrs.values()))
-    bar.set_postfix(
-        loss=f"{terms['loss'].item():.4f}",
-        lr=f"{first_lr:.2e}",
-        img_s=f"{len(images) * dist_utils.world_size() / max(seconds, 1e-9):.0f}",  # global
-    )
-    bar.update(1)
 
 
 def recorded_result(run_dir: Path, seconds: float = 0.0) -> FitResult:

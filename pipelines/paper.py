@@ -176,7 +176,7 @@ def comparison_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list
     ``entries`` are the report's per-model results (``name``, ``method``, ``paper`` with its ``row``, and
     ``best``/``last`` metrics as fractions); the paper's numbers are in percent, ``*`` marks a likely typo.
     """
-    header = ["model", "method", "paper row", "R@K", "paper", "ours, best on test", "ours, last"]
+    header = ["run", "paper row", "R@K", "paper", "ours best (test)", "ours last"]
     rows = []
     for entry in entries:
         cell = entry.get("paper")
@@ -188,9 +188,9 @@ def comparison_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list
             " / ".join(_percent((entry.get(side) or {}).get(f"recall@{k}")) for k in cell["ks"])
             for side in ("best", "last")
         ]
+        name, method = entry["name"], entry.get("method")
         row = [
-            entry["name"],
-            entry.get("method") or "–",
+            f"{name} ({method})" if method and method not in name else name,
             cell.get("row") or "–",
             "/".join(map(str, cell["ks"])),
         ]

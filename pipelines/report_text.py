@@ -38,34 +38,41 @@ def _duration(seconds: Any) -> str:
     return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _run_label(entry: dict[str, Any]) -> str:
+    """The entry's name, with its method when the name does not already say it (``teacher (proxy_anchor)``)."""
+    label, method = entry_label(entry), entry.get("method")
+    return f"{label} ({method})" if method and method not in label else label
+
+
+def _spec(entry: dict[str, Any]) -> str:
+    model = entry.get("model") or {}
+    return model.get("spec") or f"{model.get('arch', '?')}-{entry['embedding_dim']}"
+
+
+def any_marked(results: dict[str, Any]) -> bool:
+    """True when some entry has no recorded last-checkpoint metrics (its values carry a † mark)."""
+    return any(not entry["last"] for entry in results["entries"])
+
+
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the comparison table: last-checkpoint metrics (†: none recorded, evaluated here)."""
+    """Header and rows of the comparison table: last-checkpoint metrics (†: none recorded, evaluated here).
+
+    ``model`` is the architecture spec (``resnet18-128``), ``run`` the entry (and its method), ``mode`` how
+    a student saw its teacher (online / cached / clean).
+    """
     ks = results["ks"]
-    header = [
-        "model",
-        "method",
-        "teacher mode",
-        "dim",
-        "params",
-        *[f"R@{k}" for k in ks],
-        "MAP@R",
-        "NMI",
-        "best R@1 (epoch)",
-        "img/s",
-        "train time",
-    ]
+    header = ["run", "model", "mode", "params", *[f"R@{k}" for k in ks], "MAP@R", "NMI", "best R@1", "img/s", "time"]
     rows = []
     for entry in results["entries"]:
         metrics, mark = (entry["last"], "") if entry["last"] else (entry["here"], "†")
         best = entry["best"] or {}
         values = [_pct(metrics.get(key)) + mark for key in [*(f"recall@{k}" for k in ks), "map@r", "nmi"]]
-        best_r1 = f"{_pct(best.get('recall@1'))} ({best.get('epoch', '–')})" if best else "–"
+        best_r1 = f"{_pct(best.get('recall@1'))} @{best.get('epoch', '–')}" if best else "–"
         rows.append(
             [
-                entry_label(entry),
-                entry["method"] or "–",
+                _run_label(entry),
+                _spec(entry),
                 entry["teacher_mode"] or "–",
-                str(entry["embedding_dim"]),
                 _params(entry["parameters"]),
                 *values,
                 best_r1,
@@ -76,9 +83,17 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+_TEXT_COLUMNS = 3  # run, model, mode: left-aligned; numbers right-aligned
+
+
+def _text_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+
+    def line(row: list[str]) -> str:
+        cells = [cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return [line(row) for row in [header, *rows]]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -88,10 +103,11 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_summary(results: dict[str, Any]) -> str:
     """A plain-text summary for stdout: the comparison table and, when published, the paper's numbers."""
+    marked = " († evaluated here)" if any_marked(results) else ""
     lines = [
-        f"{results['scenario']} on {results['dataset']}: Recall@K ({results['metric']}), MAP@R, NMI in %; "
-        "last checkpoint († evaluated here), best selected on test",
-        *_text_table(*summary_rows(results)),
+        f"{results['scenario']} on {results['dataset']}: Recall@K ({results['metric']}), MAP@R, NMI in %",
+        f"last checkpoint{marked}; best R@1 @epoch: selected on the test split (optimistic)",
+        *_text_table(*summary_rows(results), left=_TEXT_COLUMNS),
     ]
     if results["has_paper"]:
         lines += [
@@ -123,8 +139,14 @@ def _notes(results: dict[str, Any]) -> list[str]:
         "**last**: the final checkpoint (`last/`) with the metrics recorded at its final evaluation. "
         "**best**: the epoch with the highest Recall@1 **on the test split** (`best/`): selected on test, "
         "hence optimistic (the papers report this selection; there is no validation split).",
-        "†: no last-checkpoint metrics were recorded (e.g. a downloaded checkpoint); the values were "
-        "evaluated while writing this report.",
+        *(
+            [
+                "†: no last-checkpoint metrics were recorded (e.g. a downloaded checkpoint); the values were "
+                "evaluated while writing this report."
+            ]
+            if any_marked(results)
+            else []
+        ),
         f"img/s: eval forward without gradients, batch 64 at {results['image_size']} px, median of 5 timed "
         f"batches after 2 warm-up batches, on {results['machine']['device']}.",
         f"Ranking metric: {results['metric']}. The Recall@K curves and the retrieval grid use the test "

@@ -21,4 +21,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(f"dmlkd.student.{_HOMES[name]}"), name)
-    raise AttributeError(f"module 'dmlkd.student' has no attribute {name!r}")
+    from dmlkd import _submodule
+
+    return _submodule(__name__, name)  # e.g. dmlkd.student.<module> without importing it first

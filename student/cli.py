@@ -20,7 +20,9 @@ FORMAT_HELP = "onnx (model.onnx), safetensors (checkpoint folder for dmlkd.load)
 def export_command(
     ref: str, export_format: str, out: str, normalize: bool, image_size: int | None, overwrite: bool
 ) -> None:
-    """Export the embedding model of REF (a run or checkpoint folder) with a parity check.
+    """Export the embedding model of REF (a checkpoint, hf:// reference or run folder) with a parity check.
+
+    For a run folder best/ is used if present, else last/; export.json names the checkpoint exported.
 
     The exported model takes RGB (B, 3, S, S) float in [0, 1], applies the model's own preprocessing and
     returns the (B, D) embedding. It is compared with the eager model on seeded random images (cosine >=
@@ -65,6 +67,9 @@ def _parity_line(parity: dict) -> str:
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option(
+    "--skip-bad-images", is_flag=True, help="Leave out unreadable image files (and list them) instead of stopping."
+)
 def embed_command(
     ref: str,
     images: tuple[str, ...],
@@ -75,8 +80,13 @@ def embed_command(
     normalize: bool,
     device: str,
     overwrite: bool,
+    skip_bad_images: bool,
 ) -> None:
     """Embed IMAGES (files or folders of images) with the model of REF and write them to --out.
+
+    REF is a checkpoint or run folder (best/ preferred over last/), an hf://ORG/NAME reference or an export
+    folder from `dmlkd export` (ONNX or torch.export). The file records the model's digest and input size,
+    so `dmlkd search` can check that queries are embedded by the same model.
 
     The file holds a tensor "embeddings" (N, D) in the order of the "paths" list in its metadata; read it
     with dmlkd.student.embed.read_embeddings or safetensors.safe_open.
@@ -86,7 +96,7 @@ def embed_command(
     """
     from dmlkd.student.embed import embed_paths
 
-    count, dim = embed_paths(
+    count, dim, skipped = embed_paths(
         ref,
         images,
         out,
@@ -96,5 +106,110 @@ def embed_command(
         normalize=normalize,
         device=device,
         overwrite=overwrite,
+        skip_bad_images=skip_bad_images,
     )
-    click.echo(f"wrote {count} embeddings of dimension {dim} to {out}")
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    left_out = f" ({len(skipped)} unreadable images skipped, listed above)" if skipped else ""
+    click.echo(f"wrote {count} embeddings of dimension {dim} to {out}{left_out}")
+
+
+@click.command("search")
+@click.argument("queries", nargs=-1, required=True)
+@click.option(
+    "--gallery",
+    "galleries",
+    multiple=True,
+    required=True,
+    help="An embeddings file from `dmlkd embed`, or image files/folders to embed now (repeatable).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Checkpoint/run folder, hf:// reference or export folder that embeds the queries "
+    "(default: the one recorded in the embeddings file; needed for an image-folder gallery).",
+)
+@click.option("-k", "k", type=int, default=5, show_default=True, help="Neighbours per query.")
+@click.option(
+    "--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True, help="Ranking."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "faiss"]),
+    default="torch",
+    show_default=True,
+    help="torch: exact search; faiss: needs the faiss extra (pip install faiss-cpu).",
+)
+@click.option("--image-size", type=int, default=None, help="Input size (default: the gallery's, else the model's).")
+@click.option("--labels-from-folders", is_flag=True, help="Treat each image's parent folder as its class.")
+@click.option("--include-self", is_flag=True, help="Keep a query that is in the gallery among its own results.")
+@click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (listed) instead of stopping.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--grid", default=None, metavar="PNG", help="Also write a PNG grid of queries and neighbours.")
+@click.option("--html", "html_out", default=None, metavar="HTML", help="Also write a self-contained HTML page.")
+def search_command(
+    queries: tuple[str, ...],
+    galleries: tuple[str, ...],
+    model: str | None,
+    k: int,
+    metric: str,
+    backend: str,
+    image_size: int | None,
+    labels_from_folders: bool,
+    include_self: bool,
+    skip_bad_images: bool,
+    batch_size: int,
+    device: str,
+    as_json: bool,
+    grid: str | None,
+    html_out: str | None,
+) -> None:
+    """Find the K gallery images nearest to each of QUERIES (image files or folders).
+
+    Queries are embedded by the model that embedded the gallery (the checkpoint or an ONNX/torch.export
+    export of it); a model with another digest or input size is refused. With --labels-from-folders the
+    pictures frame neighbours of the query's class green and others red.
+
+    \b
+    Examples:
+      dmlkd embed runs/cub-r18 photos/ --out photos.safetensors
+      dmlkd search query.jpg --gallery photos.safetensors -k 5 --html results.html
+      dmlkd search queries/ --gallery photos/ --model exports/cub-r18-onnx --json
+    """
+    import json
+
+    from dmlkd.student.search import format_results, search_images
+
+    if batch_size < 1:
+        raise click.BadParameter(f"must be a positive integer, got {batch_size}", param_hint="--batch-size")
+    result = search_images(
+        queries,
+        galleries[0] if len(galleries) == 1 else galleries,
+        model=model,
+        k=k,
+        metric=metric,
+        backend=backend,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        labels_from_folders=labels_from_folders,
+        include_self=include_self,
+        skip_bad_images=skip_bad_images,
+    )
+    from dmlkd.student.search_render import write_grid, write_html
+
+    if grid:
+        result["grid"] = str(write_grid(result, grid))
+    if html_out:
+        result["html"] = str(write_html(result, html_out))
+    for path in result["skipped"]:
+        click.echo(f"skipped unreadable image {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(format_results(result))
+    for key in ("grid", "html"):
+        if key in result:
+            click.echo(f"wrote {result[key]}")

@@ -329,8 +329,10 @@ def read_embeddings(path: str | os.PathLike) -> tuple[Tensor, list[str], dict[st
     return embeddings, paths, extra
 
 
-def _check_resize_ratio(resize_ratio: float | None) -> None:
-    if resize_ratio is not None and not (math.isfinite(resize_ratio) and 1.0 <= resize_ratio <= 8.0):
+def _check_resize_ratio(resize_ratio: float | str | None) -> None:
+    if resize_ratio is None or resize_ratio == RECORDED:
+        return
+    if isinstance(resize_ratio, str) or not (math.isfinite(resize_ratio) and 1.0 <= resize_ratio <= 8.0):
         raise ConfigError(
             f"resize ratio must be a number from 1 (no zoom-in) to 8, got {resize_ratio}; the default is "
             f"{DEFAULT_RESIZE_RATIO:.4f} (256/224)"
@@ -348,39 +350,69 @@ def embed_paths(
     normalize: bool = False,
     device: str = "auto",
     overwrite: bool = False,
-) -> tuple[int, int]:
-    """Embed image files/folders with the model of checkpoint or run folder ``ref`` and save them to ``out``.
+    skip_bad_images: bool = False,
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Embed image files/folders with the model of ``ref`` and save them to ``out``.
 
-    An existing ``out`` is refused unless ``overwrite``; rows follow ``expand_image_paths(sources)``.
+    ``ref`` is a checkpoint or run folder, an ``hf://`` reference or an export folder (ONNX, torch.export).
+    An existing ``out`` is refused unless ``overwrite``; rows follow ``expand_image_paths(sources)``. The
+    file's metadata records the source checkpoint's model digest and the input size, which ``dmlkd search``
+    checks before it embeds queries against the file. With ``skip_bad_images`` unreadable files are left out
+    (and listed in the metadata as ``skipped``) instead of stopping the run.
 
     Returns:
-        ``(N, D)``: how many images were embedded and the embedding dimension.
+        ``(N, D, skipped)``: images embedded, embedding dimension and ``(path, reason)`` of each skipped file.
     """
     from dmlkd import __version__
-    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
-    from dmlkd.engine.evaluate import resolve_device
+    from dmlkd.student.embedder import embed_files, load_embedder
 
     if Path(out).is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; pass the path of a .safetensors file to write")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"output file {str(out)!r} already exists; pass --overwrite to replace it")
     _check_resize_ratio(resize_ratio)
     paths = expand_image_paths(sources)
-    directory = resolve_checkpoint_dir(ref)
-    model, record = load_checkpoint(directory, device=resolve_device(device))
-    attach_embed_defaults(model, record)
-    size, resize_ratio = resolve_view(model, image_size, resize_ratio)
-    embeddings = embed_images(
-        model, paths, image_size=size, resize_ratio=resize_ratio, batch_size=batch_size, normalize=normalize
+    embedder = load_embedder(ref, device=device)
+    size = checked_image_size(embedder, image_size)
+    if embedder.image_size is not None and size != embedder.image_size:
+        logger.warning(
+            "embedding at %d px, but this model was trained and evaluated at %d px (its recorded input size)",
+            size,
+            embedder.image_size,
+        )
+    if resize_ratio == RECORDED:
+        resize_ratio = embedder.resize_ratio if embedder.resize_ratio is not None else DEFAULT_RESIZE_RATIO
+    embeddings, kept, skipped = embed_files(
+        embedder, paths, size, resize_ratio, batch_size, skip_bad=skip_bad_images, normalize=normalize
     )
     metadata = {
-        "checkpoint": str(directory),
-        "model_digest": record["files"]["model.safetensors"],
-        "spec": str(model.config.spec),
-        "normalized": bool(normalize or model.config.l2_norm),
+        "checkpoint": embedder.checkpoint,
+        "model_ref": embedder.ref,
+        "model_kind": embedder.kind,
+        "model_digest": embedder.model_digest,
+        "spec": embedder.spec,
+        "normalized": bool(normalize or embedder.normalized),
         "image_size": size,
         "resize_ratio": resize_ratio,
+        "skipped": [path for path, _reason in skipped],
         "dmlkd_version": __version__,
     }
-    save_embeddings(out, embeddings, paths, metadata)
-    return int(embeddings.shape[0]), int(embeddings.shape[1])
+    save_embeddings(out, embeddings, kept, metadata)
+    return int(embeddings.shape[0]), int(embeddings.shape[1]), skipped
+
+
+def checked_image_size(embedder: Any, image_size: int | None) -> int:
+    """The input size to embed at: ``image_size``, else the model's recorded size, else 224.
+
+    An export only takes the size it was exported for; asking for another is a ``ConfigError``.
+    """
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"image size must be a positive integer, got {image_size}")
+    if embedder.fixed_size and image_size is not None and image_size != embedder.image_size:
+        raise ConfigError(
+            f"{embedder.ref!r} is a {embedder.kind} export for {embedder.image_size}x{embedder.image_size} "
+            f"inputs; --image-size {image_size} cannot be used with it"
+        )
+    return image_size or embedder.image_size or DEFAULT_IMAGE_SIZE

@@ -74,7 +74,8 @@ def _check_onnx_tools() -> None:
     if missing:
         raise ConfigError(
             f"ONNX export needs the {' and '.join(missing)} package(s); install them with "
-            "pip install 'dmlkd[export]' (or pip install onnx onnxscript onnxruntime)"
+            "pip install onnx onnxscript onnxruntime (or the extra: pip install 'dmlkd[export]', from a clone "
+            "pip install -e '.[export]')"
         )
 
 

@@ -36,4 +36,6 @@ def __getattr__(name: str) -> Any:
         from dmlkd.teacher import losses
 
         return getattr(losses, name)
-    raise AttributeError(f"module 'dmlkd.teacher' has no attribute {name!r}")
+    from dmlkd import _submodule
+
+    return _submodule(__name__, name)  # e.g. dmlkd.teacher.<module> without importing it first

@@ -64,8 +64,10 @@ def test_eval_json_and_table(checkpoint: Path) -> None:
     code, out, err = _invoke("eval", "--checkpoint", str(checkpoint), *GLYPHS, "--json")
     assert code == 0, err
     results = json.loads(out)
-    assert set(results) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
-    assert all(0.0 <= value <= 1.0 for value in results.values())
+    metrics = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
+    assert set(results) == metrics | {"checkpoint", "selected", "epoch", "step", "metric", "dataset"}
+    assert all(0.0 <= results[key] <= 1.0 for key in metrics)
+    assert results["checkpoint"] == str(checkpoint) and results["metric"] == "cosine" and results["selected"] is None
     code, out, err = _invoke(
         "eval",
         "--checkpoint",
@@ -80,6 +82,26 @@ def test_eval_json_and_table(checkpoint: Path) -> None:
     )
     assert code == 0, err
     assert out.split("\n")[0].split() == ["R@1", "R@3", "MAP@R"]
+    assert out.splitlines()[2] == f"checkpoint {checkpoint}; euclidean distance on glyphs"
+
+
+def test_eval_of_a_run_folder_names_the_checkpoint_it_used(checkpoint: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    model = create_model("resnet18-8")
+    for name, epoch in (("best", 2), ("last", 3)):
+        save_checkpoint(
+            run / name, model, metrics={"recall@1": 0.5, "epoch": epoch, "step": 10 * epoch, "selected": name}
+        )
+    code, out, err = _invoke("eval", str(run), *GLYPHS, "--set", "eval.nmi=false", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["checkpoint"] == str(run / "best") and results["selected"] == "best" and results["epoch"] == 2
+    code, out, err = _invoke("eval", str(run), *GLYPHS, "--set", "eval.nmi=false")
+    assert code == 0, err
+    assert f"checkpoint {run / 'best'} (best/: the evaluation with the highest primary metric on the test split" in out
+    assert "saved at epoch 2, step 20" in out
+    code, _, err = _invoke("eval", *GLYPHS)
+    assert code == 2 and "Missing argument 'REF'" in err
 
 
 @pytest.mark.parametrize(

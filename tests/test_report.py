@@ -205,10 +205,16 @@ def test_checkpoint_only_teacher(glyph_report, runs):
 
 
 def test_format_summary_lists_every_entry(cub_report):
-    _, results = cub_report
+    out, results = cub_report
     summary = format_summary(results)
     assert "teacher" in summary and "relaxed_contrastive" in summary
-    assert "45.0" in summary and "50.0 (2)" in summary  # teacher: last R@1, best R@1 at epoch 2
+    assert "45.0" in summary and "50.0 @2" in summary  # teacher: last R@1, best R@1 at epoch 2
+    # The model column names the architecture, the header mentions † only when a row carries it, and the
+    # table fits a terminal.
+    header = summary.splitlines()[2].split()
+    assert header[:3] == ["run", "model", "mode"] and "resnet18-8" in summary
+    assert "†" not in summary and "†" not in (out / "report.md").read_text()
+    assert max(len(line) for line in summary.splitlines()) <= 120, summary
 
 
 def test_entry_without_checkpoint_is_a_one_line_error(tmp_path, splits):

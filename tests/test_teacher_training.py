@@ -190,6 +190,14 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+    # steps.jsonl holds each step once (steps redone after the resume replace the rows logged before the stop),
+    # with the reference run's losses.
+    reference_rows, resumed_rows = (
+        [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+        for run in (reference, interrupted)
+    )
+    assert [row["step"] for row in resumed_rows] == list(range(1, 11))
+    assert [row["loss"] for row in resumed_rows] == [row["loss"] for row in reference_rows]
 
 
 @pytest.mark.parametrize(

@@ -22,4 +22,6 @@ def __getattr__(name: str) -> Any:
         from dmlkd.transfer.base import TransferMethod
 
         return TransferMethod
-    raise AttributeError(f"module 'dmlkd.transfer' has no attribute {name!r}")
+    from dmlkd import _submodule
+
+    return _submodule(__name__, name)  # e.g. dmlkd.transfer.<module> without importing it first
