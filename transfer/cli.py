@@ -16,8 +16,13 @@ def _items(shortcuts: dict[str, Any], overrides: tuple[str, ...]) -> list[str]:
 
 def _common_options(function: Any) -> Any:
     options = [
-        click.option("--teacher", "teacher_ref", default=None, help="Teacher run or checkpoint folder."),
-        click.option("--student", "student_spec", default=None, help="ARCH-DIM of the student, e.g. resnet18-128."),
+        click.option(
+            "--teacher",
+            "teacher_ref",
+            default=None,
+            help="Teacher run or checkpoint folder, or a published timm model timm/NAME[.TAG][@REV] (no head).",
+        ),
+        click.option("--student", "student_spec", default=None, help="ARCH-DIM (resnet18-128) or timm/NAME[.TAG]-DIM."),
         click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs."),
         click.option("--data-root", default=None, help="Dataset folder (or CSV file)."),
         click.option(
@@ -71,6 +76,7 @@ def build_config_tree(params: dict[str, Any], method: str | None) -> tuple[list[
         "teacher.cache_views": params["cache_views"],
         "student.arch": spec.arch if spec else None,
         "student.embedding_dim": spec.dim if spec else None,
+        "student.revision": spec.revision if spec else None,
         "method.name": method,
         "data.name": params["dataset"],
         "data.root": params["data_root"],
