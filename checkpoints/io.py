@@ -294,8 +294,10 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
 
     if is_timm_ref(ref):
         from dmlkd.models.timm_backbone import load_hub_model
+        from dmlkd.student.embed import attach_embed_defaults
 
         model, record = load_hub_model(str(ref))
+        attach_embed_defaults(model, record)  # embeds at the pretrained config's input size
         return model.to(device).eval(), record
     directory = resolve_checkpoint_dir(ref)
     record = read_checkpoint_config(directory)

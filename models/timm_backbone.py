@@ -207,6 +207,16 @@ def _snapshot_commit(path: Path) -> str | None:
     return parent.name if parent.parent.name == "snapshots" else None
 
 
+def _patch_size(model: nn.Module) -> int | None:
+    """The patch size of a ViT-like model whose input must be a multiple of it (None: any size works)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return None
+    size = getattr(patch_embed, "patch_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size) if size and int(size) > 1 else None
+
+
 class TimmBackbone(Backbone):
     """A timm model without its classifier; pools as timm does and taps stage maps for feature methods.
 
@@ -258,6 +268,7 @@ class TimmBackbone(Backbone):
             raise CheckpointError(f"pretrained weights of {arch} do not fit the model: {_one_line(error)}") from None
         self.preprocessing = _preprocessing_of(self.cfg)
         self.pooled_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+        self.patch_size = _patch_size(self.model)
         self._select_taps()
         if bn_momentum is not None:
             self.set_bn_momentum(bn_momentum)
@@ -303,6 +314,12 @@ class TimmBackbone(Backbone):
 
     def pooled_and_taps(self, x: Tensor, with_features: bool = False) -> tuple[Tensor, list[Tensor] | None]:
         """``(pooled (B, pooled_dim), tapped maps or None)`` for preprocessed images ``x``."""
+        if self.patch_size and (x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size):
+            raise ConfigError(
+                f"{self.arch} cuts images into {self.patch_size}-pixel patches, so it needs sizes divisible by "
+                f"{self.patch_size}, got {x.shape[-2]}x{x.shape[-1]}; choose an image size such as "
+                f"{self.patch_size * 16} (train.image_size / eval.image_size / --image-size)"
+            )
         if not with_features:
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True), None
         final, maps = self.model.forward_intermediates(x, indices=self.tap_indices, output_fmt="NCHW")

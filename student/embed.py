@@ -32,13 +32,15 @@ ImageInput = Image.Image | str | os.PathLike | Tensor | Sequence[Image.Image | s
 
 
 def recorded_image_size(record: dict[str, Any]) -> int | None:
-    """The input size a checkpoint record implies: an export's size, else the training or eval image size."""
+    """The input size a checkpoint record implies: an export's size, the training or eval image size, else the
+    input size of a timm model's pretrained config."""
     exported = (record.get("provenance") or {}).get("export") or {}
     train_config = record.get("train_config") or {}
     for value in (
         exported.get("image_size"),
         (train_config.get("train") or {}).get("image_size"),
         (train_config.get("eval") or {}).get("image_size"),
+        ((record.get("model") or {}).get("preprocessing") or {}).get("input_size"),  # timm pretrained config
     ):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -304,6 +304,35 @@ def test_dmlkd_load_builds_a_published_model_without_a_head() -> None:
         dmlkd.load(f"timm/{VIT}-128")
 
 
+def test_vit_input_must_be_a_multiple_of_the_patch_size() -> None:
+    model = create_model(f"timm/{VIT}-0")
+    with pytest.raises(ConfigError, match=r"16-pixel patches.*got 40x40") as info:
+        model(torch.rand(1, 3, 40, 40))
+    assert "\n" not in str(info.value)
+
+
+def test_published_model_embeds_at_its_pretrained_input_size() -> None:
+    from dmlkd.student.embed import default_image_size
+
+    assert default_image_size(load_checkpoint(f"timm/{VIT}")[0]) == 160  # test_vit.r160_in1k: 160 px
+
+
+def test_zoo_lists_hub_teachers_that_timm_knows() -> None:
+    """Every listed name is a registered timm model + tag whose weights live at the same Hub id."""
+    from dmlkd.checkpoints.zoo import HUB_TEACHERS
+    from dmlkd.models.timm_backbone import pretrained_config
+
+    assert len(HUB_TEACHERS) >= 5
+    for teacher in HUB_TEACHERS:
+        cfg = pretrained_config(teacher.name)
+        assert cfg.hf_hub_id == teacher.name, teacher
+        with torch.device("meta"):
+            model = timm.create_model(teacher.name.removeprefix("timm/"), num_classes=0)
+        assert (getattr(model, "head_hidden_size", None) or model.num_features) == teacher.pooled_dim, teacher
+    code, stdout, _ = _invoke("zoo")
+    assert code == 0 and HUB_TEACHERS[0].name in stdout
+
+
 # ----------------------------------------------------------------------------------------------- export
 
 
@@ -323,16 +352,21 @@ def test_export_of_a_timm_student_passes_the_parity_gate(tmp_path: Path, export_
 # ---------------------------------------------------------------------------------------- label-free transfer
 
 
-def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_path: Path) -> None:
-    """dmlkd transfer train --teacher timm/<vit> (published, no head) --student timm/<mobilenet>-16."""
+def _photos(folder: Path, count: int) -> Path:
+    """``count`` random 32 x 32 PNG photos, no labels."""
     from PIL import Image
 
-    images = tmp_path / "photos"
-    images.mkdir()
+    folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    for index in range(12):
+    for index in range(count):
         pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"photo{index:02d}.png")
+        Image.fromarray(pixels).save(folder / f"photo{index:02d}.png")
+    return folder
+
+
+def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_path: Path) -> None:
+    """dmlkd transfer train --teacher timm/<vit> (published, no head) --student timm/<mobilenet>-16."""
+    images = _photos(tmp_path / "photos", 12)
     out = tmp_path / "student"
     code, stdout, stderr = _invoke(
         "transfer", "train", "--teacher", f"timm/{VIT}", "--student", "timm/mobilenetv3_small_050-16",
@@ -349,6 +383,28 @@ def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_p
     assert record["train_config"]["teacher"]["ref"] == f"timm/{VIT}"
     student = load_checkpoint(out / "last")[0]
     assert student.embedding_dim == 16
+
+
+def test_pipeline_compress_from_a_published_timm_teacher_skips_stage_1(tmp_path: Path) -> None:
+    """dmlkd pipeline compress --src timm/<vit> --dst timm/<mobilenet>-16: no teacher training, label-free."""
+    images = _photos(tmp_path / "photos", 12)
+    out = tmp_path / "pipeline"
+    code, _stdout, stderr = _invoke(
+        "pipeline", "compress", "--src", f"timm/{VIT}", "--dst", "timm/mobilenetv3_small_050-16",
+        "--dataset", "glyphs", "--set", "data.options.max_classes=8", "--max-steps", "2", "--batch-size", "6",
+        "--image-size", "32", "--no-progress", "--out", str(out),
+        "--set", f"transfer.transfer_set={images}", "--set", "transfer.train.ipc=null",
+        "--set", "transfer.teacher.cache_views=1", "--set", "transfer.eval.nmi=false",
+        "--set", f"transfer.teacher.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert code == 0, stderr
+    teacher = json.loads((out / "teacher" / "config.json").read_text())
+    assert teacher["provenance"]["source"] == f"timm/{VIT}" and teacher["model"]["embedding_dim"] == 0
+    assert not (out / "teacher" / "run.json").exists()  # used as published, not trained
+    student = json.loads((out / "students" / "relaxed_contrastive" / "last" / "config.json").read_text())
+    assert student["provenance"]["transfer_set"] == str(images)
+    assert student["model"]["arch"] == "timm/mobilenetv3_small_050"  # the demo recipe: no ImageNet weights
+    assert (out / "report.md").is_file()
 
 
 def test_transfer_with_a_bad_timm_teacher_is_one_line(tmp_path: Path) -> None:
