@@ -125,6 +125,10 @@ def models_command(as_json: bool) -> None:
         taps = ",".join(str(c) for c in row["tap_channels"])
         click.echo(f"{row['arch']:<14} {row['pooled_dim']:>6}  {taps:<24} {row['input']}")
     click.echo("\nModel specs are ARCH-DIM, e.g. resnet50-512, resnet18-128, bn_inception-64.")
+    click.echo(
+        "timm models (pip install 'dmlkd[timm]'): timm/NAME[.TAG][@REVISION]-DIM, e.g. "
+        "timm/mobilenetv3_large_100-128; DIM 0: no head (the pooled feature)."
+    )
 
 
 @main.command("datasets")

@@ -165,6 +165,15 @@ def download_weights(repo_id: str, revision: str | None) -> Path:
         return Path(hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision))
     except errors.EntryNotFoundError as error:
         if isinstance(error, errors.LocalEntryNotFoundError):
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise CheckpointError(
+                    f"pretrained weights {repo_id}{'@' + revision if revision else ''} ({WEIGHTS_FILE}) are not in "
+                    "the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading; fetch them once on a "
+                    "machine with network access (unset HF_HUB_OFFLINE), or pass a local .safetensors file "
+                    "(model.weights_path)"
+                ) from None
             translated = _download_error(HubRef(repo_id, revision), error, None)
             raise (translated or CheckpointError(_one_line(error))) from None
         raise CheckpointError(

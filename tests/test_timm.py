@@ -116,6 +116,16 @@ def test_unknown_timm_model_and_tag_are_one_line_errors() -> None:
         create_model("timm/mobilenetv3_small_050.nope-8")
 
 
+def test_without_timm_installed_the_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'dmlkd\[timm\]'"):
+        create_model("timm/mobilenetv3_small_050-8")
+    code, stdout, _ = _invoke("models")
+    assert code == 0 and "timm/NAME[.TAG][@REVISION]-DIM" in stdout
+
+
 # ------------------------------------------------------------------------ pretrained weights, offline
 
 
@@ -162,6 +172,48 @@ def test_only_safetensors_weights_are_read(offline_cache: Path) -> None:
         create_model("timm/test_resnet-8", pretrained=True)
     with pytest.raises(CheckpointError, match="safetensors only"):
         create_model("timm/test_resnet-8", weights_path=str(snapshot / "pytorch_model.bin"))
+
+
+def test_download_from_the_stand_in_hub_then_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub_server: Any
+) -> None:
+    """The real download path (loopback Hub): model.safetensors only; a pickle-only repo is refused unread."""
+    from huggingface_hub import constants
+    from safetensors.torch import save
+
+    url = hub_server.url
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    torch.manual_seed(1)
+    state = {k: v.contiguous() for k, v in timm.create_model(EFFICIENTNET).state_dict().items()}
+    commit = "c" * 40
+    hub_server.repos[f"timm/{EFFICIENTNET}"] = {
+        "commit": commit,
+        "refs": {"main": commit},
+        "files": {"model.safetensors": save(state), "pytorch_model.bin": b"not to be read"},
+    }
+    model = create_model("timm/test_efficientnet-8", pretrained=True)
+    assert model.backbone.weights["commit"] == commit
+    assert torch.equal(model.backbone.model.conv_stem.weight, state["conv_stem.weight"])
+    fetched = [path for method, path in hub_server.requests if method == "GET" and "/resolve/" in path]
+    assert fetched and all(path.endswith("model.safetensors") for path in fetched)
+    pickle_commit = "d" * 40
+    hub_server.repos[f"timm/{VIT}"] = {
+        "commit": pickle_commit,
+        "refs": {"main": pickle_commit},
+        "files": {"pytorch_model.bin": b"a pickle"},
+    }
+    with pytest.raises(CheckpointError, match=r"has no model.safetensors; dmlkd loads safetensors weights only"):
+        create_model(f"timm/{VIT}-0", pretrained=True)
+    assert not any(path.endswith("pytorch_model.bin") for _, path in hub_server.requests)
+    # Offline afterwards: the cached file is used and the server is not asked.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_server.requests.clear()
+    again = create_model("timm/test_efficientnet-8", pretrained=True)
+    assert again.backbone.weights == model.backbone.weights and hub_server.requests == []
 
 
 # ----------------------------------------------------------------------------------- preprocessing, pooling
