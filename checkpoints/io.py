@@ -262,7 +262,8 @@ def _preview(keys: list[str], limit: int = 4) -> str:
 
 
 def resolve_checkpoint_dir(ref: str | Path) -> Path:
-    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, or ``hf://ORG/NAME[@REV]``.
+    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, ``hf://ORG/NAME[@REV]``, or a
+    published timm model ``timm/NAME[.TAG][@REV][-0]``.
 
     A Hub reference is downloaded (or read from the Hub cache) and its snapshot folder, named by the
     resolved commit sha, is returned (``dmlkd.checkpoints.hub.hub_provenance`` recovers repo and commit).
@@ -271,6 +272,10 @@ def resolve_checkpoint_dir(ref: str | Path) -> Path:
         from dmlkd.checkpoints.hub import resolve_hub_ref
 
         return resolve_hub_ref(ref)
+    if is_timm_ref(ref):  # a published timm model: written once as a checkpoint folder in the dmlkd cache
+        from dmlkd.models.timm_backbone import hub_model_folder
+
+        return hub_model_folder(str(ref))
     path = Path(ref)
     if (path / CONFIG_FILE).is_file():
         return path

@@ -432,3 +432,20 @@ def load_hub_model(ref: str) -> tuple[nn.Module, dict[str, Any]]:
         "provenance": {"timm": timm_record, "source": ref},
     }
     return model.eval(), record
+
+
+def hub_model_folder(ref: str) -> Path:
+    """A dmlkd checkpoint folder holding the published timm model ``ref`` (written once, in the dmlkd cache).
+
+    Lets every command that takes a checkpoint folder (``dmlkd embed``, ``dmlkd export``, ...) take
+    ``timm/NAME[.TAG][@REV]`` too: ``<dmlkd cache>/timm-models/<digest>`` is keyed by the weights file and the
+    built model config, so another revision or tag gets its own folder.
+    """
+    from dmlkd.checkpoints.io import CONFIG_FILE, save_checkpoint
+    from dmlkd.data.glyphs import cache_folder
+
+    model, record = load_hub_model(ref)
+    folder = cache_folder() / "timm-models" / record["files"]["model.safetensors"][:20]
+    if not (folder / CONFIG_FILE).is_file():
+        save_checkpoint(folder, model, provenance=record["provenance"])
+    return folder

@@ -437,6 +437,21 @@ def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_p
     assert student.embedding_dim == 16
 
 
+def test_commands_taking_a_checkpoint_take_a_published_timm_model(tmp_path: Path) -> None:
+    """dmlkd embed timm/<vit> photos/: written once as a checkpoint folder in the dmlkd cache, then used."""
+    from dmlkd.checkpoints import resolve_checkpoint_dir
+    from dmlkd.student.embed import read_embeddings
+
+    images = _photos(tmp_path / "photos", 3)
+    code, _stdout, stderr = _invoke("embed", f"timm/{VIT}", str(images), "--out", str(tmp_path / "e.safetensors"))
+    assert code == 0, stderr
+    embeddings = read_embeddings(tmp_path / "e.safetensors")
+    assert tuple(embeddings[0].shape) == (3, 64)
+    folder = resolve_checkpoint_dir(f"timm/{VIT}")
+    record = json.loads((folder / "config.json").read_text())
+    assert record["provenance"]["source"] == f"timm/{VIT}" and record["model"]["arch"] == f"timm/{VIT}"
+
+
 def test_pipeline_compress_from_a_published_timm_teacher_skips_stage_1(tmp_path: Path) -> None:
     """dmlkd pipeline compress --src timm/<vit> --dst timm/<mobilenet>-16: no teacher training, label-free."""
     images = _photos(tmp_path / "photos", 12)
