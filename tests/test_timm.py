@@ -268,6 +268,14 @@ def test_cnn_taps_are_stage_maps_at_strides_4_to_32() -> None:
     ]
 
 
+def test_models_command_describes_a_timm_model() -> None:
+    code, stdout, stderr = _invoke("models", "--timm", "mobilenetv3_small_050", "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert row["pretrained_tag"] == "lamb_in1k" and row["tap_strides"] == [4, 8, 16, 32]
+    assert row["pooled_dim"] == 1024 and row["tap_kind"] == "conv"
+
+
 def test_feature_methods_pair_timm_cnns_and_refuse_token_maps() -> None:
     mobilenet = ModelInfo.from_model(create_model("timm/mobilenetv3_small_050-8"))
     efficientnet = ModelInfo.from_model(create_model("timm/test_efficientnet-8"))
