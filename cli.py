@@ -138,13 +138,20 @@ def shortcut_overrides(shortcuts: dict[str, Any], overrides: Sequence[str]) -> l
 
 @main.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def models_command(as_json: bool) -> None:
+@click.option("--timm", "timm_arch", default=None, metavar="timm/NAME[.TAG]", help="Describe one timm model instead.")
+def models_command(as_json: bool, timm_arch: str | None) -> None:
     """List the backbone architectures, their stage taps and input conventions.
 
-    A model is named ARCH-DIM, e.g. resnet50-512 or bn_inception-64.
+    A model is named ARCH-DIM, e.g. resnet50-512 or bn_inception-64, or timm/NAME[.TAG]-DIM.
     """
     from dmlkd.models.catalog import describe_architectures
 
+    if timm_arch is not None:
+        from dmlkd.models.catalog import describe_timm_model
+
+        row = describe_timm_model(timm_arch if timm_arch.startswith("timm/") else f"timm/{timm_arch}")
+        click.echo(json.dumps(row, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in row.items()))
+        return
     rows = describe_architectures()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -154,6 +161,10 @@ def models_command(as_json: bool) -> None:
         taps = ",".join(str(c) for c in row["tap_channels"])
         click.echo(f"{row['arch']:<14} {row['pooled_dim']:>6}  {taps:<24} {row['input']}")
     click.echo("\nModel specs are ARCH-DIM, e.g. resnet50-512, resnet18-128, bn_inception-64.")
+    click.echo(
+        "timm models (pip install 'dmlkd[timm]'): timm/NAME[.TAG][@REVISION]-DIM, e.g. "
+        "timm/mobilenetv3_large_100-128; DIM 0: no head (the pooled feature)."
+    )
 
 
 @main.command("datasets")

@@ -108,7 +108,7 @@ def zoo_command(as_json: bool) -> None:
     dmlkd has published no checkpoints yet, so the built-in table is empty; add your own entries in the
     JSON file named by DMLKD_ZOO or at ~/.config/dmlkd/zoo.json ($XDG_CONFIG_HOME/dmlkd/zoo.json).
     """
-    from dmlkd.checkpoints.zoo import BUILTIN_ENTRIES, user_zoo_file, zoo_entries
+    from dmlkd.checkpoints.zoo import BUILTIN_ENTRIES, HUB_TEACHERS, user_zoo_file, zoo_entries
 
     entries = zoo_entries()
     path = user_zoo_file()
@@ -120,11 +120,15 @@ def zoo_command(as_json: bool) -> None:
                     "user_file": str(path),
                     "user_file_exists": path.is_file(),
                     "entries": [e.to_dict() for e in entries],
+                    "hub_teachers": [t.to_dict() for t in HUB_TEACHERS],
                 },
                 indent=2,
             )
         )
         return
+    click.echo("Published timm teachers, used as is with --teacher/--src NAME (no head; revision not pinned):")
+    for teacher in HUB_TEACHERS:
+        click.echo(f"  {teacher.name:<46} {teacher.pooled_dim:>5}  {teacher.notes}")
     if not BUILTIN_ENTRIES:
         click.echo("The built-in zoo is empty: dmlkd has not published any checkpoints yet.")
     click.echo(f"User zoo file: {path}" + ("" if path.is_file() else " (not present)"))

@@ -140,6 +140,7 @@ def save_checkpoint(
     from dmlkd.config import to_dict
 
     files = {MODEL_FILE: model.state_dict()}
+    provenance = _with_timm_record(model, provenance)
     for name, tensors in (extra_tensors or {}).items():
         if not name.replace("_", "").isalnum():
             raise ValueError(f"extra tensor file name {name!r} must be alphanumeric")
@@ -163,6 +164,30 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     return write_folder_atomically(Path(directory), fill)
+
+
+def _with_timm_record(model: nn.Module, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Add ``provenance["timm"]`` (timm name, tag, version, weights source) for a timm-backed model."""
+    provenance = dict(provenance or {})
+    timm_record = getattr(getattr(model, "backbone", None), "timm_record", None)
+    if timm_record is not None:
+        provenance["timm"] = timm_record()
+    return provenance
+
+
+def is_timm_ref(ref: object) -> bool:
+    """Whether ``ref`` names a published timm model (``timm/NAME[.TAG][@REV][-0]``) rather than a folder."""
+    return isinstance(ref, str) and ref.startswith("timm/")
+
+
+def check_model_ref(ref: str | Path) -> None:
+    """Fail early with one line when ``ref`` is neither a checkpoint/run folder nor a reachable timm model."""
+    if is_timm_ref(ref):
+        from dmlkd.models.timm_backbone import check_hub_model_ref
+
+        check_hub_model_ref(str(ref))
+    else:
+        resolve_checkpoint_dir(ref)
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
@@ -334,7 +359,8 @@ def _looks_like_hub_id(ref: str | Path) -> bool:
 
 
 def resolve_checkpoint_dir(ref: str | Path) -> Path:
-    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, or ``hf://ORG/NAME[@REV]``.
+    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, ``hf://ORG/NAME[@REV]``, or a
+    published timm model ``timm/NAME[.TAG][@REV][-0]``.
 
     A Hub reference is downloaded (or read from the Hub cache) and its snapshot folder, named by the
     resolved commit sha, is returned (``dmlkd.checkpoints.hub.hub_provenance`` recovers repo and commit).
@@ -343,6 +369,10 @@ def resolve_checkpoint_dir(ref: str | Path) -> Path:
         from dmlkd.checkpoints.hub import resolve_hub_ref
 
         return resolve_hub_ref(ref)
+    if is_timm_ref(ref):  # a published timm model: written once as a checkpoint folder in the dmlkd cache
+        from dmlkd.models.timm_backbone import hub_model_folder
+
+        return hub_model_folder(str(ref))
     path = Path(ref)
     if (path / CONFIG_FILE).is_file():
         return path
@@ -358,9 +388,20 @@ def resolve_checkpoint_dir(ref: str | Path) -> Path:
 
 
 def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint folder and load its weights strictly; returns ``(model, record)``."""
+    """Rebuild the model from a checkpoint folder and load its weights strictly; returns ``(model, record)``.
+
+    ``ref`` may also name a published timm model, ``timm/NAME[.TAG][@REV][-0]``: it is built with its Hub
+    weights (``dmlkd.models.timm_backbone.load_hub_model``).
+    """
     from dmlkd.models import build_model
 
+    if is_timm_ref(ref):
+        from dmlkd.models.timm_backbone import load_hub_model
+        from dmlkd.student.embed import attach_embed_defaults
+
+        model, record = load_hub_model(str(ref))
+        attach_embed_defaults(model, record)  # embeds at the pretrained config's input size
+        return model.to(device).eval(), record
     directory = resolve_checkpoint_dir(ref)
     record = read_checkpoint_config(directory)
     model_config = _model_config(record, directory)
@@ -369,6 +410,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     model = build_model(_without_pretrained(model_config))
     state = read_tensors(directory, MODEL_FILE, record)
     load_state_strict(model, state, f"checkpoint {str(directory)!r}")
+    _restore_timm_record(model, record)
     from dmlkd.checkpoints.hub import hub_provenance
     from dmlkd.student.embed import attach_embed_defaults
 
@@ -377,6 +419,25 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
         record.setdefault("provenance", {})["hub"] = hub
     attach_embed_defaults(model, record)  # the image size `model.embed(...)` uses by default
     return model.to(device).eval(), record
+
+
+def _restore_timm_record(model: nn.Module, record: Mapping[str, Any]) -> None:
+    """Keep the weights' origin (Hub repo, commit, digest) of a timm backbone across save/load cycles."""
+    backbone = getattr(model, "backbone", None)
+    recorded = (record.get("provenance") or {}).get("timm")
+    if backbone is None or not hasattr(backbone, "timm_record") or not isinstance(recorded, dict):
+        return
+    backbone.weights = recorded.get("weights")
+    from dmlkd.models.timm_backbone import timm_version
+
+    if recorded.get("timm_version") not in (None, timm_version()):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "checkpoint was written with timm %s, this is timm %s (the weights loaded strictly)",
+            recorded.get("timm_version"),
+            timm_version(),
+        )
 
 
 def _without_pretrained(model_config: Any) -> Any:

@@ -74,6 +74,35 @@ class ZooEntry:
 BUILTIN_ENTRIES: tuple[ZooEntry, ...] = ()
 
 
+@dataclass(frozen=True)
+class HubTeacher:
+    """A published timm model that can serve as a frozen, head-less teacher as is (``--teacher NAME``).
+
+    Listed by name only: no revision is pinned, because none could be verified here (pin one yourself with
+    ``timm/NAME.TAG@<commit>``). ``pooled_dim`` is the width of timm's pooled pre-logits feature.
+    """
+
+    name: str
+    pooled_dim: int
+    notes: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Names as timm >= 1.0 registers them, each with Hub weights at ``hf_hub_id == name`` minus the ``timm/`` prefix
+# under the timm organisation (checked against the installed timm's registry by the tests, not downloaded).
+HUB_TEACHERS: tuple[HubTeacher, ...] = (
+    HubTeacher("timm/vit_small_patch14_dinov2.lvd142m", 384, "DINOv2 ViT-S/14, CLS token; trained at 518 px"),
+    HubTeacher("timm/vit_base_patch14_dinov2.lvd142m", 768, "DINOv2 ViT-B/14, CLS token; trained at 518 px"),
+    HubTeacher("timm/vit_small_patch14_reg4_dinov2.lvd142m", 384, "DINOv2 ViT-S/14 with 4 registers"),
+    HubTeacher("timm/vit_base_patch16_clip_224.openai", 768, "CLIP ViT-B/16 image tower, before the projection"),
+    HubTeacher("timm/vit_base_patch16_siglip_224.webli", 768, "SigLIP ViT-B/16 image tower, attention pooling"),
+    HubTeacher("timm/eva02_base_patch14_224.mim_in22k", 768, "EVA-02 B/14 (MIM on ImageNet-22k), mean pooling"),
+    HubTeacher("timm/convnext_base.fb_in22k", 1024, "ConvNeXt-B (ImageNet-22k), a CNN: FitNet/attention work"),
+)
+
+
 def user_zoo_file() -> Path:
     """The user's zoo file: ``$DMLKD_ZOO``, else ``$XDG_CONFIG_HOME/dmlkd/zoo.json`` or ``~/.config/...``."""
     named = os.environ.get(ZOO_ENV)

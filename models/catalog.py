@@ -31,3 +31,25 @@ def describe_architectures() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def describe_timm_model(arch: str) -> dict[str, Any]:
+    """Facts about one timm model (``timm/NAME[.TAG]``), built on the meta device: no memory, no download."""
+    from dmlkd.models.timm_backbone import TimmBackbone, default_timm_kwargs, pretrained_config
+
+    cfg = pretrained_config(arch)
+    with torch.device("meta"):
+        backbone = TimmBackbone(arch, pretrained=False, timm_kwargs=default_timm_kwargs(arch, {}))
+    pre = backbone.preprocessing
+    return {
+        "arch": arch,
+        "pretrained_tag": cfg.tag,
+        "hf_hub_id": cfg.hf_hub_id,
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "pooled_dim": int(backbone.pooled_dim),
+        "tap_kind": backbone.tap_kind,
+        "tap_channels": list(backbone.tap_channels),
+        "tap_strides": list(backbone.tap_strides),
+        "input": f"RGB 0-1, mean {list(pre.mean)}, std {list(pre.std)}, {pre.input_size} px, {pre.interpolation}, "
+        f"crop {pre.crop_pct}",
+    }

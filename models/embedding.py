@@ -55,15 +55,25 @@ class EmbeddingNet(nn.Module):
 
     def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
         super().__init__()
-        self.config = config
-        if backbone is None:
+        if backbone is None and config.is_timm:
+            from dmlkd.models.timm_backbone import build_timm_backbone
+
+            backbone, config = build_timm_backbone(config)
+        elif backbone is None:
             backbone = BACKBONES.build(config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum)
+        self.config = config
         self.backbone = backbone
-        self.embedding_dim = config.embedding_dim
         self.pooled_dim = backbone.out_channels
         self.tap_channels = backbone.tap_channels
-        self.embedding = nn.Linear(self.pooled_dim, self.embedding_dim)
-        init_head(self.embedding, config.head_init)
+        self.tap_strides = getattr(backbone, "tap_strides", None)
+        self.tap_kind = getattr(backbone, "tap_kind", "conv")
+        if config.embedding_dim == 0:  # no head (timm models): the pooled feature is the embedding
+            self.embedding_dim = self.pooled_dim
+            self.embedding: nn.Module = nn.Identity()
+        else:
+            self.embedding_dim = config.embedding_dim
+            self.embedding = nn.Linear(self.pooled_dim, self.embedding_dim)
+            init_head(self.embedding, config.head_init)
         prep = config.resolved_preprocessing()
         self.flip_to_bgr = prep.color_order == "BGR"
         self.value_range = float(prep.value_range)
@@ -93,12 +103,16 @@ class EmbeddingNet(nn.Module):
             problem = input_size_problem(self.config.arch, int(images.shape[-2]), int(images.shape[-1]))
             if problem:
                 raise ConfigError(f"{problem}; choose another image size (--image-size)")
-        maps = self.backbone(self.preprocess(images))
-        pooled = global_pool(maps[-1], self.config.pooling)
+        pool = getattr(self.backbone, "pooled_and_taps", None)
+        if pool is not None:  # timm backbones pool as their own head does
+            pooled, maps = pool(self.preprocess(images), with_features)
+        else:
+            maps = self.backbone(self.preprocess(images))
+            pooled = global_pool(maps[-1], self.config.pooling)
         embedding = self.embedding(pooled)
         if self.config.l2_norm:
             embedding = F.normalize(embedding, p=2, dim=1)
-        return ModelOutput(embedding=embedding, pooled=pooled, features=tuple(maps) if with_features else None)
+        return ModelOutput(embedding=embedding, pooled=pooled, features=tuple(maps) if with_features and maps else None)
 
     def embed(
         self,

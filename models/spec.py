@@ -1,15 +1,21 @@
-"""Model specifications (``resnet50-512``) and input preprocessing, torch-free.
+"""Model specifications (``resnet50-512``, ``timm/mobilenetv3_large_100-128``) and input preprocessing, torch-free.
 
 A spec names an architecture and an embedding dimension. Each architecture carries the preprocessing its
 ImageNet weights expect, so a teacher and a student with different conventions can be fed from the same
 batch of RGB images in [0, 1]: every model converts its own input (see ``EmbeddingNet``).
+
+timm models (the optional ``timm`` extra) are written ``timm/NAME[.TAG][@REVISION]-DIM``: ``NAME`` is a timm
+model name, ``TAG`` its pretrained tag (``vit_small_patch14_dinov2.lvd142m``), ``REVISION`` a Hub branch, tag
+or commit of the weights repository, and ``DIM`` the embedding size; ``DIM`` 0 means no embedding head (the
+model's pooled feature is the embedding). The ``timm/`` prefix keeps these apart from the ``ARCH-DIM`` specs
+of the built-in architectures; their preprocessing comes from the model's timm pretrained config.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from dmlkd.errors import ConfigError, ModelSpecError, choices
@@ -35,6 +41,11 @@ class Preprocessing:
     std: tuple[float, float, float]
     color_order: Literal["RGB", "BGR"] = "RGB"
     value_range: float = 1.0
+    # Recorded from a timm pretrained config (None for the built-in architectures): the input size the
+    # weights were trained at, the resize interpolation and the centre-crop fraction of the eval view.
+    input_size: int | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
 
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -117,27 +128,68 @@ def _check_fits(arch: str, embedding_dim: int, where: str) -> None:
         )
 
 
+TIMM_PREFIX = "timm/"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """An architecture name and an embedding dimension, written ``ARCH-DIM``."""
+    """An architecture name and an embedding dimension, written ``ARCH-DIM`` (``timm/NAME[.TAG][@REV]-DIM``)."""
 
     arch: str
     dim: int
+    revision: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.arch}-{self.dim}"
+        return f"{self.arch}{'@' + self.revision if self.revision else ''}-{self.dim}"
 
 
 _SPEC = re.compile(r"^(?P<arch>[a-z_0-9]+?)-(?P<dim>-?\d+)$")
+# A timm model name and optional pretrained tag (both as timm spells them), an optional Hub revision.
+_TIMM_ARCH = re.compile(r"^timm/(?P<name>[A-Za-z0-9_]+)(?:\.(?P<tag>[A-Za-z0-9_]+))?$")
+_TIMM_SPEC = re.compile(
+    r"^(?P<arch>timm/[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)(?:@(?P<revision>[A-Za-z0-9._/]+?))?(?:-(?P<dim>-?\d+))?$"
+)
+TIMM_SPEC_HELP = (
+    "timm/NAME[.TAG][@REVISION]-DIM such as timm/mobilenetv3_large_100-128 or "
+    "timm/vit_small_patch14_dinov2.lvd142m-0 (DIM 0: no head, the pooled feature is the embedding)"
+)
+
+
+def is_timm_arch(arch: str) -> bool:
+    """Whether ``arch`` names a timm model (``timm/NAME[.TAG]``)."""
+    return isinstance(arch, str) and arch.startswith(TIMM_PREFIX)
+
+
+def split_timm_arch(arch: str) -> tuple[str, str | None]:
+    """``timm/NAME.TAG`` -> ``(NAME, TAG)`` (TAG None when absent); a ``ModelSpecError`` if malformed."""
+    match = _TIMM_ARCH.match(arch)
+    if not match:
+        raise ModelSpecError(f"malformed timm model {arch!r}; expected {TIMM_SPEC_HELP}")
+    return match["name"], match["tag"]
+
+
+def parse_timm_spec(text: str, default_dim: int | None = None) -> ModelSpec:
+    """Parse ``timm/NAME[.TAG][@REVISION][-DIM]``; ``-DIM`` may be left out only when ``default_dim`` is given."""
+    match = _TIMM_SPEC.match(text.strip())
+    if not match:
+        raise ModelSpecError(f"malformed timm model spec {text!r}; expected {TIMM_SPEC_HELP}")
+    if match["dim"] is None and default_dim is None:
+        raise ModelSpecError(f"timm model spec {text!r} has no embedding dimension; expected {TIMM_SPEC_HELP}")
+    dim = int(match["dim"]) if match["dim"] is not None else int(default_dim)  # type: ignore[arg-type]
+    if dim < 0:
+        raise ModelSpecError(f"embedding dimension must be 0 (no head) or positive, got {dim} in {text!r}")
+    return ModelSpec(match["arch"], dim, match["revision"])
 
 
 def parse_spec(text: str) -> ModelSpec:
-    """Parse ``ARCH-DIM`` such as ``resnet18-128``; errors name the spec and the valid architectures."""
+    """Parse ``ARCH-DIM`` such as ``resnet18-128`` (or a ``timm/...-DIM`` spec); errors name the valid forms."""
+    if text.strip().startswith(TIMM_PREFIX):
+        return parse_timm_spec(text)
     match = _SPEC.match(text.strip())
     if not match:
         raise ModelSpecError(
             f"malformed model spec {text!r}; expected ARCH-DIM such as resnet50-512 "
-            f"with ARCH one of: {choices(ARCHITECTURES)}"
+            f"with ARCH one of: {choices(ARCHITECTURES)}, or {TIMM_SPEC_HELP}"
         )
     arch, dim = match["arch"], int(match["dim"])
     if arch not in ARCHITECTURES:
@@ -159,8 +211,9 @@ class ModelConfig:
     """Everything needed to build an ``EmbeddingNet``; JSON-round-trippable through ``dmlkd.config``.
 
     Attributes:
-        arch: backbone name, one of ``ARCHITECTURES``.
-        embedding_dim: output dimension ``D`` of the linear embedding head.
+        arch: backbone name, one of ``ARCHITECTURES``, or a timm model ``timm/NAME[.TAG]``.
+        embedding_dim: output dimension ``D`` of the linear embedding head; 0 (timm models only) means no
+            head: the embedding is the model's pooled feature.
         l2_norm: L2-normalise the embedding inside the model (the reference teachers do, students do not).
         head_init: ``orthogonal`` (LR students) or ``kaiming`` (normal, fan_out; PA teachers); bias 0.
         pooling: global pooling of the last map; ``avg+max`` is GAP + GMP summed (seed-spec §4).
@@ -169,7 +222,11 @@ class ModelConfig:
             instead of downloading, whatever ``pretrained`` says.
         bn_momentum: BatchNorm momentum in PyTorch semantics; None keeps the architecture default
             (0.9 for bn_inception, as the Caffe port has; 0.1 for torchvision nets).
-        preprocessing: input convention; None means ``DEFAULT_PREPROCESSING[arch]``.
+        preprocessing: input convention; None means ``DEFAULT_PREPROCESSING[arch]`` (for timm models: the
+            pretrained config's; a built timm model records it here, so checkpoints carry it).
+        revision: timm models: the Hub revision (branch, tag or commit) of the pretrained weights.
+        timm_kwargs: timm models: extra ``timm.create_model`` arguments (``{"img_size": 224}`` ...).
+        pooling: ignored for timm models, which pool as their own head does (CLS token for ViTs).
     """
 
     arch: str
@@ -181,13 +238,27 @@ class ModelConfig:
     weights_path: str | None = None
     bn_momentum: float | None = None
     preprocessing: Preprocessing | None = None
+    revision: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ModelSpecError(f"unknown architecture {self.arch!r}; choose from: {choices(ARCHITECTURES)}")
-        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim <= 0:
+        timm = is_timm_arch(self.arch)
+        if timm:
+            split_timm_arch(self.arch)
+        elif self.arch not in ARCHITECTURES:
+            raise ModelSpecError(
+                f"unknown architecture {self.arch!r}; choose from: {choices(ARCHITECTURES)}, or {TIMM_SPEC_HELP}"
+            )
+        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
             raise ModelSpecError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
-        _check_fits(self.arch, self.embedding_dim, f"model {self.arch}-{self.embedding_dim}")
+        if self.embedding_dim == 0 and not timm:
+            raise ModelSpecError(
+                f"embedding_dim must be a positive integer, got 0 (0, no head, is for timm models only: {self.arch!r})"
+            )
+        if not timm and (self.revision is not None or self.timm_kwargs):
+            raise ConfigError(f"model.revision and model.timm_kwargs apply to timm models only, not {self.arch!r}")
+        if not timm:
+            _check_fits(self.arch, self.embedding_dim, f"model {self.arch}-{self.embedding_dim}")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"model.head_init {self.head_init!r} is not valid; choose from: {choices(HEAD_INITS)}")
         if self.pooling not in POOLINGS:
@@ -201,20 +272,32 @@ class ModelConfig:
     def from_spec(cls, text: str, **overrides: Any) -> ModelConfig:
         """``ModelConfig.from_spec("resnet50-512", l2_norm=True)``; unknown options are a ``ConfigError``."""
         spec = parse_spec(text)
-        allowed = {field.name for field in fields(cls)} - {"arch", "embedding_dim"}
+        allowed = {item.name for item in fields(cls)} - {"arch", "embedding_dim"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
             raise ConfigError(f"unknown model option {unknown[0]!r}; valid options: {choices(allowed)}")
+        if spec.revision is not None:
+            overrides.setdefault("revision", spec.revision)
         return cls(arch=spec.arch, embedding_dim=spec.dim, **overrides)
 
     @property
     def spec(self) -> ModelSpec:
         """The ``ARCH-DIM`` spec of this model."""
-        return ModelSpec(self.arch, self.embedding_dim)
+        return ModelSpec(self.arch, self.embedding_dim, self.revision)
+
+    @property
+    def is_timm(self) -> bool:
+        return is_timm_arch(self.arch)
 
     def resolved_preprocessing(self) -> Preprocessing:
         """The preprocessing the model applies: the explicit one, else the architecture default."""
-        return self.preprocessing if self.preprocessing is not None else DEFAULT_PREPROCESSING[self.arch]
+        if self.preprocessing is not None:
+            return self.preprocessing
+        if self.is_timm:  # needs timm (and so torch); built timm models record theirs in ``preprocessing``
+            from dmlkd.models.timm_backbone import timm_preprocessing
+
+            return timm_preprocessing(self.arch)
+        return DEFAULT_PREPROCESSING[self.arch]
 
     def weights_source(self) -> bool | str:
         """What the backbone builder gets as ``pretrained``: the local path if given, else the flag."""
@@ -230,3 +313,7 @@ def _check_preprocessing(prep: Preprocessing) -> None:
         raise ConfigError(f"model.preprocessing.color_order {prep.color_order!r} is not valid; choose from: BGR, RGB")
     if prep.value_range <= 0:
         raise ConfigError(f"model.preprocessing.value_range must be positive, got {prep.value_range!r}")
+    if prep.input_size is not None and prep.input_size <= 0:
+        raise ConfigError(f"model.preprocessing.input_size must be positive, got {prep.input_size!r}")
+    if prep.crop_pct is not None and not 0 < prep.crop_pct <= 1:
+        raise ConfigError(f"model.preprocessing.crop_pct must lie in (0, 1], got {prep.crop_pct!r}")

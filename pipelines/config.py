@@ -77,8 +77,9 @@ class PipelineConfig:
 
 
 def src_is_spec(src: str) -> bool:
-    """Whether SRC names a model to train (or find in the zoo), not a checkpoint, run folder or Hub repository."""
-    return not (src.startswith("hf://") or Path(src).expanduser().exists())
+    """Whether SRC names a model to train (or find in the zoo), not a checkpoint, run folder, Hub repository or
+    published timm model (``timm/NAME[.TAG][@REV]``, used as is: stage 1 is skipped)."""
+    return not (src.startswith(("hf://", "timm/")) or Path(src).expanduser().exists())
 
 
 def split_sets(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:

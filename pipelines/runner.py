@@ -76,6 +76,10 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     from dmlkd.engine.distributed import call_on_main
 
     src = config.src
+    from dmlkd.checkpoints.io import is_timm_ref
+
+    if is_timm_ref(src):  # a published timm model, used as is (no head): stage 1 is skipped
+        return call_on_main(_save_hub_teacher, src, state.out / "teacher")
     if src.startswith("hf://") or Path(src).expanduser().exists():
         return call_on_main(resolve_checkpoint_dir, src if src.startswith("hf://") else Path(src).expanduser())
     from dmlkd.models.spec import parse_spec
@@ -95,6 +99,17 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
         result = _train_stage(run_dir, run_teacher, config.teacher, state)
         state.finish("teacher", run_dir=str(run_dir), seconds=round(result.fit.seconds, 1))
     return call_on_main(resolve_checkpoint_dir, run_dir)
+
+
+def _save_hub_teacher(src: str, folder: Path) -> Path:
+    """Write the published timm teacher ``src`` as a checkpoint folder (once; kept when a run resumes)."""
+    from dmlkd.checkpoints import read_checkpoint_config, save_checkpoint
+    from dmlkd.models.timm_backbone import load_hub_model
+
+    if (folder / "config.json").is_file() and read_checkpoint_config(folder)["provenance"].get("source") == src:
+        return folder
+    model, record = load_hub_model(src)
+    return save_checkpoint(folder, model, provenance=record["provenance"])
 
 
 def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineState) -> dict[str, Any]:
@@ -249,5 +264,9 @@ def validate_pipeline(config: PipelineConfig) -> None:
     from dmlkd.registry import DATASETS
 
     DATASETS.get(config.data.name)
+    from dmlkd.checkpoints.io import check_model_ref, is_timm_ref
+
+    if is_timm_ref(config.src):
+        check_model_ref(config.src)  # malformed, unknown or weights not reachable: one line, before training
     for method in config.methods:
         student_config(config, "teacher", method)

@@ -73,8 +73,8 @@ def _positive_int(value: Any) -> int | None:
 
 
 def recorded_image_size(record: dict[str, Any]) -> int | None:
-    """The input size a checkpoint record implies: its input record, an export's size, else the training or
-    eval image size of its config."""
+    """The input size a checkpoint record implies: its input record, an export's size, the training or eval
+    image size of its config, else the input size of a timm model's pretrained config."""
     provenance = record.get("provenance") or {}
     exported = provenance.get("export") or {}
     train_config = record.get("train_config") or {}
@@ -83,6 +83,7 @@ def recorded_image_size(record: dict[str, Any]) -> int | None:
         exported.get("image_size"),
         (train_config.get("eval") or {}).get("image_size"),
         (train_config.get("train") or {}).get("image_size"),
+        ((record.get("model") or {}).get("preprocessing") or {}).get("input_size"),  # timm pretrained config
     ):
         if _positive_int(value):
             return value

@@ -20,7 +20,12 @@ def teacher_group() -> None:
 
 
 @teacher_group.command("train")
-@click.option("--model", "model_spec", default=None, help="ARCH-DIM, e.g. resnet50-512 (see `dmlkd models`).")
+@click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="ARCH-DIM, e.g. resnet50-512 (see `dmlkd models`), or timm/NAME[.TAG]-DIM.",
+)
 @click.option(
     "--loss",
     default=None,
@@ -83,6 +88,7 @@ def train_command(
     shortcuts = {
         "model.arch": spec.arch if spec else None,
         "model.embedding_dim": spec.dim if spec else None,
+        "model.revision": spec.revision if spec else None,
         "loss.name": loss,
         "data.name": dataset,
         "data.root": data_root,

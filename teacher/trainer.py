@@ -198,7 +198,7 @@ def _train_teacher(
         )
         criterion = module.criterion
     else:
-        criterion = build_criterion(config, data.num_classes)
+        criterion = build_criterion(config, data.num_classes, model.embedding_dim)  # DIM 0: the pooled width
         module = TeacherModule(model, criterion, config.loss.name, views=config.train.views)
         groups = param_groups(module, config)
         loader_factory = epoch_aware(data.loader_factory, criterion, config.train.epochs)

@@ -42,16 +42,21 @@ class ModelInfo:
     pooled_dim: int
     tap_channels: tuple[int, ...]
     arch: str
+    tap_strides: tuple[int, ...] | None = None  # known for timm backbones (from feature_info)
+    tap_kind: str = "conv"  # "tokens": ViT patch tokens laid out as maps, not convolutional stage maps
 
     @classmethod
     def from_model(cls, model: Any) -> ModelInfo:
         """Describe an ``EmbeddingNet`` (anything with ``embedding_dim``, ``pooled_dim``, ``tap_channels``
         and ``config.arch``)."""
+        strides = getattr(model, "tap_strides", None)
         return cls(
             embedding_dim=int(model.embedding_dim),
             pooled_dim=int(model.pooled_dim),
             tap_channels=tuple(int(c) for c in model.tap_channels),
             arch=str(model.config.arch),
+            tap_strides=tuple(int(s) for s in strides) if strides else None,
+            tap_kind=str(getattr(model, "tap_kind", "conv")),
         )
 
 

@@ -17,8 +17,13 @@ SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repea
 
 def _transfer_options(function: Any) -> Any:
     options = [
-        click.option("--teacher", "teacher_ref", default=None, help="Teacher run or checkpoint folder (required)."),
-        click.option("--student", "student_spec", default=None, help="ARCH-DIM of the student, e.g. resnet18-128."),
+        click.option(
+            "--teacher",
+            "teacher_ref",
+            default=None,
+            help="Teacher run or checkpoint folder, or a published timm model timm/NAME[.TAG][@REV] (no head).",
+        ),
+        click.option("--student", "student_spec", default=None, help="ARCH-DIM (resnet18-128) or timm/NAME[.TAG]-DIM."),
         click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs."),
         click.option("--data-root", default=None, help="Dataset folder (or CSV file)."),
         click.option(
@@ -70,6 +75,7 @@ def resolve_command_config(
         "teacher.cache_refresh_epochs": params.pop("cache_refresh_epochs"),
         "student.arch": spec.arch if spec else None,
         "student.embedding_dim": spec.dim if spec else None,
+        "student.revision": spec.revision if spec else None,
         "method.name": method,
         "data.name": params.pop("dataset"),
         "data.root": params.pop("data_root"),

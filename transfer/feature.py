@@ -30,7 +30,7 @@ TAP_STRIDES: dict[str, tuple[int, ...]] = {
 
 
 def _fitting_students(teacher: ModelInfo) -> str:
-    strides = TAP_STRIDES.get(teacher.arch)
+    strides = teacher.tap_strides or TAP_STRIDES.get(teacher.arch)
     fits = sorted(arch for arch, other in TAP_STRIDES.items() if strides is not None and other == strides)
     if fits:
         return f"students that fit teacher {teacher.arch}: {', '.join(fits)}"
@@ -45,8 +45,16 @@ def check_tap_fit(method: str, student: ModelInfo, teacher: ModelInfo) -> None:
 
     Tap counts are compared always, strides when both architectures are in :data:`TAP_STRIDES`.
     """
-    student_strides = TAP_STRIDES.get(student.arch)
-    teacher_strides = TAP_STRIDES.get(teacher.arch)
+    tokens = [f"{side} {info.arch}" for side, info in (("student", student), ("teacher", teacher))]
+    tokens = [name for name, info in zip(tokens, (student, teacher)) if info.tap_kind == "tokens"]
+    if tokens:
+        raise ConfigError(
+            f"{method} pairs convolutional stage maps, but {' and '.join(tokens)} gives ViT token maps (one "
+            "stride for every block); use a CNN on both sides or a method without feature maps "
+            "(relaxed_contrastive, rkd, pkt, ...)"
+        )
+    student_strides = student.tap_strides or TAP_STRIDES.get(student.arch)
+    teacher_strides = teacher.tap_strides or TAP_STRIDES.get(teacher.arch)
     count_differs = len(student.tap_channels) != len(teacher.tap_channels)
     stride_differs = None not in (student_strides, teacher_strides) and student_strides != teacher_strides
     if count_differs or stride_differs:

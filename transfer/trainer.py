@@ -101,12 +101,12 @@ def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[s
 
 def check_transfer_config(config: TransferConfig) -> str:
     """Checks made before the run folder exists (method, teacher mode, teacher folder); returns the mode."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
+    from dmlkd.checkpoints.io import check_model_ref
 
     mode = resolve_mode(config.teacher.mode, TRANSFER_METHODS.get(config.method.name))
     if not config.teacher.ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
-    resolve_checkpoint_dir(config.teacher.ref)
+    check_model_ref(config.teacher.ref)  # a folder, or a published timm model timm/NAME[.TAG][-0]
     if config.transfer_set:
         from dmlkd.transfer.transfer_set import check_transfer_set_options, read_transfer_set
 
@@ -131,14 +131,15 @@ def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[
 
 def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
     """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
-    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
+    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import is_timm_ref, resolve_checkpoint_dir
 
     if not ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
     teacher, record = load_checkpoint(ref)
     teacher.requires_grad_(False)
     digest = record["files"]["model.safetensors"]
-    log.info("teacher %s (%s)", resolve_checkpoint_dir(ref), digest[:12])
+    log.info("teacher %s (%s)", ref if is_timm_ref(ref) else resolve_checkpoint_dir(ref), digest[:12])
     return teacher, record, digest
 
 
