@@ -309,9 +309,13 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
 def _check_cache_folder(folder: Path) -> None:
     import tempfile
 
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # nothing is created before it is needed
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as error:
         raise ConfigError(
