@@ -258,14 +258,15 @@ class TransferResult:
 
 
 def build_method(
-    config: TransferConfig, student: nn.Module, teacher: nn.Module, splits: DatasetSplits, num_classes: int
+    config: TransferConfig, student: Any, teacher: Any, splits: DatasetSplits, num_classes: int
 ) -> nn.Module:
+    """The configured method for ``student`` and ``teacher`` (models, or their ``ModelInfo``)."""
     from dmlkd.transfer.base import ModelInfo
 
     factory = TRANSFER_METHODS.get(config.method.name)
     method = factory(
-        student=ModelInfo.from_model(student),
-        teacher=ModelInfo.from_model(teacher),
+        student=student if isinstance(student, ModelInfo) else ModelInfo.from_model(student),
+        teacher=teacher if isinstance(teacher, ModelInfo) else ModelInfo.from_model(teacher),
         num_classes=num_classes,
         num_train=len(splits.train),
         num_views=config.train.views,
@@ -299,8 +300,12 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
     record = read_checkpoint_config(resolve_checkpoint_dir(config.teacher.ref))
     teacher_config = from_dict(ModelConfig, {**record.get("model", {}), "pretrained": False})
     student_config = from_dict(ModelConfig, {**to_dict(config.student), "pretrained": False})
+    from dmlkd.transfer.base import ModelInfo
+
     with torch.device("meta"):  # shapes only: no weights are allocated or downloaded
-        build_method(config, build_model(student_config), build_model(teacher_config), splits, data.num_classes)
+        student_info = ModelInfo.from_model(build_model(student_config))
+        teacher_info = ModelInfo.from_model(build_model(teacher_config))
+    build_method(config, student_info, teacher_info, splits, data.num_classes)  # the method's fit and options
     if mode != "online":
         _check_cache_folder(_cache_folder(config))
     return PreparedTransfer(config, splits, bad)
