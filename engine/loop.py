@@ -33,6 +33,7 @@ from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
+from dmlkd.engine.memory_format import use_channels_last
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.errors import ConfigError, DmlkdError, Interrupted
@@ -193,6 +194,7 @@ def fit(stage: Stage, optim: OptimConfig, train: TrainConfig, run_dir: Path, res
     device = accelerator.device
     if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
         dist_utils.convert_sync_batchnorm(stage.module, device)
+    use_channels_last(stage.module, train.mixed_precision, device)
     optimizer = build_optimizer(stage.param_groups, optim)
     scheduler = build_scheduler(optimizer, optim, train.epochs)
     progress = Progress()
