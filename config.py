@@ -364,6 +364,9 @@ class TrainConfig:
     eval_at_start: bool = False  # also evaluate the untrained network (epoch 0) for comparison
     on_nonfinite: typing.Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the step
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU/NCCL only)
+    # Training views: "reduced" = uint8 views, JPEGs decoded at reduced size where the crop allows it (the
+    # default); "baseline" = full decode, float32 views made in the workers (the previous path).
+    data_path: typing.Literal["reduced", "baseline"] = "reduced"
     # torch.use_deterministic_algorithms(True) (+ cuDNN/cuBLAS settings on a GPU): slower, reproducible on GPUs
     deterministic: bool = False
     # A finished run deletes its resumable state/ (model, optimiser and RNG: as large as two checkpoints);

@@ -61,8 +61,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class ImageSource:
+    """One image, opened but possibly not yet decoded: ``size`` is known, ``decode(scale)`` gives the pixels.
+
+    ``decode(scale)`` returns ``(image, actual)``: the RGB image decoded at ``1 / actual`` of its size on each
+    axis (``ceil(W / actual)`` x ``ceil(H / actual)``), where ``actual`` is ``scale`` when the format can
+    decode at reduced size (JPEG DCT scaling by 2, 4 or 8) and 1 otherwise. This base class holds an already
+    decoded image and always answers ``actual = 1``.
+    """
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+        self.size = image.size
+
+    def decode(self, scale: int = 1) -> tuple[Image.Image, int]:
+        return self.image, 1
+
+
 class ImageCollection:
-    """A labelled, indexable set of images. Subclasses implement ``load``."""
+    """A labelled, indexable set of images. Subclasses implement ``load`` (and may override ``open``)."""
 
     def __init__(self, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
         if len(identifiers) != len(labels):
@@ -76,6 +93,10 @@ class ImageCollection:
     def load(self, index: int) -> Image.Image:
         """The RGB image at ``index``; a corrupt or unreadable file is a ``DataError`` naming it."""
         raise NotImplementedError
+
+    def open(self, index: int) -> ImageSource:
+        """The image at ``index`` as an ``ImageSource`` (JPEG files: header read, pixels decoded on demand)."""
+        return ImageSource(self.load(index))
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +124,11 @@ class FileImageCollection(ImageCollection):
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read image {str(path)!r}: {error}; fix or remove the file") from None
 
+    def open(self, index: int) -> ImageSource:
+        from dmlkd.data.decode import open_image_file
+
+        return open_image_file(self.path(index))
+
 
 class ArrayImageCollection(ImageCollection):
     """Images held in memory as a ``(N, H, W)`` or ``(N, H, W, 3)`` uint8 array."""
@@ -125,6 +151,9 @@ class Subset(ImageCollection):
 
     def load(self, index: int) -> Image.Image:
         return self.base.load(self.positions[index])
+
+    def open(self, index: int) -> ImageSource:
+        return self.base.open(self.positions[index])
 
 
 @dataclass

@@ -9,6 +9,17 @@ Randomness is a pure function of integer keys, never of worker scheduling or of 
 Train views follow torchvision ``RandomResizedCrop`` (scale, ratio, bilinear) + ``RandomHorizontalFlip`` +
 ``ToTensor``; the eval view is ``Resize(round(size * 256 / 224))`` + ``CenterCrop(size)`` + ``ToTensor``.
 Tensors are float RGB in [0, 1]; normalisation belongs to the model's preprocessing.
+
+Training views take one of two data paths (``TrainDataset.data_path``, config ``train.data_path``):
+
+* ``"reduced"`` (default): each view decodes its JPEG at the smallest DCT scale ``1/s`` (s = 1, 2, 4, 8) that
+  still leaves at least ``size`` pixels on the crop's shorter side (``view_reduction``), and its crop box,
+  given in source pixels, is mapped exactly to the reduced image (``x / s``). The scale depends on the view's
+  own parameters only, so a replayed view has the same pixels in the teacher cache and in training. Views
+  are **uint8** ``(3, S, S)`` tensors laid out channels-last (HWC storage); the model converts them to float
+  [0, 1] on its device (``x.float() / 255``, the same values ``ToTensor`` gives), so workers send a quarter
+  of the bytes.
+* ``"baseline"``: the previous path (full decode, float32 tensors built in the worker), kept for comparison.
 """
 
 from __future__ import annotations
@@ -148,6 +159,49 @@ def apply_view(image: Image.Image, params: ViewParams, size: int) -> Tensor:
     return _to_tensor(view)
 
 
+def view_reduction(params: ViewParams, size: int) -> int:
+    """The largest decode scale ``s`` in 1, 2, 4, 8 at which the crop keeps ``>= size`` px on its shorter side.
+
+    Such a view is resized down from the reduced image, never up from it, so it stays within interpolation
+    tolerance of the full-size decode (a crop of at least ``2 * size`` px per side is needed for ``s = 2``).
+    """
+    scale = 1
+    while scale < 8 and min(params.width, params.height) >= 2 * scale * size:
+        scale *= 2
+    return scale
+
+
+def render_view(image: Image.Image, scale: int, params: ViewParams, size: int) -> np.ndarray:
+    """The view ``params`` (source-pixel box) of an image decoded at ``1/scale``, as ``(S, S, 3)`` uint8.
+
+    At ``scale == 1`` this is exactly ``apply_view`` (before the float conversion).
+    """
+    box = (params.left, params.top, params.left + params.width, params.top + params.height)
+    if scale == 1:
+        view = image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
+    else:  # a fractional box: PIL resamples the exact source region of the reduced image
+        view = image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(value / scale for value in box))
+    if params.flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    from dmlkd.data.decode import as_uint8_array
+
+    return as_uint8_array(view)
+
+
+def render_views(source, params: Sequence[ViewParams], size: int) -> Tensor:
+    """``(V, 3, S, S)`` uint8 views of an ``ImageSource`` (channels-last strides), each decoded at its own
+    ``view_reduction`` scale; a scale several views share is decoded once."""
+    decoded: dict[int, tuple[Image.Image, int]] = {}
+    arrays = []
+    for view in params:
+        scale = view_reduction(view, size)
+        if scale not in decoded:
+            decoded[scale] = source.decode(scale)
+        image, actual = decoded[scale]
+        arrays.append(render_view(image, actual, view, size))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
 def eval_view(image: Image.Image, size: int, resize_ratio: float | None = 256 / 224) -> Tensor:
     """Resize the shorter side to ``round(size * resize_ratio)`` (bilinear), centre-crop ``size``.
 
@@ -200,12 +254,18 @@ def _check_scale_ratio(scale: tuple[float, float], ratio: tuple[float, float], f
         )
 
 
+DATA_PATHS = ("reduced", "baseline")
+
+
 class TrainDataset(Dataset):
     """Training views of a collection, keyed by the ``(index, draw)`` pairs a batch sampler yields.
 
     ``__getitem__((index, draw))`` returns ``(views (V, 3, S, S), label, index, replay_k (V,))``;
-    ``replay_k`` holds the replayed parameter set of each view, or -1 when ``replay`` is None.
+    ``replay_k`` holds the replayed parameter set of each view, or -1 when ``replay`` is None. Views are uint8
+    (``data_path = "reduced"``, the default) or float in [0, 1] (``"baseline"``); see the module docstring.
     """
+
+    data_path = "reduced"
 
     def __init__(
         self,
@@ -246,13 +306,18 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int, Tensor]:
         index, draw = (int(part) for part in key)
+        label = int(self.collection.labels[index])
+        if self.data_path == "reduced":
+            source = self.collection.open(index)
+            chosen = [self.view_params(index, draw, view, *source.size) for view in range(self.views)]
+            views = render_views(source, [params for params, _ in chosen], self.image_size)
+            return views, label, index, torch.tensor([k for _, k in chosen], dtype=torch.long)
         image = self.collection.load(index)
         tensors, ks = [], []
         for view in range(self.views):
             params, k = self.view_params(index, draw, view, *image.size)
             tensors.append(apply_view(image, params, self.image_size))
             ks.append(k)
-        label = int(self.collection.labels[index])
         return torch.stack(tensors), label, index, torch.tensor(ks, dtype=torch.long)
 
 
@@ -284,12 +349,17 @@ def collate_views(items: Sequence[tuple[Tensor, int, int, Tensor]]) -> tuple[Bat
         ``Batch`` with ``images (V*B, 3, S, S)`` where row ``i + v*B`` is view ``v`` of item ``i``, and
         ``labels``/``indices (V*B,)`` repeated the same way; ``replay_k (V*B,)`` long, -1 without replay.
     """
-    views = torch.stack([item[0] for item in items], dim=1)  # (V, B, 3, S, S)
+    if items[0][0].dtype == torch.uint8:  # channels-last views: stack the HWC storage, a plain copy
+        stacked = torch.stack([item[0].permute(0, 2, 3, 1) for item in items], dim=1)  # (V, B, S, S, 3)
+        views = stacked.permute(0, 1, 4, 2, 3)
+    else:
+        views = torch.stack([item[0] for item in items], dim=1)  # (V, B, 3, S, S)
     count = views.shape[0]
     labels = torch.tensor([item[1] for item in items], dtype=torch.long).repeat(count)
     indices = torch.tensor([item[2] for item in items], dtype=torch.long).repeat(count)
     replay_k = torch.stack([item[3] for item in items], dim=1).reshape(-1)
-    return Batch(views.reshape(-1, *views.shape[2:]), labels, indices), replay_k
+    images = views.flatten(0, 1)  # a view for both layouts: V and B are the outer dimensions
+    return Batch(images, labels, indices), replay_k
 
 
 def collate_eval(items: Sequence[tuple[Tensor, int, int]]) -> Batch:

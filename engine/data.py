@@ -60,6 +60,13 @@ def _num_classes(labels: Any) -> int:
     return len(classes)
 
 
+def _pin_memory(train: TrainConfig) -> bool:
+    """Pinned host batches (asynchronous copies) whenever the run trains on CUDA."""
+    from dmlkd.engine.evaluate import resolve_device
+
+    return resolve_device(train.device).type == "cuda"
+
+
 def build_train_data(
     splits: DatasetSplits, train: TrainConfig, replay: Any = None, rank: int = 0, world_size: int = 1
 ) -> TrainData:
@@ -85,6 +92,7 @@ def build_train_data(
         flip_p=views.flip_p,
         replay=replay,
     )
+    dataset.data_path = train.data_path  # "reduced" (uint8, reduced-size JPEG decode) or "baseline"
     if train.ipc is not None:
         sampler = ClassBalancedBatchSampler(
             collection.labels,
@@ -100,7 +108,7 @@ def build_train_data(
             len(collection), train.batch_size, seed=train.seed, rank=rank, world_size=world_size
         )
 
-    loader = make_train_loader(dataset, sampler, num_workers=train.num_workers)
+    loader = make_train_loader(dataset, sampler, num_workers=train.num_workers, pin_memory=_pin_memory(train))
 
     def loader_factory(epoch: int, start_batch: int) -> Iterable[Any]:
         # The batch sampler runs in the main process, so one loader (and its workers) serves every epoch.

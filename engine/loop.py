@@ -34,6 +34,7 @@ from dmlkd.data.base import DatasetSplits
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine import tracking
 from dmlkd.engine.evaluate import evaluate_model, resolve_device
+from dmlkd.engine.memory_format import use_channels_last
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.engine.tracking import Watcher
@@ -250,6 +251,7 @@ def fit(
     device = accelerator.device
     if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
         dist_utils.convert_sync_batchnorm(stage.module, device)
+    use_channels_last(stage.module, train.mixed_precision, device)
     optimizer = build_optimizer(stage.param_groups, optim)
     scheduler = build_scheduler(optimizer, optim, train.epochs)
     progress = Progress()

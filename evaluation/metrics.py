@@ -34,7 +34,7 @@ from torch import Tensor
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.evaluation.kmeans import kmeans
 from dmlkd.evaluation.knn import as_embeddings, check_metric, iter_knn, prepare, resolve_backend
-from dmlkd.evaluation.ranks import chunk_stats, counted_retrieval_stats, search_depth
+from dmlkd.evaluation.ranks import ClassMembers, chunk_stats, counted_retrieval_stats, search_depth
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,11 @@ def retrieval_metrics(
     query_labels = _as_labels(labels, queries.shape[0]).to(queries.device)
     gallery, gallery_labels = _gallery_side(queries, query_labels, gallery, gallery_labels)
     leave_one_out = gallery is None
-    positives = count_positives(query_labels, gallery_labels, leave_one_out)
+    if resolve_backend(backend) == "torch":  # the counting path needs each class's gallery columns anyway
+        members = ClassMembers(query_labels, gallery_labels)
+        positives = members.positives(leave_one_out)
+    else:
+        members, positives = None, count_positives(query_labels, gallery_labels, leave_one_out)
     available = gallery_labels.shape[0] - int(leave_one_out)
     if available < 1:
         raise DataError("retrieval needs at least 2 embeddings (or a non-empty gallery)")
@@ -117,7 +121,7 @@ def retrieval_metrics(
         prepared = prepare(queries, metric)
         gallery = None if leave_one_out else prepare(gallery, metric).to(dtype=prepared.dtype)
         first_hit, ap = counted_retrieval_stats(
-            prepared, query_labels, gallery, gallery_labels, positives, depth, max(ks), metric, max_bytes
+            prepared, query_labels, gallery, gallery_labels, positives, depth, max(ks), metric, max_bytes, members
         )
     else:
         first_hit, ap = _topk_retrieval_stats(

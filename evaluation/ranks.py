@@ -71,6 +71,10 @@ class ClassMembers:
         self.counts = torch.bincount(gallery_class, minlength=int(inverse.max()) + 1)
         self.starts = self.counts.cumsum(0) - self.counts
 
+    def positives(self, leave_one_out: bool) -> Tensor:
+        """``R`` per query (as ``dmlkd.evaluation.metrics.count_positives``), ``(N,)`` int64."""
+        return self.counts[self.query_class] - int(leave_one_out)
+
     def columns(self, rows: Tensor, leave_one_out: bool) -> tuple[Tensor, Tensor]:
         """``(members, valid)``, each ``(len(rows), width)``: the positives' columns of the given query rows."""
         cls = self.query_class[rows]
@@ -117,6 +121,7 @@ def counted_retrieval_stats(
     max_k: int,
     metric: str,
     max_bytes: int | None = None,
+    members: ClassMembers | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(rank of the best positive, AP@R)`` per query, each ``(N,)``.
 
@@ -129,7 +134,7 @@ def counted_retrieval_stats(
     leave_one_out = gallery is None
     num_gallery = gallery_labels.shape[0]
     available = num_gallery - int(leave_one_out)
-    members = ClassMembers(query_labels, gallery_labels)
+    members = ClassMembers(query_labels, gallery_labels) if members is None else members
     budget = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
     per_row = num_gallery * (3 * queries.element_size() + 12) + 48 * depth
     rows = max(1, budget // per_row)

@@ -80,10 +80,20 @@ class EmbeddingNet(nn.Module):
         self.register_buffer("input_mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
 
+    # ``torch.channels_last`` once ``dmlkd.engine.memory_format.use_channels_last`` converted the model.
+    input_memory_format = torch.contiguous_format
+
     def preprocess(self, images: Tensor) -> Tensor:
-        """Convert RGB ``(B, 3, H, W)`` in [0, 1] to this backbone's input convention."""
+        """Convert RGB ``(B, 3, H, W)`` in [0, 1] (float) or 0..255 (uint8) to this backbone's input convention.
+
+        uint8 batches (the training loader's) become float here, on the model's device, with the same values as
+        ``ToTensor`` (``x.float() / 255``); the result has the model's input memory format.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32).div(255)
+        images = images.contiguous(memory_format=self.input_memory_format)
         if self.flip_to_bgr:
             images = images.flip(1)
         return (images * self.value_range - self.input_mean) / self.input_std

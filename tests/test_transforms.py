@@ -142,7 +142,8 @@ def test_train_views_depend_only_on_seed_draw_view(collection):
     assert not torch.equal(views, dataset[(4, 1001)][0])
     assert not torch.equal(views, TrainDataset(collection, 16, views=2, seed=8, scale=(0.3, 1.0))[(4, 1000)][0])
     params = sample_view_params(view_generator(7, 1000, 1), 24, 20, (0.3, 1.0))
-    assert torch.equal(views[1], apply_view(collection.load(4), params, 16))
+    assert views.dtype == torch.uint8  # converted to float on the model's device (x / 255, as ToTensor)
+    assert torch.equal(views[1].float().div(255), apply_view(collection.load(4), params, 16))
 
 
 def test_replayed_views_equal_direct_apply_of_stored_params(collection):
@@ -156,7 +157,7 @@ def test_replayed_views_equal_direct_apply_of_stored_params(collection):
             assert 0 <= k < 3
             seen.add(k)
             stored = replay_view_params(replay, index, k, 24, 20)
-            assert torch.equal(views[view], apply_view(collection.load(index), stored, 12))
+            assert torch.equal(views[view].float().div(255), apply_view(collection.load(index), stored, 12))
     assert seen == {0, 1, 2}
     batch_keys = keys[:4]
     expected = [(i, int(dataset[(i, d)][3][v])) for v in range(2) for i, d in batch_keys]

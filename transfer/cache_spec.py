@@ -113,6 +113,7 @@ def key_parts(
     ``index_folder`` holds the file-hash side index that makes recomputing it cheap.
     """
     from dmlkd import __version__
+    from dmlkd.data.decode import decoder_name
     from dmlkd.transfer.cache_content import images_digest as digest_images
 
     if not isinstance(collection, ImageCollection):
@@ -126,6 +127,7 @@ def key_parts(
         "dmlkd_version": __version__,
         "torch_version": torch.__version__,
         "pillow_version": PIL.__version__,
+        "jpeg_decoder": decoder_name(),
     }
 
 

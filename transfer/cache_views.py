@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dmlkd.data.base import ImageCollection
-from dmlkd.data.transforms import apply_view, eval_view, replay_view_params
+from dmlkd.data.transforms import eval_view, render_views, replay_view_params
 from dmlkd.engine.distributed import gather_uneven, rank, shard_batches, world_size
 from dmlkd.errors import DataError
 from dmlkd.transfer.cache_spec import CacheSpec
@@ -33,14 +33,16 @@ class CacheViewDataset(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Tensor, int]:
         spec, index = self.spec, self.start + item
-        image = self.collection.load(index)
         if spec.mode == "clean":
+            image = self.collection.load(index)
             return eval_view(image, spec.image_size, spec.eval_resize_ratio).unsqueeze(0), item
-        views = []
-        for k in range(spec.first_set, spec.first_set + spec.num_sets):
-            params = replay_view_params(spec.replay, index, k, *image.size, spec.scale, spec.ratio, spec.flip_p)
-            views.append(apply_view(image, params, spec.image_size))
-        return torch.stack(views), item
+        # The training path's own view rendering (uint8, per-view decode scale), so replayed views are exact.
+        source = self.collection.open(index)
+        params = [
+            replay_view_params(spec.replay, index, k, *source.size, spec.scale, spec.ratio, spec.flip_p)
+            for k in range(spec.first_set, spec.first_set + spec.num_sets)
+        ]
+        return render_views(source, params, spec.image_size), item
 
 
 @contextlib.contextmanager
