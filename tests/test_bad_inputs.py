@@ -575,9 +575,9 @@ def _data(fixtures: Path) -> dict[str, Path]:
 def _resume_states(fixtures: Path) -> dict[str, Path]:
     """A one-step teacher run with a saved state, and copies with a damaged state or config."""
     run = fixtures / "resume_good"
-    result = CliRunner().invoke(
-        cli_main, ["teacher", "train", "--out", str(run), *TEACHER_TINY, "--save-every", "1", "--set", "eval.nmi=false"]
-    )
+    args = ["teacher", "train", "--out", str(run), *TEACHER_TINY, "--save-every", "1", "--set", "eval.nmi=false"]
+    args += ["--set", "train.keep_state=true"]  # a finished run keeps its state only when asked
+    result = CliRunner().invoke(cli_main, args)
     assert result.exit_code == 0, result.output
     assert (run / "state" / "progress.json").is_file()
     paths = {}
