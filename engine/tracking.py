@@ -202,7 +202,8 @@ class Watcher:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{first_lr:.2e}", img_s=f"{throughput:.0f}")
             self.bar.update(1)
         elif self.log_every and (step % self.log_every == 0 or step == self.total):
-            others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss")
+            terms = {k: v for k, v in values.items() if k != "loss"}
+            others = ", ".join(f"{k} {v:.4f}" for k, v in terms.items()) if len(terms) > 1 else ""
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.first_step, 1) * (self.total - step)
             self.log.info(

@@ -207,7 +207,7 @@ def search_command(
     for path in result["skipped"]:
         click.echo(f"skipped unreadable image {path}", err=True)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     click.echo(format_results(result))
     for key in ("grid", "html"):

@@ -127,7 +127,7 @@ def _from_export(ref: str, folder: Path, record: dict[str, Any], device: str) ->
         fixed_size=True,
         spec=str(source.get("spec", "")),
         normalized=bool(record.get("normalize") or record.get("output", {}).get("l2_normalized")),
-        checkpoint=str(folder),
+        checkpoint=str(folder.resolve()),
         run=run,
     )
 
@@ -154,7 +154,7 @@ def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
         fixed_size=False,
         spec=str(model.config.spec),
         normalized=bool(model.config.l2_norm),
-        checkpoint=str(folder),
+        checkpoint=str(folder.resolve()),
         run=run,
         resize_ratio=recorded_resize_ratio(record),
     )

@@ -105,6 +105,14 @@ def embed_gallery(
     return Gallery(embeddings, [str(p) for p in kept], meta, ", ".join(str(s) for s in sources), skipped)
 
 
+def _recorded_model(meta: dict[str, Any]) -> str | None:
+    """The model an embeddings file names: its ``hf://`` or still existing reference, else the absolute folder."""
+    ref = meta.get("model_ref")
+    if ref and (str(ref).startswith("hf://") or Path(ref).exists()):
+        return str(ref)
+    return meta.get("checkpoint") or ref
+
+
 def folder_label(path: str) -> str:
     """The class of an image laid out as ``<class>/<image>``: its parent folder's name."""
     return Path(path).parent.name
@@ -177,7 +185,7 @@ def search_images(
     from_file = len(sources) == 1 and is_embeddings_file(sources[0])
     if from_file:
         loaded = load_gallery_file(sources[0])
-        ref = model or loaded.meta.get("model_ref") or loaded.meta.get("checkpoint")
+        ref = model or _recorded_model(loaded.meta)
         if not ref:
             raise DataError(f"embeddings file {str(sources[0])!r} does not name its model; pass --model")
         embedder = load_embedder(ref, device=device)

@@ -242,3 +242,14 @@ def test_search_html_page_is_self_contained_and_renders_in_chromium(setup: dict,
     kept = artefacts / "search-page.png"
     shutil.copyfile(screenshot, kept)
     print(f"\nsearch page screenshot: {kept} (and {screenshot})")
+
+
+def test_embeddings_file_made_with_a_relative_ref_is_searchable_from_elsewhere(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(setup["root"])
+    made = tmp_path / "relative.safetensors"
+    assert _invoke("embed", "ckpt", "photos/red", "--out", made, "--device", "cpu").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    result = _search_json(setup["root"] / "photos" / "red" / "red0.png", "--gallery", made, "-k", "2")
+    assert result["model"]["checkpoint"] == str(setup["checkpoint"].resolve())
