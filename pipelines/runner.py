@@ -70,6 +70,15 @@ def _train_stage(run_dir: Path, run: Callable[..., Any], config: Any, state: Pip
     return run(config, run_dir, resume=resume, given=given, on_saved=state.saved)
 
 
+def _header(text: str) -> None:
+    """A stage header on stdout (main process): what the pipeline is doing now, also under nohup."""
+    from dmlkd.engine.distributed import is_main
+    from dmlkd.engine.tracking import progress_logger
+
+    if is_main():
+        progress_logger().info("== pipeline: %s", text)
+
+
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
     from dmlkd.checkpoints import resolve_checkpoint_dir
@@ -95,6 +104,8 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     if not state.done("teacher"):
         from dmlkd.teacher.trainer import run_teacher
 
+        _header(f"teacher: training {src} on {config.data.name} into {run_dir}")
+
         assert config.teacher is not None  # a model spec SRC always has a teacher config
         result = _train_stage(run_dir, run_teacher, config.teacher, state)
         state.finish("teacher", run_dir=str(run_dir), seconds=round(result.fit.seconds, 1))
@@ -118,6 +129,7 @@ def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineStat
 
     if (done := state.done("teacher_check")) is not None:
         return done
+    _header(f"teacher check: re-evaluating {teacher_dir} on {config.data.name}")
     info = call_on_main(_measure_teacher, config, teacher_dir)
     state.finish("teacher_check", **info)
     return info
@@ -165,6 +177,7 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
     for method in config.methods:
         run_dir = state.out / "students" / method
         if not state.done(f"student:{method}"):
+            _header(f"student {config.methods.index(method) + 1}/{len(config.methods)}: {config.dst} with {method}")
             result = _train_stage(run_dir, run_transfer, student_config(config, teacher_dir, method), state)
             state.finish(
                 f"student:{method}",
@@ -184,6 +197,7 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
     for method, run_dir in zip(config.methods, run_dirs):
         target = state.out / "exports" / method
         if not state.done(f"export:{method}"):
+            _header(f"export: {method} as {config.export_format} into {target}")
             call_on_main(export_model, str(run_dir), target, config.export_format, overwrite=True)
             state.finish(f"export:{method}", path=str(target), format=config.export_format)
         exported.append(target)
@@ -192,6 +206,8 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
 
 def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
     from dmlkd.engine.distributed import call_on_main
+
+    _header(f"report: evaluating the teacher and {len(run_dirs)} student(s), writing {state.out / 'report.md'}")
 
     results = call_on_main(_write_report, config, teacher_dir, run_dirs, state)
     state.finish("report", path=str(state.out / "report.md"))
