@@ -14,8 +14,8 @@ every seed, the same student recipe trained with each teacher variant:
   image every ``E`` epochs, at ``N*K`` teacher passes per refresh.
 
 Each run is a fresh ``dmlkd transfer train`` process (relaxed contrastive, the demo transfer recipe with the
-epochs, classes and image size given here; ``--parallel`` seeds at a time, the variants of a seed in turn, so
-that a noisy machine slows whole seeds rather than single variants); the cache folder is per run so that every
+epochs, classes and image size given here; ``--parallel`` runs at a time, so the wall times of runs that ran
+together compare side by side); the cache folder is per run so that every
 cached variant pays for its build.
 Prints, per variant, test Recall@1 mean ± std over seeds (the run's final evaluation), the difference to
 online, and the median wall time of a run (build included), and writes ``results.json`` to ``--work``.
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=12)
     parser.add_argument("--student", default="resnet18-32")
     parser.add_argument("--image-size", type=int, default=32, help="Training (and teacher) input size.")
-    parser.add_argument("--parallel", type=int, default=1, help="Seeds trained at the same time (one process each).")
+    parser.add_argument("--parallel", type=int, default=1, help="Runs trained at the same time (one process each).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -147,19 +147,18 @@ def main() -> None:
     teacher_r1 = recall_at_1(teacher) if (teacher / "last" / "config.json").is_file() else float("nan")
     results: dict[str, dict[str, list[float]]] = {name: {"r1": [], "wall": []} for name in variants}
 
-    def one_seed(seed: int) -> list[tuple[str, float, float]]:
-        done = []
-        for name in variants:  # the variants of one seed run back to back, so a slow spell hits a whole seed
-            r1, wall = run_student(args.work, teacher, name, seed, args)
-            print(f"seed {seed} {name:8s} R@1 {r1:6.2f}  {wall:6.1f} s", flush=True)
-            done.append((name, r1, wall))
-        return done
+    pairs = [(seed, name) for seed in seeds for name in variants]  # finished runs are read back, not rerun
+
+    def one_run(pair: tuple[int, str]) -> tuple[str, float, float]:
+        seed, name = pair
+        r1, wall = run_student(args.work, teacher, name, seed, args)
+        print(f"seed {seed} {name:8s} R@1 {r1:6.2f}  {wall:6.1f} s", flush=True)
+        return name, r1, wall
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for done in pool.map(one_seed, seeds):
-            for name, r1, wall in done:
-                results[name]["r1"].append(r1)
-                results[name]["wall"].append(wall)
+        for name, r1, wall in pool.map(one_run, pairs):
+            results[name]["r1"].append(r1)
+            results[name]["wall"].append(wall)
     online = statistics.mean(results["online"]["r1"]) if "online" in results else float("nan")
     print(f"\nteacher R@1 {teacher_r1:.2f}; {len(seeds)} seeds, {args.epochs} epochs, {args.max_classes} classes")
     print(f"{'variant':8s} {'R@1 mean':>9s} {'std':>6s} {'vs online':>9s} {'median wall s':>13s}")

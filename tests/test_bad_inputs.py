@@ -873,7 +873,8 @@ def test_foreign_teacher_cache_is_rebuilt_not_used(tmp_path: Path) -> None:
     transfer = _start(
         [
             "transfer", "train", "--teacher", str(teachers["b"]), *options, "--max-steps", "1",
-            "--out", str(tmp_path / "student"), "--set", f"teacher.cache_dir={planted['transfer'].parent}",
+            "--teacher-mode", "cached", "--out", str(tmp_path / "student"),
+            "--set", f"teacher.cache_dir={planted['transfer'].parent}",
             "--set", "eval.nmi=false",
         ]
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """The teacher cache is keyed by everything its rows depend on, runs at the training precision, resumes a
-build after an interrupt, refreshes its views on request, and a short ``auto`` run does not pay for it."""
+build after an interrupt, refreshes its views on request, and a default (``auto`` = online) run does not pay
+for it."""
 
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def test_refreshed_generations_replay_new_views_exactly(teacher, tmp_path, monke
     assert describe["spec"]["mode"] == "cached"
 
 
-def test_a_short_auto_run_uses_the_online_teacher(teacher_folder, tmp_path):
+def test_a_short_default_run_builds_no_cache(teacher_folder, tmp_path):
     common = ["transfer", "train", "--teacher", str(teacher_folder), "--student", "resnet18-8", "--dataset", "glyphs"]
     common += ["--set", "data.options.max_classes=16", "--image-size", "16", "--batch-size", "16", "--ipc", "4"]
     common += ["--max-steps", "1", "--no-progress", "--set", "eval.nmi=false", "--set", "train.eval_at_start=false"]

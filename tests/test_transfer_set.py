@@ -102,6 +102,7 @@ def test_student_learns_from_unlabeled_images(tmp_path: Path, teacher_and_set: t
     teacher, images, count = teacher_and_set
     out = tmp_path / "student"
     extra = ["--epochs", "5", "--set", "train.eval_at_start=true", "--set", "train.eval_every=5"]
+    extra += ["--teacher-mode", "cached"]  # the cache covers the transfer set's images
     code, stdout, stderr = _invoke(*_transfer_args(teacher, images, out, *extra))
     assert code == 0, stderr
     assert "teacher mode: cached" in stdout

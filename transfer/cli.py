@@ -39,8 +39,8 @@ def _transfer_options(function: Any) -> Any:
             "--teacher-mode",
             type=click.Choice(["auto", "online", "cached", "clean"]),
             default=None,
-            help="online: teacher on every step; cached: exact-replay cache (default for embedding "
-            "methods); clean: one centre-crop view per image (a different, cheaper method).",
+            help="online: teacher on every step (default); cached: exact-replay cache of K views per image; "
+            "clean: one centre-crop view per image (a different, cheaper method).",
         ),
         click.option(
             "--cache-views", type=int, default=None, help="K pre-drawn views per image in the cache (cached mode)."

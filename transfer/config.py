@@ -39,7 +39,9 @@ class TeacherSourceConfig:
     ``mode``: ``online`` runs the teacher on every step on the same augmented views (exact parity with the
     paper's code); ``cached`` replays K pre-drawn views per image from an exact-replay cache; ``clean`` caches
     only the deterministic eval view (cheapest, but a different method: the teacher sees another view than
-    the student); ``auto`` is ``cached`` for embedding-based methods and ``online`` for feature-map methods.
+    the student); ``auto`` is ``online`` for training (docs/benchmarks.md, "Teacher cache diversity") and
+    ``cached`` for ``dmlkd cache build``. ``cache_refresh_epochs`` E > 0 re-draws the K cached views every E
+    epochs (``K * N`` teacher passes per refresh).
     """
 
     ref: str = ""

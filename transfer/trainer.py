@@ -26,10 +26,16 @@ from dmlkd.transfer.config import TransferConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_mode(requested: str, method_cls: Any) -> str:
-    """The teacher mode to use; feature-map methods cannot use a cache (the maps must match the view)."""
+AUTO_MODE = "online"  # what ``auto`` trains with: see docs/benchmarks.md, "Teacher cache diversity"
+
+
+def resolve_mode(requested: str, method_cls: Any, for_cache: bool = False) -> str:
+    """The teacher mode to use; feature-map methods cannot use a cache (the maps must match the view).
+
+    ``auto`` trains ``online`` (the diversity benchmark did not show the K-view cache within 0.5 R@1 of the
+    online teacher); for ``dmlkd cache build`` (``for_cache``) it means ``cached``."""
     if requested == "auto":
-        return "cached" if method_cls.cacheable else "online"
+        return "cached" if for_cache and method_cls.cacheable else AUTO_MODE
     if requested in ("cached", "clean") and not method_cls.cacheable:
         raise ConfigError(
             f"transfer method {method_cls.method_name!r} needs the teacher's feature maps of the exact augmented "
@@ -174,21 +180,6 @@ def cache_spec_for(config: TransferConfig, splits: DatasetSplits, method_cls: An
     )
 
 
-def planned_teacher_views(config: TransferConfig, data: Any) -> tuple[int, int]:
-    """(teacher forwards an online run makes, teacher forwards the cache build makes) for this run."""
-    train = config.train
-    steps = train.epochs * int(data.batches_per_epoch)
-    if train.max_steps is not None:
-        steps = min(steps, train.max_steps)
-    online = steps * train.batch_size * train.views
-    generations = 1
-    refresh = config.teacher.cache_refresh_epochs
-    if refresh:
-        epochs_run = -(-steps // max(1, int(data.batches_per_epoch)))
-        generations = max(1, -(-epochs_run // refresh))
-    return online, len(data.dataset) * config.teacher.cache_views * generations
-
-
 def build_teacher_source(
     config: TransferConfig,
     teacher: nn.Module,
@@ -200,19 +191,7 @@ def build_teacher_source(
     data: Any = None,
 ) -> TeacherSource:
     """The teacher of a run. With ``data`` (the run's ``TrainData``) its dataset is set to replay the cache's views
-    (or none, online), the cache is checked against it, and ``auto`` picks online for a ``--max-steps`` run that
-    would make fewer teacher forwards online than the cache build costs (a smoke run does not pay for a full
-    cache; an explicit ``--teacher-mode cached`` still builds it)."""
-    limited = config.train.max_steps is not None
-    if mode == "cached" and data is not None and config.teacher.mode == "auto" and limited:
-        online, build = planned_teacher_views(config, data)
-        if online < build:
-            log.info(
-                "teacher mode auto: online (this run makes %d teacher forwards online; the cache would cost %d)",
-                online,
-                build,
-            )
-            mode = "online"
+    (or none, online) and the cache is checked against it (on every use, loaded or built)."""
     if mode == "online":
         if data is not None:
             data.dataset.replay = None
@@ -398,7 +377,6 @@ def _train_transfer(
     student = build_model(config.student)
     method = build_method(config, student, teacher, splits, data.num_classes)
     source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, processes.device, data=data)
-    mode = source.mode  # auto may run a short run online
     module = TransferModule(student, method, source)
     stage = Stage(
         module=module,
@@ -455,7 +433,7 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
-    mode = resolve_mode(config.teacher.mode, method_cls)
+    mode = resolve_mode(config.teacher.mode, method_cls, for_cache=True)
     if mode == "online":
         raise ConfigError(
             f"teacher mode online uses no cache; choose --teacher-mode cached or clean (method {config.method.name!r})"
