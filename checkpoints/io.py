@@ -70,11 +70,16 @@ def save_tensor_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     try:
         save_file(dict(tensors), str(path), metadata=metadata)
     except SafetensorError as error:
-        code = _OS_ERROR.search(str(error))
-        if code is None:
-            raise
-        number = int(code.group(1))
-        raise OSError(number, os.strerror(number), str(path)) from None
+        raise safetensors_os_error(error, path) or error from None
+
+
+def safetensors_os_error(error: Exception, path: Path | str) -> OSError | None:
+    """The ``OSError`` (naming ``path``) a ``SafetensorError`` wraps, e.g. ENOSPC; None when it wraps none."""
+    code = _OS_ERROR.search(str(error))
+    if code is None:
+        return None
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), str(path))
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
