@@ -321,7 +321,7 @@ def _read_run(folder: Path) -> dict[str, Any]:
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 return {}
     return {}
 

@@ -70,11 +70,16 @@ def save_tensor_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     try:
         save_file(dict(tensors), str(path), metadata=metadata)
     except SafetensorError as error:
-        code = _OS_ERROR.search(str(error))
-        if code is None:
-            raise
-        number = int(code.group(1))
-        raise OSError(number, os.strerror(number), str(path)) from None
+        raise safetensors_os_error(error, path) or error from None
+
+
+def safetensors_os_error(error: Exception, path: Path | str) -> OSError | None:
+    """The ``OSError`` (naming ``path``) a ``SafetensorError`` wraps, e.g. ENOSPC; None when it wraps none."""
+    code = _OS_ERROR.search(str(error))
+    if code is None:
+        return None
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), str(path))
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -263,12 +268,17 @@ def _refuse_link(directory: Path, name: str) -> Path:
     return path
 
 
-def verify_files(directory: str | Path, record: Mapping[str, Any]) -> None:
-    """Check every file ``config.json`` lists: present, a regular file (no link out of the folder), digest."""
+def verify_files(directory: str | Path, record: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Check every file ``config.json`` lists: present, a regular file (no link out of the folder), digest.
+
+    ``skip`` names files the caller checks itself as it reads them (``read_tensors``), so none is hashed twice.
+    """
     directory = Path(directory)
     _refuse_link(directory, CONFIG_FILE)
     for name, expected in sorted(record["files"].items()):
         path = _refuse_link(directory, name)
+        if name in skip:
+            continue
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
         if sha256_file(path) != expected:
@@ -405,7 +415,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     directory = resolve_checkpoint_dir(ref)
     record = read_checkpoint_config(directory)
     model_config = _model_config(record, directory)
-    verify_files(directory, record)  # every listed file, not only the weights this load reads
+    verify_files(directory, record, skip=(MODEL_FILE,))  # the other files; read_tensors checks the weights
     # Never fetch ImageNet weights for a model whose weights are about to be replaced.
     model = build_model(_without_pretrained(model_config))
     state = read_tensors(directory, MODEL_FILE, record)

@@ -170,6 +170,7 @@ def load_state(
 
 
 _RECORD_KEYS = {"progress": dict, "optimizer": dict, "scheduler": dict, "extra": dict, "digest": str}
+_ADDED_LATER = {"skipped_steps"}
 _PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
     "epoch": (int,),
     "batch_in_epoch": (int,),
@@ -214,6 +215,8 @@ def read_state_record(directory: Path) -> dict[str, Any]:
     progress = record["progress"]
     names = [field.name for field in fields(Progress)]
     for name in names:
+        if name not in progress and name in _ADDED_LATER:
+            continue  # a state written before the field existed: Progress fills in the default
         if name not in progress:
             raise _bad(path, f"key progress.{name}", "is missing")
         value, kinds = progress[name], _PROGRESS_TYPES[name]
@@ -236,10 +239,13 @@ def read_state_record(directory: Path) -> dict[str, Any]:
     try:
         with safe_open(str(tensors_path), framework="pt") as handle:
             keys = set(handle.keys())
+            rng_dtype = handle.get_slice("rng.torch").get_dtype() if "rng.torch" in keys else None
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {str(tensors_path)!r}: {error}") from None
-    if "rng.torch" not in keys:
+    if rng_dtype is None:
         raise _bad(tensors_path, "tensor 'rng.torch'", "is missing")
+    if rng_dtype != "U8":
+        raise _bad(tensors_path, "tensor 'rng.torch'", f"has dtype {rng_dtype}, expected U8 (a torch RNG state)")
     for key in sorted(keys):
         parts = key.split(".", 2)
         if key.startswith("optimizer.") and (len(parts) != 3 or not parts[1].isdigit()):

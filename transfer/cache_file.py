@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dmlkd.checkpoints.io import save_tensor_file
+from dmlkd.checkpoints.io import safetensors_os_error
 from dmlkd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -63,7 +63,10 @@ def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_tensor_file(tensors, Path(temporary), metadata=metadata)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+        except SafetensorError as error:  # a full disk: an OSError naming the file, reported in one line
+            raise safetensors_os_error(error, temporary) or error from None
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
