@@ -269,21 +269,3 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
             "train.sync_bn=false (BatchNorm statistics are then per process)"
         )
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-
-def prepare_run_dir_on_main(
-    device_name: str, run_dir: Any, stage: str, config_tree: dict[str, Any], *, resume: bool, overwrite: bool
-) -> tuple[Any, dict[str, Any]]:
-    """``dmlkd.engine.rundir.prepare_run_dir`` on the main process only; every process gets its result.
-
-    Under a launcher every process runs the command line: if each prepared the run folder, the second
-    would find the first's ``run.json`` and refuse. Errors (a non-empty folder...) reach every process.
-    """
-    from dmlkd.engine.rundir import prepare_run_dir
-    from dmlkd.engine.state import check_resumable
-
-    if resume:  # a damaged run_config.json or state/ is one line, before anything is written
-        check_resumable(run_dir, stage)
-    if launched():
-        init_processes(device_name)
-    return call_on_main(prepare_run_dir, run_dir, stage, config_tree, resume=resume, overwrite=overwrite)

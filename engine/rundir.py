@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dmlkd import __version__
+from dmlkd import __version__, jsondata
 from dmlkd.errors import ConfigError, Interrupted
 
 RUN_FILE = "run.json"
@@ -71,8 +71,8 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = jsondata.loads(path.read_text(), repr(str(path)), ConfigError)
+    except UnicodeDecodeError:
         raise ConfigError(f"{str(path)!r} is corrupt (not JSON); use another --out or delete the folder") from None
     if not isinstance(record, dict):
         raise ConfigError(f"{str(path)!r} is corrupt (not a JSON object); use another --out or delete the folder")
@@ -278,7 +278,9 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
     if existing.get("stage") != stage:
         raise ConfigError(f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run")
     from dmlkd.config import read_json
+    from dmlkd.engine.state import check_resumable  # run_config.json and state/ validated as data
 
+    check_resumable(run_dir, stage)
     check_same(read_json(run_dir / CONFIG_FILE), given, run_dir)
 
 
