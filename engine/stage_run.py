@@ -13,14 +13,17 @@ order cannot drift between them:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dmlkd.engine.rundir import RunFolder, sigterm_as_interrupt
+from dmlkd.config import from_dict, to_dict
+from dmlkd.engine.rundir import RunFolder, drop_state, is_complete, sigterm_as_interrupt
 from dmlkd.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def run_in_folder(
@@ -65,3 +68,54 @@ def run_in_folder(
 
     with sigterm_as_interrupt(), folder.active():
         return body(resolved, folder.path, saved)
+
+
+def run_stage(
+    config: Any,
+    out: str | Path,
+    stage: str,
+    *,
+    prepare: Callable[[Any], Any],
+    train: Callable[..., T],
+    finished: Callable[[Path], T],
+    resume: bool,
+    overwrite: bool,
+    given: dict[str, Any] | None,
+    on_saved: Callable[[], None] | None,
+) -> T:
+    """A training stage from a typed config: ``run_teacher`` and ``run_transfer`` are this with their parts.
+
+    ``prepare(config)`` validates and returns an object whose ``config`` has the dataset's defaults filled
+    in; ``train(config, run_dir, resume=, prepared=, on_saved=)`` trains; ``finished(run_dir)`` is the result
+    of a run that has finished and dropped its state (``--resume`` then has nothing to do). A finished run
+    drops ``state/`` unless ``train.keep_state``.
+    """
+    from dmlkd.engine.distributed import is_main
+
+    prepared: dict[str, Any] = {}
+
+    def prepare_new() -> dict[str, Any]:
+        prepared["new"] = prepare(config)
+        return to_dict(prepared["new"].config)
+
+    def body(tree: dict[str, Any], run_dir: Path, saved: Callable[[], None]) -> T:
+        if resume and is_complete(run_dir):
+            log.warning("the run in %s has finished; nothing to do", run_dir)
+            return finished(run_dir)
+        ready = prepared.get("new") or prepare(from_dict(type(config), tree))
+        result = train(ready.config, run_dir, resume=resume, prepared=ready, on_saved=saved)
+        if is_main() and not ready.config.train.keep_state:
+            drop_state(run_dir)
+        return result
+
+    return run_in_folder(
+        out,
+        stage,
+        resume=resume,
+        overwrite=overwrite,
+        given=given,
+        device=config.train.device,
+        prepare_new=prepare_new,
+        body=body,
+        on_saved=on_saved,
+    )

@@ -16,8 +16,8 @@ from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.data import build_train_data
 from dmlkd.engine.distributed import gather_view_major, init_processes, is_main, world_size_of_launch
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
-from dmlkd.engine.rundir import drop_state, failure_recorded, is_complete, mark_status
-from dmlkd.engine.stage_run import run_in_folder
+from dmlkd.engine.rundir import failure_recorded, mark_status
+from dmlkd.engine.stage_run import run_stage
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TEACHER_LOSSES
@@ -132,31 +132,16 @@ def run_teacher(
     the saved ones); ``overwrite`` replaces a run there, keeping it until the new run saved its first state.
     ``on_saved`` is called after every checkpoint or state write (pipelines use it).
     """
-    prepared: dict[str, PreparedTeacher] = {}
-
-    def prepare_new() -> dict[str, Any]:
-        prepared["new"] = prepare_teacher(config)
-        return to_dict(prepared["new"].config)
-
-    def body(tree: dict[str, Any], run_dir: Path, on_saved: Any) -> TeacherResult:
-        if resume and is_complete(run_dir):
-            log.warning("the run in %s has finished; nothing to do", run_dir)
-            return TeacherResult(run_dir, recorded_result(run_dir))
-        ready = prepared.get("new") or prepare_teacher(from_dict(TeacherConfig, tree))
-        result = train_teacher(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
-        if is_main() and not ready.config.train.keep_state:
-            drop_state(run_dir)
-        return result
-
-    return run_in_folder(
+    return run_stage(
+        config,
         out,
         "teacher",
+        prepare=prepare_teacher,
+        train=train_teacher,
+        finished=lambda run_dir: TeacherResult(run_dir, recorded_result(run_dir)),
         resume=resume,
         overwrite=overwrite,
         given=given,
-        device=config.train.device,
-        prepare_new=prepare_new,
-        body=body,
         on_saved=on_saved,
     )
 

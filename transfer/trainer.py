@@ -16,8 +16,8 @@ from dmlkd.engine.data import augmentation, build_train_data
 from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main, world_size_of_launch
 from dmlkd.engine.evaluate import eval_resize_ratio
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
-from dmlkd.engine.rundir import drop_state, failure_recorded, is_complete, mark_status, read_run
-from dmlkd.engine.stage_run import run_in_folder
+from dmlkd.engine.rundir import failure_recorded, mark_status, read_run
+from dmlkd.engine.stage_run import run_stage
 from dmlkd.errors import ConfigError
 from dmlkd.models.outputs import Batch, ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
@@ -318,32 +318,21 @@ def run_transfer(
     on_saved: Any = None,
 ) -> TransferResult:
     """Stage 2 from a typed config into the run folder ``out``: validate, open the folder, train, publish."""
-    prepared: dict[str, PreparedTransfer] = {}
 
-    def prepare_new() -> dict[str, Any]:
-        prepared["new"] = prepare_transfer(config)
-        return to_dict(prepared["new"].config)
+    def finished(run_dir: Path) -> TransferResult:
+        mode = (read_run(run_dir) or {}).get("teacher_mode", "")
+        return TransferResult(run_dir, recorded_result(run_dir), mode)
 
-    def body(tree: dict[str, Any], run_dir: Path, on_saved: Any) -> TransferResult:
-        if resume and is_complete(run_dir):
-            log.warning("the run in %s has finished; nothing to do", run_dir)
-            mode = (read_run(run_dir) or {}).get("teacher_mode", "")
-            return TransferResult(run_dir, recorded_result(run_dir), mode)
-        ready = prepared.get("new") or prepare_transfer(from_dict(TransferConfig, tree))
-        result = train_transfer(ready.config, run_dir, resume=resume, prepared=ready, on_saved=on_saved)
-        if is_main() and not ready.config.train.keep_state:
-            drop_state(run_dir)
-        return result
-
-    return run_in_folder(
+    return run_stage(
+        config,
         out,
         "transfer",
+        prepare=prepare_transfer,
+        train=train_transfer,
+        finished=finished,
         resume=resume,
         overwrite=overwrite,
         given=given,
-        device=config.train.device,
-        prepare_new=prepare_new,
-        body=body,
         on_saved=on_saved,
     )
 
