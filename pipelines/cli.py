@@ -7,6 +7,7 @@ with the same options says so at once, without importing torch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ def _make_command(name: str) -> click.Command:
     @click.option("--dataset", default=None, help="Dataset name; default: the built-in glyphs demo.")
     @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
     @click.option("--out", default=None, help=f"Pipeline folder (default runs/{name}-<dataset>).")
+    @click.option(
+        "--transfer-set",
+        default=None,
+        help="Distil the students on this folder of unlabeled images (label-free methods, random batches); "
+        "--dataset still gives the test split.",
+    )
     @click.option(
         "--methods",
         default=None,
@@ -63,6 +70,7 @@ def _make_command(name: str) -> click.Command:
         dataset: str | None,
         data_root: str | None,
         out: str | None,
+        transfer_set: str | None,
         methods: str | None,
         export_format: str | None,
         overwrite: bool,
@@ -76,6 +84,8 @@ def _make_command(name: str) -> click.Command:
         from dmlkd.pipelines.config import build_pipeline_config
 
         teacher_items, transfer_items = pipeline_items(params)
+        if transfer_set is not None:
+            transfer_items.append(f"transfer_set={json.dumps(transfer_set)}")
         config, notes = build_pipeline_config(
             name,
             src=src,

@@ -14,7 +14,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dmlkd.config import DataConfig, apply_overrides, from_dict, given_tree, merge, resolve_from_scratch, to_dict
+from dmlkd.config import (
+    DataConfig,
+    apply_overrides,
+    from_dict,
+    given_tree,
+    has_key,
+    merge,
+    resolve_from_scratch,
+    to_dict,
+)
 from dmlkd.errors import ConfigError
 from dmlkd.models.spec import parse_spec
 from dmlkd.pipelines.scenarios import DEMO_SRC, MIN_IMAGE_SIZE, SCENARIOS, scenario
@@ -171,6 +180,8 @@ def build_pipeline_config(
     ]
     given = given_tree(file_tree.get("transfer") or {}, [*items, *transfer_items, *sections["transfer"]])
     tree = merge(transfer_start_tree(None, dataset), given)
+    if tree.get("transfer_set") and not has_key(given, "train.ipc"):
+        tree.setdefault("train", {})["ipc"] = None  # unlabeled images: random batches, as transfer train does
     tree, student_notes = resolve_from_scratch(tree, given, "student")
     notes += [f"students {note}" for note in student_notes]
     transfer = from_dict(TransferConfig, tree)

@@ -503,3 +503,11 @@ def test_a_finished_run_drops_its_state_and_resume_has_nothing_to_do(reference: 
     kept = _dmlkd(*RUN, "--out", str(tmp_path / "kept"), "--set", "train.keep_state=true")
     assert kept.returncode == 0, kept.stderr
     assert (tmp_path / "kept" / "state" / "progress.json").is_file()
+
+
+def test_pipeline_transfer_set_flag_reaches_the_students(tmp_path: Path) -> None:
+    folder = _folder_dataset(tmp_path)
+    printed = yaml.safe_load(_print_config(["pipeline", "compress", "--transfer-set", str(folder)]))
+    assert printed["transfer"]["transfer_set"] == str(folder)
+    assert printed["transfer"]["train"]["ipc"] is None  # unlabeled images: random batches
+    assert printed["teacher"]["train"]["ipc"] == 4  # the teacher still trains on the labelled split
