@@ -56,7 +56,14 @@ _RUN_CONTENT = {
 }
 # Settings that never change what a run computes: they may differ on --resume (the new value applies).
 RUNTIME_KEYS = frozenset(
-    {"train.progress", "train.num_workers", "eval.num_workers", "train.log_every", "train.keep_state"}
+    {
+        "train.progress",
+        "train.num_workers",
+        "eval.num_workers",
+        "train.log_every",
+        "train.keep_state",
+        "train.report_to",
+    }
 )
 
 
