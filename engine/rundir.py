@@ -264,6 +264,15 @@ def _refuse_foreign_content(run_dir: Path) -> None:
             )
 
 
+def check_can_open(run_dir: str | Path, stage: str, *, resume: bool, overwrite: bool, given: dict[str, Any]) -> None:
+    """Read-only: the refusal ``RunFolder.open`` would give (a folder holding another run, ...), if any.
+
+    Called before a new run is validated, so that a folder that cannot be used is named first.
+    """
+    if not any(Path(run_dir).glob(f"{PREVIOUS_PREFIX}*")):
+        _check_allowed(Path(run_dir), stage, resume, overwrite, given)
+
+
 def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, given: dict[str, Any]) -> None:
     """Every reason to refuse opening ``run_dir``, checked without writing anything."""
     if not resume:

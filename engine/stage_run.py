@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dmlkd.config import from_dict, to_dict
-from dmlkd.engine.rundir import RunFolder, drop_state, is_complete, sigterm_as_interrupt
+from dmlkd.engine.rundir import RunFolder, check_can_open, drop_state, is_complete, sigterm_as_interrupt
 from dmlkd.errors import ConfigError
 
 T = TypeVar("T")
@@ -46,6 +46,8 @@ def run_in_folder(
             "--resume and --overwrite contradict each other: --resume continues the run in --out, "
             "--overwrite replaces it; pass one of them"
         )
+    if not resume:  # a folder that cannot take the run is named before the (slower) validation
+        check_can_open(out, stage, resume=False, overwrite=overwrite, given={})
     tree = None if resume else prepare_new()  # every check that needs no training, before any write
     if launched():
         init_processes(device)
