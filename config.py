@@ -458,7 +458,8 @@ def resolve_from_scratch(
     BN-freeze keeps the BatchNorm running statistics of the initial network: for random weights those are
     meaningless, and training collapses (measured on a 400-class folder dataset: R@1 8.1 -> 0.7 in 5 epochs).
     Without ImageNet weights, ``--init`` or ``weights_path``, a BN-freeze or warm-up that came from a recipe is
-    turned off (and the note says so); a BN-freeze asked for explicitly is refused.
+    turned off (and the note says so); a BN-freeze asked for explicitly is kept (equivalence tests freeze BN
+    on purpose) with a warning note.
     """
     model = tree.get(model_section, {})
     from_scratch = not model.get("pretrained", False) and not model.get("weights_path") and not tree.get("init")
@@ -468,13 +469,14 @@ def resolve_from_scratch(
     optim = tree.setdefault("optim", {})
     if optim.get("bn_freeze"):
         if has_key(given, "optim.bn_freeze"):
-            raise ConfigError(
-                "optim.bn_freeze=true freezes the BatchNorm statistics of a randomly initialised backbone "
-                f"({model_section}.pretrained=false), which makes training collapse; set optim.bn_freeze=false, "
-                "or start from ImageNet weights with --pretrained"
+            notes.append(
+                "warning: optim.bn_freeze=true freezes the BatchNorm statistics of a randomly initialised backbone "
+                f"({model_section}.pretrained=false), which usually makes training collapse; kept because it was "
+                "asked for (set optim.bn_freeze=false, or start from ImageNet weights with --pretrained)"
             )
-        optim["bn_freeze"] = False
-        notes.append("optim.bn_freeze: the recipe's true was turned off (the backbone starts from random weights)")
+        else:
+            optim["bn_freeze"] = False
+            notes.append("optim.bn_freeze: the recipe's true was turned off (the backbone starts from random weights)")
     if optim.get("warmup_epochs", 0) and not has_key(given, "optim.warmup_epochs"):
         notes.append(
             f"optim.warmup_epochs: the recipe's {optim['warmup_epochs']} was set to 0 (warm-up trains the head on a "
