@@ -207,7 +207,7 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
 def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
     from dmlkd.engine.distributed import call_on_main
 
-    _header(f"report: evaluating the teacher and {len(run_dirs)} student(s), writing {state.out / 'report.md'}")
+    _header(f"writing the report ({state.out / 'report.md'}): the teacher and {len(run_dirs)} student(s) evaluated")
 
     results = call_on_main(_write_report, config, teacher_dir, run_dirs, state)
     state.finish("report", path=str(state.out / "report.md"))
