@@ -45,14 +45,14 @@ def install(phase: str, n: int) -> None:
 
         loop._step = step
     elif phase == "state-write":
-        real_save_file = state.save_file
+        real_save = state.save_tensor_file
 
-        def save_file(tensors, path, *args, **kwargs):
-            real_save_file(tensors, path, *args, **kwargs)
-            if hit():
+        def save_tensor_file(tensors, path, *args, **kwargs):
+            real_save(tensors, path, *args, **kwargs)
+            if hit():  # the tensors are written into the temporary folder, which is not renamed yet
                 _die()
 
-        state.save_file = save_file
+        state.save_tensor_file = save_tensor_file
     elif phase == "eval":
         real_evaluate = loop.evaluate_model
 
