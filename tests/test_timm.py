@@ -433,7 +433,7 @@ def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_p
         "--pretrained", "--dataset", "glyphs", "--set", "data.options.max_classes=8", "--transfer-set", str(images),
         "--max-steps", "2", "--batch-size", "6", "--image-size", "32", "--no-progress", "--set", "eval.nmi=false",
         "--set", "train.eval_at_start=false", "--set", f"teacher.cache_dir={tmp_path / 'cache'}",
-        "--set", "teacher.cache_views=1", "--out", str(out),
+        "--set", "teacher.cache_views=1", "--teacher-mode", "cached", "--out", str(out),
     )  # fmt: skip
     assert code == 0, stderr
     assert "teacher mode: cached" in stdout
