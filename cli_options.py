@@ -226,3 +226,35 @@ def print_resolved(config: Any, stage: str) -> None:
 
         config = prepare_transfer(config).config
     click.echo(dump_config(to_dict(config)), nl=False)
+
+
+def run_stage_command(
+    stage: str,
+    config: Any,
+    given: dict[str, Any],
+    notes: list[str],
+    *,
+    out: str | None,
+    resume: bool,
+    overwrite: bool,
+    print_config: bool,
+) -> None:
+    """The common end of ``teacher train`` and ``transfer train``: print the config, or train and summarise."""
+    if print_config:
+        print_resolved(config, stage)
+        return
+    if not out:
+        raise click.UsageError("Missing option '--out' (the run folder).")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    from dmlkd.engine.report import summary_table
+
+    if stage == "teacher":
+        from dmlkd.teacher.trainer import run_teacher as run
+    else:
+        from dmlkd.transfer.trainer import run_transfer as run
+    result = run(config, out, resume=resume, overwrite=overwrite, given=given)
+    if stage == "transfer":
+        click.echo(f"teacher mode: {result.teacher_mode}")
+    click.echo(summary_table(result.fit, config.eval.metric))
+    click.echo(f"run folder: {result.run_dir}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from dmlkd.cli_options import items, run_options, stage_items
+from dmlkd.cli_options import items, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set optim.lr_decay_step=5 (repeatable; applied last)."
 
@@ -110,19 +110,6 @@ def train_command(
     from dmlkd.registry import TEACHER_LOSSES
 
     TEACHER_LOSSES.get(config.loss.name)  # a misspelt loss fails before the data is read
-    if print_config:
-        from dmlkd.cli_options import print_resolved
-
-        print_resolved(config, "teacher")
-        return
-    if not out:
-        raise click.UsageError("Missing option '--out' (the run folder).")
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-
-    from dmlkd.engine.report import summary_table
-    from dmlkd.teacher.trainer import run_teacher
-
-    result = run_teacher(config, out, resume=resume, overwrite=overwrite, given=given)
-    click.echo(summary_table(result.fit, config.eval.metric))
-    click.echo(f"run folder: {result.run_dir}")
+    run_stage_command(
+        "teacher", config, given, notes, out=out, resume=resume, overwrite=overwrite, print_config=print_config
+    )

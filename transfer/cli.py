@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from dmlkd.cli_options import items, run_options, stage_items
+from dmlkd.cli_options import items, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable; applied last)."
 
@@ -124,23 +124,9 @@ def train_command(
     --dataset cub --data-root data --out runs/cub-r18
     """
     config, given, notes = resolve_command_config(params, method, config_file, overrides)
-    if print_config:
-        from dmlkd.cli_options import print_resolved
-
-        print_resolved(config, "transfer")
-        return
-    if not out:
-        raise click.UsageError("Missing option '--out' (the run folder).")
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-
-    from dmlkd.engine.report import summary_table
-    from dmlkd.transfer.trainer import run_transfer
-
-    result = run_transfer(config, out, resume=resume, overwrite=overwrite, given=given)
-    click.echo(f"teacher mode: {result.teacher_mode}")
-    click.echo(summary_table(result.fit, config.eval.metric))
-    click.echo(f"run folder: {result.run_dir}")
+    run_stage_command(
+        "transfer", config, given, notes, out=out, resume=resume, overwrite=overwrite, print_config=print_config
+    )
 
 
 @click.group("cache")
