@@ -1,6 +1,6 @@
 """Checkpoint folders (safetensors + JSON), strict loading, the Hugging Face Hub, the model zoo, conversion.
 
-The names below are loaded on first use so that importing ``dmlkd.checkpoints.cli`` (and so ``dmlkd --help``)
+The names below are loaded on first use so that importing the command line (``dmlkd --help``)
 does not import torch or huggingface_hub.
 """
 

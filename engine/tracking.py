@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,6 @@ def check_trackers(names: Iterable[str]) -> list[str]:
             )
             raise ConfigError(f"--report-to {name} needs the {package} package, which is not installed; {how}")
     return unique
-
-
-def report_to_option_callback(_ctx: Any, _param: Any, value: Sequence[str]) -> tuple[str, ...] | None:
-    """Click callback for ``--report-to`` (comma-separated and/or repeated): checked before any file is written."""
-    names = [part.strip() for item in value for part in item.split(",") if part.strip()]
-    return tuple(check_trackers(names)) if names else None
 
 
 def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -252,23 +246,3 @@ class Watcher:
             self.bar = None
         if not self.steps_file.closed:
             self.steps_file.close()
-
-
-REPORT_TO_HELP = (
-    "Log to experiment trackers through Accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
-    "swanlab or trackio (repeatable or comma-separated; local ones write under RUN/trackers)."
-)
-
-
-def report_to_option(function: Any) -> Any:
-    """The ``--report-to`` click option (backed by ``train.report_to``), checked when the command line is read."""
-    import click
-
-    return click.option(
-        "--report-to",
-        "report_to",
-        multiple=True,
-        metavar="TRACKER",
-        callback=report_to_option_callback,
-        help=REPORT_TO_HELP,
-    )(function)

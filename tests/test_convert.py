@@ -19,10 +19,10 @@ import torchvision
 from click.testing import CliRunner
 
 from dmlkd.checkpoints import load_checkpoint
-from dmlkd.checkpoints.cli import convert_command
 from dmlkd.checkpoints.convert import SOURCE_NOTE, convert_reference_checkpoint
 from dmlkd.checkpoints.hub import model_card
-from dmlkd.cli import _Group
+from dmlkd.cli.app import _Group
+from dmlkd.cli.hub import convert_command
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.models import create_model
 from dmlkd.models.spec import CAFFE_BGR, IMAGENET

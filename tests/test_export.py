@@ -17,12 +17,12 @@ from PIL import Image
 import dmlkd
 from dmlkd.checkpoints import load_checkpoint, save_checkpoint
 from dmlkd.checkpoints.io import sha256_file
+from dmlkd.cli.inference import embed_command, export_command
 from dmlkd.data.transforms import eval_view
 from dmlkd.errors import ConfigError, DataError, DmlkdError
 from dmlkd.models import create_model
 from dmlkd.student import embed as embed_module
 from dmlkd.student import export as export_module
-from dmlkd.student.cli import embed_command, export_command
 from dmlkd.student.embed import attach_embed_defaults, read_embeddings, recorded_image_size
 from dmlkd.student.export import export_model
 
@@ -63,7 +63,7 @@ def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _cli_group():
-    from dmlkd.cli import _Group
+    from dmlkd.cli.app import _Group
 
     group = _Group("dmlkd-test")
     group.add_command(export_command)
@@ -327,7 +327,7 @@ def test_embed_cli_writes_embeddings_and_paths(checkpoint: Path, model, tmp_path
 
 def test_importing_student_and_its_cli_does_not_import_torch() -> None:
     code = (
-        "import sys, dmlkd.student, dmlkd.student.cli; "
+        "import sys, dmlkd.student, dmlkd.cli.inference; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert callable(dmlkd.student.export_model) and callable(dmlkd.student.embed_images)"
     )

@@ -27,7 +27,6 @@ from click.testing import CliRunner
 
 import dmlkd
 from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
-from dmlkd.checkpoints.cli import hub_group, zoo_command
 from dmlkd.checkpoints.hub import (
     HubRef,
     hub_provenance,
@@ -38,6 +37,7 @@ from dmlkd.checkpoints.hub import (
     push,
 )
 from dmlkd.checkpoints.zoo import find_teacher, zoo_entries
+from dmlkd.cli.hub import hub_group, zoo_command
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.models import create_model
 
@@ -45,11 +45,8 @@ REPO = "dmlkd-test/tiny-embedder"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The CLI as users run it; the hub group is added here so the test does not depend on dmlkd.cli's wiring.
-CLI = (
-    "import sys; from dmlkd.cli import main; from dmlkd.checkpoints.cli import hub_group; "
-    "main.add_command(hub_group); main(sys.argv[1:], prog_name='dmlkd')"
-)
+# The CLI as users run it.
+CLI = "import sys; from dmlkd.cli import main; main(sys.argv[1:], prog_name='dmlkd')"
 
 
 def _images() -> torch.Tensor:

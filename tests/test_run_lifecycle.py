@@ -420,7 +420,7 @@ def test_the_pipeline_trains_every_embedding_method(tmp_path: Path) -> None:
 
 
 def test_stage_and_pipeline_commands_share_their_run_flags() -> None:
-    from dmlkd.cli_options import shared_flag_names
+    from dmlkd.cli.options import shared_flag_names
 
     commands = {
         "teacher train": main.commands["teacher"].commands["train"],

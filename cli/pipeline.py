@@ -1,6 +1,6 @@
 """``dmlkd pipeline self-transfer|dim-reduction|compress``: flags into a ``PipelineConfig``, then ``run_pipeline``.
 
-The run flags are the stage commands' own (``dmlkd.cli_options``): ``--epochs`` and ``--lr`` go to the students,
+The run flags are the stage commands' own (``dmlkd.cli.options``): ``--epochs`` and ``--lr`` go to the students,
 ``--teacher-epochs`` and ``--teacher-lr`` to the teacher, the others to both stages. A finished pipeline rerun
 with the same options says so at once, without importing torch.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from dmlkd.cli_options import pipeline_items, pipeline_teacher_options, run_options
+from dmlkd.cli.app import main
+from dmlkd.cli.options import pipeline_items, pipeline_teacher_options, run_options
 from dmlkd.pipelines.scenarios import DEMO_SRC, SCENARIOS
 
 
@@ -134,7 +135,7 @@ def _make_command(name: str) -> click.Command:
     return command
 
 
-@click.group("pipeline")
+@main.group("pipeline")
 def pipeline_group() -> None:
     """End-to-end scenarios of the paper: self-transfer, dim-reduction, compress."""
 

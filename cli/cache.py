@@ -1,38 +1,17 @@
-"""``dmlkd cache ls`` and ``dmlkd cache clean``: list and remove teacher-output caches.
-
-Caches live in ``<dmlkd cache folder>/teacher-outputs`` (``$DMLKD_CACHE``, else ``~/.cache/dmlkd``) unless a
-run set ``teacher.cache_dir``; ``--dir`` points at another folder. A cache is only ever an optimisation: a
-removed cache is rebuilt by the next ``transfer train`` that needs it. Leftover temporary files of an
-interrupted build (``.teacher-*.tmp-*``) are listed and removed too.
-"""
+"""``dmlkd cache build|ls|clean``: build the teacher cache a transfer run would use, list and remove caches."""
 
 from __future__ import annotations
 
 import json
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from dmlkd.cli.app import main
+from dmlkd.cli.options import print_resolved
+from dmlkd.cli.transfer import resolve_command_config, transfer_options
 from dmlkd.errors import ConfigError
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_age(text: str) -> float:
-    """``30d``, ``12h``, ``90m``, ``2w`` or ``45s`` in seconds; anything else is a ``ConfigError``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if not match:
-        raise ConfigError(f"--older-than {text!r} is not a duration; use a number and s, m, h, d or w, e.g. 30d or 12h")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def default_cache_dir() -> Path:
-    from dmlkd.data.glyphs import cache_folder
-
-    return Path(cache_folder()) / "teacher-outputs"
 
 
 def _human(size: float) -> str:
@@ -50,35 +29,42 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def list_caches(folder: Path) -> list[dict[str, Any]]:
-    """One entry per cache file (and leftover temporary file) in ``folder``, oldest first."""
-    from dmlkd.errors import DataError
-    from dmlkd.transfer.cache import describe_cache
-
-    if not folder.is_dir():
-        return []
-    entries, now = [], time.time()
-    files = [*folder.glob("teacher-*.safetensors"), *folder.glob(".teacher-*.tmp*")]
-    for path in sorted(files, key=lambda p: p.stat().st_mtime):
-        stat = path.stat()
-        entry: dict[str, Any] = {"path": str(path), "bytes": stat.st_size, "age_seconds": round(now - stat.st_mtime)}
-        try:
-            info = describe_cache(path)
-        except DataError:
-            entry["status"] = "leftover" if path.name.startswith(".") else "unreadable"
-        else:
-            entry["status"] = "ok"
-            entry.update({key: info[key] for key in ("mode", "num_images", "num_sets", "embedding_dim", "created")})
-            entry["teacher_digest"] = info.get("teacher_digest")
-        entries.append(entry)
-    return entries
+@main.group("cache")
+def cache_group() -> None:
+    """Teacher-output caches for the transfer stage."""
 
 
-@click.command("ls")
+@cache_group.command("build")
+@click.option(
+    "--method",
+    default=None,
+    help="The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive.",
+)
+@transfer_options
+def cache_build_command(
+    method: str | None, config_file: str | None, print_config: bool, overrides: tuple[str, ...], **params: Any
+) -> None:
+    """Build (or verify) the teacher cache a `transfer train` with the same options would use.
+
+    Example: dmlkd cache build --teacher runs/cub-r50 --dataset cub --data-root data --cache-views 8
+    """
+    config, _given, _notes = resolve_command_config(params, method, config_file, overrides)
+    if print_config:
+        print_resolved(config, "transfer")
+        return
+
+    from dmlkd.transfer.trainer import build_cache_for
+
+    click.echo(json.dumps(build_cache_for(config), indent=2))
+
+
+@cache_group.command("ls")
 @click.option("--dir", "folder", default=None, help="Cache folder (default: $DMLKD_CACHE/teacher-outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def cache_ls_command(folder: str | None, as_json: bool) -> None:
     """List the teacher caches: size, age, mode, images x views x dim and teacher digest."""
+    from dmlkd.transfer.cache_admin import default_cache_dir, list_caches
+
     where = Path(folder) if folder else default_cache_dir()
     entries = list_caches(where)
     if as_json:
@@ -102,7 +88,7 @@ def cache_ls_command(folder: str | None, as_json: bool) -> None:
     click.echo(f"{len(entries)} file(s), {_human(total)} in {where}")
 
 
-@click.command("clean")
+@cache_group.command("clean")
 @click.option("--dir", "folder", default=None, help="Cache folder (default: $DMLKD_CACHE/teacher-outputs).")
 @click.option("--older-than", default=None, metavar="AGE", help="Only caches last written before AGE ago (30d, 12h).")
 @click.option("--all", "everything", is_flag=True, help="Remove every cache (needed when --older-than is not given).")
@@ -117,6 +103,8 @@ def cache_clean_command(folder: str | None, older_than: str | None, everything: 
     """
     if older_than is None and not everything:
         raise ConfigError("cache clean needs --older-than AGE (e.g. 30d) or --all")
+    from dmlkd.transfer.cache_admin import default_cache_dir, list_caches, parse_age
+
     limit = parse_age(older_than) if older_than is not None else 0.0
     where = Path(folder) if folder else default_cache_dir()
     chosen = [entry for entry in list_caches(where) if entry["age_seconds"] >= limit]

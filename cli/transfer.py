@@ -5,17 +5,17 @@ Torch is imported only once the config is known to be valid (a misspelt recipe o
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
-from dmlkd.cli_options import items, run_options, run_stage_command, stage_items
+from dmlkd.cli.app import main
+from dmlkd.cli.options import items, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable; applied last)."
 
 
-def _transfer_options(function: Any) -> Any:
+def transfer_options(function: Any) -> Any:
     options = [
         click.option(
             "--teacher",
@@ -89,7 +89,7 @@ def resolve_command_config(
     return resolve_transfer_config(recipe, file_tree, [*items(shortcuts), *stage_items(params, "student"), *overrides])
 
 
-@click.group("transfer")
+@main.group("transfer")
 def transfer_group() -> None:
     """Stage 2: distil a teacher's embedding space into a student."""
 
@@ -107,7 +107,7 @@ def transfer_group() -> None:
     is_flag=True,
     help="Replace a run already in --out (it is kept until the new run saved its first state).",
 )
-@_transfer_options
+@transfer_options
 def train_command(
     method: str | None,
     out: str | None,
@@ -127,34 +127,3 @@ def train_command(
     run_stage_command(
         "transfer", config, given, notes, out=out, resume=resume, overwrite=overwrite, print_config=print_config
     )
-
-
-@click.group("cache")
-def cache_group() -> None:
-    """Teacher-output caches for the transfer stage."""
-
-
-@cache_group.command("build")
-@click.option(
-    "--method",
-    default=None,
-    help="The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive.",
-)
-@_transfer_options
-def cache_build_command(
-    method: str | None, config_file: str | None, print_config: bool, overrides: tuple[str, ...], **params: Any
-) -> None:
-    """Build (or verify) the teacher cache a `transfer train` with the same options would use.
-
-    Example: dmlkd cache build --teacher runs/cub-r50 --dataset cub --data-root data --cache-views 8
-    """
-    config, _given, _notes = resolve_command_config(params, method, config_file, overrides)
-    if print_config:
-        from dmlkd.cli_options import print_resolved
-
-        print_resolved(config, "transfer")
-        return
-
-    from dmlkd.transfer.trainer import build_cache_for
-
-    click.echo(json.dumps(build_cache_for(config), indent=2))

@@ -6,8 +6,10 @@ import json
 
 import click
 
+from dmlkd.cli.app import main
 
-@click.group("hub")
+
+@main.group("hub")
 def hub_group() -> None:
     """Download checkpoints from, and publish them to, the Hugging Face Hub."""
 
@@ -100,7 +102,7 @@ def push_command(
     click.echo(f'load it with dmlkd.load("hf://{result.repo_id}@{result.commit}")')
 
 
-@click.command("zoo")
+@main.command("zoo")
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def zoo_command(as_json: bool) -> None:
     """List known published checkpoints: (dataset, model) -> Hub repository at a pinned commit.
@@ -145,7 +147,7 @@ def zoo_command(as_json: bool) -> None:
         click.echo(f"{entry.dataset:<8} {entry.model:<18} {entry.role:<8} {shown:>6}  {entry.reference}")
 
 
-@click.command("convert")
+@main.command("convert")
 @click.argument("path", metavar="PATH")
 @click.option("--model", "model_spec", required=True, help="bn_inception-512 or resnet50-512 (ARCH-DIM).")
 @click.option("--dataset", required=True, help="Dataset the teacher was trained on: cub, cars or sop.")

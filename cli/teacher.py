@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from dmlkd.cli_options import items, run_options, run_stage_command, stage_items
+from dmlkd.cli.app import main
+from dmlkd.cli.options import items, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set optim.lr_decay_step=5 (repeatable; applied last)."
 
 
-@click.group("teacher")
+@main.group("teacher")
 def teacher_group() -> None:
     """Stage 1: train a teacher (source) embedding."""
 

@@ -10,14 +10,15 @@ the ``--config`` file and under ``--set``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from dmlkd.engine.tracking import report_to_option
+from dmlkd.engine.tracking import check_trackers
 
+SET_HELP = "Override any config field, e.g. --set eval.metric=euclidean (repeatable)."
 MODEL = "{model}"  # the model section of a stage: ``model`` (teacher) or ``student`` (transfer)
 
 
@@ -130,6 +131,22 @@ STUDENT_ONLY = ("epochs", "lr")
 PIPELINE_TEACHER_FLAGS: tuple[Flag, ...] = (
     Flag(("--teacher-epochs",), "teacher_epochs", ("train.epochs",), "Epochs of the teacher stage.", int),
     Flag(("--teacher-lr",), "teacher_lr", ("optim.lr",), "Learning rate of the teacher stage.", float),
+)
+
+REPORT_TO_HELP = (
+    "Log to experiment trackers through Accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+    "swanlab or trackio (repeatable or comma-separated; local ones write under RUN/trackers)."
+)
+
+
+def _check_report_to(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--report-to`` (comma-separated and/or repeated), checked when the command line is read."""
+    names = [part.strip() for item in value for part in item.split(",") if part.strip()]
+    return tuple(check_trackers(names)) if names else None
+
+
+report_to_option = click.option(
+    "--report-to", "report_to", multiple=True, metavar="TRACKER", callback=_check_report_to, help=REPORT_TO_HELP
 )
 
 CONFIG_HELP = (
@@ -258,3 +275,13 @@ def run_stage_command(
         click.echo(f"teacher mode: {result.teacher_mode}")
     click.echo(summary_table(result.fit, config.eval.metric))
     click.echo(f"run folder: {result.run_dir}")
+
+
+def set_option(function: Any) -> Any:
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function)
+
+
+def shortcut_overrides(shortcuts: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Turn explicitly given shortcut flags into ``--set`` items placed before the user's own overrides."""
+    items = [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
+    return [*items, *overrides]

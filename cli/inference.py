@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import click
 
+from dmlkd.cli.app import main
+
 FORMAT_HELP = "onnx (model.onnx), safetensors (checkpoint folder for dmlkd.load) or torch.export (model.pt2)."
 
 
-@click.command("export")
+@main.command("export")
 @click.argument("ref")
 @click.option("--format", "export_format", required=True, metavar="FORMAT", help=FORMAT_HELP)
 @click.option("--out", required=True, help="Export folder to create.")
@@ -51,7 +53,7 @@ def _parity_line(parity: dict) -> str:
     )
 
 
-@click.command("embed")
+@main.command("embed")
 @click.argument("ref")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, help="Output .safetensors file (embeddings + image paths in metadata).")
@@ -114,7 +116,7 @@ def embed_command(
     click.echo(f"wrote {count} embeddings of dimension {dim} to {out}{left_out}")
 
 
-@click.command("search")
+@main.command("search")
 @click.argument("queries", nargs=-1, required=True)
 @click.option(
     "--gallery",
