@@ -156,6 +156,29 @@ CONFIG_HELP = (
 PRINT_HELP = "Print the fully resolved config (YAML) and exit without training; feed it back with --config."
 
 
+def apply_options(function: Any, options: Sequence[Callable[[Any], Any]]) -> Any:
+    """Decorate ``function`` with click options so that ``--help`` lists them in the given order."""
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def run_folder_options(function: Any) -> Any:
+    """``--out``, ``--resume`` and ``--overwrite`` of a stage command (the run folder, ``engine/rundir.py``)."""
+    return apply_options(
+        function,
+        [
+            click.option("--out", default=None, help="Run folder to create (or resume); needed unless --print-config."),
+            click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step."),
+            click.option(
+                "--overwrite",
+                is_flag=True,
+                help="Replace a run already in --out (it is kept until the new run saved its first state).",
+            ),
+        ],
+    )
+
+
 def run_options(function: Any) -> Any:
     """Add ``RUN_FLAGS`` plus ``--config`` and ``--print-config`` to a training command."""
     options = [
@@ -171,15 +194,11 @@ def run_options(function: Any) -> Any:
         *(flag.option() for flag in RUN_FLAGS),
         report_to_option,
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return apply_options(function, options)
 
 
 def pipeline_teacher_options(function: Any) -> Any:
-    for flag in reversed(PIPELINE_TEACHER_FLAGS):
-        function = flag.option()(function)
-    return function
+    return apply_options(function, [flag.option() for flag in PIPELINE_TEACHER_FLAGS])
 
 
 def items(values: dict[str, Any]) -> list[str]:
@@ -192,34 +211,32 @@ def _report_to(params: dict[str, Any]) -> list[str] | None:
     return list(trackers) if trackers else None
 
 
-def stage_items(params: dict[str, Any], model_section: str) -> list[str]:
-    """The run flags of a stage command as ``KEY=VALUE`` items (``--no-progress`` sets progress false)."""
+def _run_flag_values(params: dict[str, Any], model_section: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Config key -> value of the run flags (``--no-progress`` sets progress false; None = not given)."""
     values: dict[str, Any] = {"train.report_to": _report_to(params)}
     for flag in RUN_FLAGS:
+        if flag.dest in skip:
+            continue
         value = flag.value(params)
         if flag.dest == "no_progress" and value:
             value = False
         for key in flag.keys:
             values[key.replace(MODEL, model_section)] = value
-    return items(values)
+    return values
+
+
+def stage_items(params: dict[str, Any], model_section: str) -> list[str]:
+    """The run flags of a stage command as ``KEY=VALUE`` items."""
+    return items(_run_flag_values(params, model_section))
 
 
 def pipeline_items(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The run flags of a pipeline command: (teacher items, student items)."""
-    teacher: dict[str, Any] = {"train.report_to": _report_to(params)}
-    student: dict[str, Any] = {"train.report_to": _report_to(params)}
-    for flag in RUN_FLAGS:
-        value = flag.value(params)
-        if flag.dest == "no_progress" and value:
-            value = False
-        for key in flag.keys:
-            student[key.replace(MODEL, "student")] = value
-            if flag.dest not in STUDENT_ONLY:
-                teacher[key.replace(MODEL, "model")] = value
+    teacher = _run_flag_values(params, "model", skip=STUDENT_ONLY)
     for flag in PIPELINE_TEACHER_FLAGS:
         for key in flag.keys:
             teacher[key] = flag.value(params)
-    return items(teacher), items(student)
+    return items(teacher), items(_run_flag_values(params, "student"))
 
 
 def shared_flag_names() -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from dmlkd.cli.app import main
-from dmlkd.cli.options import items, run_options, run_stage_command, stage_items
+from dmlkd.cli.options import items, run_folder_options, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set optim.lr_decay_step=5 (repeatable; applied last)."
 
@@ -48,16 +48,10 @@ def teacher_group() -> None:
 @click.option("--mask-lr-mult", type=float, default=None, help="D&C masks: learning-rate multiplier (100).")
 @click.option("--dataset", default=None, help="Dataset name (see `dmlkd datasets`); default glyphs (demo).")
 @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
-@click.option("--out", default=None, help="Run folder to create (or resume). Required unless --print-config.")
 @click.option("--recipe", default=None, help="Named preset, e.g. pa-cub-bninception (list: `dmlkd recipes`).")
 @click.option("--ipc", type=int, default=None, help="Images per class in a batch (P x K sampling).")
 @click.option("--init", "init_ref", default=None, help="Start the network from this checkpoint or run folder.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace a run already in --out (it is kept until the new run saved its first state).",
-)
+@run_folder_options
 @run_options
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def train_command(

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from dmlkd.cli.app import main
-from dmlkd.cli.options import items, run_options, run_stage_command, stage_items
+from dmlkd.cli.options import apply_options, items, run_folder_options, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set method.kwargs.sigma=0.5 (repeatable; applied last)."
 
@@ -53,10 +53,9 @@ def transfer_options(function: Any) -> Any:
         ),
         click.option("--ipc", type=int, default=None, help="Images per class in a batch (P x K sampling)."),
         click.option("--views", type=int, default=None, help="Augmented views per image (the reference: 2)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return run_options(click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function))
+    return apply_options(function, [*options[:-1], run_options, options[-1]])
 
 
 def resolve_command_config(
@@ -100,13 +99,7 @@ def transfer_group() -> None:
     default=None,
     help="relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, fitnet, attention or crd.",
 )
-@click.option("--out", default=None, help="Run folder to create (or resume). Required unless --print-config.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step.")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace a run already in --out (it is kept until the new run saved its first state).",
-)
+@run_folder_options
 @transfer_options
 def train_command(
     method: str | None,
