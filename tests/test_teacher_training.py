@@ -20,7 +20,7 @@ from dmlkd.config import OptimConfig, from_dict
 from dmlkd.engine.optim import batchnorm_modules, build_optimizer, build_scheduler, configure_epoch
 from dmlkd.models import create_model
 from dmlkd.teacher.config import TeacherConfig, start_tree
-from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss
+from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 from dmlkd.teacher.trainer import TeacherModule, param_groups
 
 
