@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,30 +298,11 @@ def test_loss_contract(name):
     check_loss_contract(name)
 
 
-THROWAWAY_LOSS = """
-import torch
-from torch import nn
-
-from dmlkd.numerics import l2_normalize
-from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import check_batch, check_class_count
-
-
-@TEACHER_LOSSES.register("throwaway_center")
-class ThrowawayCenterLoss(nn.Module):
-    lr_multiplier: float = 1.0
-
-    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0) -> None:
-        super().__init__()
-        check_class_count(num_classes, embedding_dim)
-        self.num_classes, self.embedding_dim, self.scale = num_classes, embedding_dim, scale
-        self.centers = nn.Parameter(torch.randn(num_classes, embedding_dim))
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
-        unit = l2_normalize(embeddings.float())
-        return self.scale * (unit - l2_normalize(self.centers)[labels]).pow(2).sum(dim=1).mean()
-"""
+def readme_loss_example() -> str:
+    """The Contributing section's example file (README.md: "Adding a teacher loss: one file, one decorator")."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Adding a teacher loss: one file, one decorator") :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_loss_in_one_new_file_with_one_decorator_is_picked_up(tmp_path, monkeypatch):
@@ -329,18 +311,19 @@ def test_a_loss_in_one_new_file_with_one_decorator_is_picked_up(tmp_path, monkey
     import dmlkd.teacher.losses as package
     from dmlkd.registry import import_submodules
 
-    (tmp_path / "throwaway_center.py").write_text(THROWAWAY_LOSS)
+    (tmp_path / "center.py").write_text(readme_loss_example())
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    assert "center" not in TEACHER_LOSSES.names()
     try:
         import_submodules(package.__name__, package.__path__)  # what importing the package does
-        assert "throwaway_center" in TEACHER_LOSSES.names()
-        check_loss_contract("throwaway_center")
-        with pytest.raises(ConfigError, match="option scale: expected a number, got 'big'"):
-            TEACHER_LOSSES.build("throwaway_center", 3, 4, scale="big")
+        assert "center" in TEACHER_LOSSES.names() and TEACHER_LOSSES.options("center") == {"scale": 1.0}
+        check_loss_contract("center")
+        with pytest.raises(ConfigError, match=r"^loss 'center' option scale: expected a number, got 'big'$"):
+            TEACHER_LOSSES.build("center", 3, 4, scale="big")
     finally:
-        TEACHER_LOSSES.unregister("throwaway_center")
-        sys.modules.pop(f"{package.__name__}.throwaway_center", None)
-    assert "throwaway_center" not in TEACHER_LOSSES.names()
+        TEACHER_LOSSES.unregister("center")
+        sys.modules.pop(f"{package.__name__}.center", None)
+    assert "center" not in TEACHER_LOSSES.names()
 
 
 def test_contract_rejects_a_loss_that_breaks_it():
