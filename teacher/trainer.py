@@ -101,7 +101,7 @@ def prepare_teacher(config: TeacherConfig) -> PreparedTeacher:
     for the batch, ``--init`` compatibility. Returns the config with the dataset's defaults filled in."""
     from dmlkd.data.catalog import build_splits
 
-    TEACHER_LOSSES.get(config.loss.name)
+    TEACHER_LOSSES.check_options(config.loss.name, config.loss.kwargs)  # name and options, before any data
     if config.init:
         check_init(config)
     splits, bad = build_splits(config.data)

@@ -175,6 +175,13 @@ def test_options_are_validated(name):
         _build(name, **{weight_name: -1.0})
 
 
+@pytest.mark.parametrize("field", ["num_classes", "num_train", "num_views"])
+def test_transfer_context_counts_are_checked_once(field):
+    counts = {"num_classes": NUM_CLASSES, "num_train": NUM_TRAIN, "num_views": NUM_VIEWS, field: 0}
+    with pytest.raises(ConfigError, match=f"^{field} must be an integer >= 1, got 0$"):
+        TransferContext(STUDENT, TEACHER, **counts)
+
+
 def test_model_info_from_model():
     model = types.SimpleNamespace(
         embedding_dim=128,

@@ -12,17 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    check_batch,
-    check_class_count,
-)
+from dmlkd.teacher.losses.base import check_batch, check_class_count
 
 SINE_EPS = 1e-6  # sinθ = sqrt(1 − cos²θ + 1e-6), as in the PaddlePaddle reference
 

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.numerics import (
-    check_count,
-)
+from dmlkd.numerics import check_count, check_real
 
 
 def check_class_count(num_classes: int, embedding_dim: int) -> None:
@@ -123,3 +121,14 @@ class PairLoss(nn.Module):
         """Run ``check_batch`` and ``check_pair_batch`` (one host sync); return the labels as a list."""
         check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
         return check_pair_batch(labels, self.name)
+
+
+class MarginPairLoss(PairLoss):
+    """A pair loss whose one option is a margin m >= 0 (triplet, quadruplet; PaddlePaddle default 0.1)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1) -> None:
+        super().__init__(num_classes, embedding_dim)
+        self.margin = check_real(f"{self.name} margin", margin, 0.0, closed=True)
+
+    def extra_repr(self) -> str:
+        return f"embedding_dim={self.embedding_dim}, margin={self.margin}"

@@ -8,18 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    euclidean_distances,
-    pair_masks,
-)
+from dmlkd.teacher.losses.base import PairLoss, euclidean_distances, pair_masks
 
 
 def mean_of_nonzero(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,18 +9,9 @@ import math
 
 import torch
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    masked_logsumexp,
-    pair_masks,
-    squared_distances,
-)
+from dmlkd.teacher.losses.base import PairLoss, masked_logsumexp, pair_masks, squared_distances
 
 
 @TEACHER_LOSSES.register("eml")

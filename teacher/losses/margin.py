@@ -13,21 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_count,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_count, check_real, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    check_batch,
-    check_class_count,
-    check_pair_batch,
-    euclidean_distances,
-    pair_masks,
-)
+from dmlkd.teacher.losses.base import check_batch, check_class_count, check_pair_batch, euclidean_distances, pair_masks
 
 
 def inverse_sphere_density(distances: torch.Tensor, dim: int, cutoff: float) -> torch.Tensor:

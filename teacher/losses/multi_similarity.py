@@ -9,18 +9,9 @@ import math
 
 import torch
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-    masked_softplus_logsumexp,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize, masked_softplus_logsumexp
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    pair_masks,
-)
+from dmlkd.teacher.losses.base import PairLoss, pair_masks
 
 
 def multi_similarity_mining(

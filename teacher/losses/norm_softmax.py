@@ -9,17 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    check_batch,
-    check_class_count,
-)
+from dmlkd.teacher.losses.base import check_batch, check_class_count
 
 
 @TEACHER_LOSSES.register("norm_softmax")

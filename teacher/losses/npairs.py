@@ -10,16 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dmlkd.errors import DataError
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    describe_batch,
-)
+from dmlkd.teacher.losses.base import PairLoss, describe_batch
 
 
 @TEACHER_LOSSES.register("npairs")

@@ -10,22 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    pair_masks,
-    squared_distances,
-)
+from dmlkd.teacher.losses.base import MarginPairLoss, pair_masks, squared_distances
 
 
 @TEACHER_LOSSES.register("quadruplet")
-class QuadrupletLoss(PairLoss):
+class QuadrupletLoss(MarginPairLoss):
     """Batch-global hardest pair loss: ``relu(max positive d − min negative d + m)``.
 
     d is the squared Euclidean distance between L2-normalised embeddings; the maximum runs over every positive
@@ -38,13 +29,6 @@ class QuadrupletLoss(PairLoss):
     """
 
     name = "quadruplet"
-
-    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1) -> None:
-        super().__init__(num_classes, embedding_dim)
-        self.margin = check_real("quadruplet margin", margin, 0.0, closed=True)
-
-    def extra_repr(self) -> str:
-        return f"embedding_dim={self.embedding_dim}, margin={self.margin}"
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the scalar loss; gradients reach only the rows of the two extreme pairs."""

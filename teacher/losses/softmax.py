@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    compute_dtype,
-)
+from dmlkd.numerics import autocast_disabled, compute_dtype
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    check_batch,
-    check_class_count,
-)
+from dmlkd.teacher.losses.base import check_batch, check_class_count
 
 
 @TEACHER_LOSSES.register("softmax")

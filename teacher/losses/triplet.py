@@ -8,22 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import (
-    autocast_disabled,
-    check_real,
-    compute_dtype,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import (
-    PairLoss,
-    pair_masks,
-    squared_distances,
-)
+from dmlkd.teacher.losses.base import MarginPairLoss, pair_masks, squared_distances
 
 
 @TEACHER_LOSSES.register("triplet")
-class TripletLoss(PairLoss):
+class TripletLoss(MarginPairLoss):
     """Batch-all triplet loss on squared distances of L2-normalised embeddings.
 
     ``L = mean over triplets (a, p, n) of relu(d(a, p) + m − d(a, n))`` with d the squared Euclidean distance.
@@ -42,13 +33,6 @@ class TripletLoss(PairLoss):
     """
 
     name = "triplet"
-
-    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1) -> None:
-        super().__init__(num_classes, embedding_dim)
-        self.margin = check_real("triplet margin", margin, 0.0, closed=True)
-
-    def extra_repr(self) -> str:
-        return f"embedding_dim={self.embedding_dim}, margin={self.margin}"
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the scalar loss of a batch.
