@@ -144,7 +144,8 @@ def option_parameters(factory: Any, context: Sequence[str] = ()) -> dict[str, tu
     """``{name: (type, default)}`` of the keyword options of ``factory`` (a class: its ``__init__``).
 
     The options are the annotated parameters besides ``self``, ``*args``/``**kwargs`` and the ``context``
-    arguments the caller supplies; a parameter without a default has default ``dataclasses.MISSING``.
+    arguments the caller supplies, plus, for a class whose ``__init__`` passes ``**kwargs`` on, those of its
+    base class; a parameter without a default has default ``dataclasses.MISSING``.
     """
     target = factory.__init__ if isinstance(factory, type) else factory
     hints = typing.get_type_hints(target)
@@ -154,6 +155,10 @@ def option_parameters(factory: Any, context: Sequence[str] = ()) -> dict[str, tu
             continue
         default = dataclasses.MISSING if parameter.default is parameter.empty else parameter.default
         result[parameter.name] = (hints.get(parameter.name, Any), default)
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    if passes_on and isinstance(factory, type):  # ``**options`` go to the base class: its options count too
+        base = next(cls for cls in factory.__mro__[1:] if "__init__" in vars(cls))
+        result |= {k: v for k, v in option_parameters(base, context).items() if k not in result}
     return result
 
 

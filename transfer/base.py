@@ -156,14 +156,24 @@ class ProxyAnchorTerm(TransferMethod):
 
     Proxy-Anchor (α=32, δ=0.1) runs on the student's raw embedding with one proxy per class; the proxies are
     trained at ``lr × ProxyAnchorLoss.lr_multiplier`` (×100), as in the reference.
+
+    A subclass passes ``**proxy_anchor`` on to this ``__init__``; the registry counts ``pa_weight``,
+    ``pa_margin`` and ``pa_alpha`` among its options, and it builds the loss with :meth:`_init_proxy_anchor`
+    where its proxies should draw from the random generator.
     """
 
     uses_labels: ClassVar[bool] = True
 
-    def _init_proxy_anchor(self, pa_weight: float, pa_margin: float, pa_alpha: float) -> None:
+    def __init__(
+        self, context: TransferContext, pa_weight: float = 1.0, pa_margin: float = 0.1, pa_alpha: float = 32.0
+    ) -> None:
+        super().__init__(context)
         self.pa_weight = check_weight("pa_weight", pa_weight)
+        self._proxy_anchor_options = {"margin": pa_margin, "alpha": pa_alpha}
+
+    def _init_proxy_anchor(self) -> None:
         self.proxy_anchor = ProxyAnchorLoss(
-            self.num_classes, self.student_info.embedding_dim, margin=pa_margin, alpha=pa_alpha
+            self.num_classes, self.student_info.embedding_dim, **self._proxy_anchor_options
         )
 
     def proxy_anchor_term(self, student: ModelOutput, batch: Batch) -> dict[str, Tensor]:

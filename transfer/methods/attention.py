@@ -33,18 +33,11 @@ class AttentionTransfer(ProxyAnchorTerm):
     needs_features = True
     cacheable = False
 
-    def __init__(
-        self,
-        context: TransferContext,
-        beta: float = 1.0,
-        pa_weight: float = 1.0,
-        pa_margin: float = 0.1,
-        pa_alpha: float = 32.0,
-    ) -> None:
-        super().__init__(context)
+    def __init__(self, context: TransferContext, beta: float = 1.0, **proxy_anchor: float) -> None:
+        super().__init__(context, **proxy_anchor)
         check_tap_fit("attention", context.student, context.teacher)
         self.beta = check_weight("beta", beta)
-        self._init_proxy_anchor(pa_weight, pa_margin, pa_alpha)
+        self._init_proxy_anchor()
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         pairs = stage_pairs("attention", student, teacher, (self.student_info, self.teacher_info))

@@ -116,11 +116,9 @@ class CRD(ProxyAnchorTerm):
         weight: float = 1.0,
         seed: int = 0,
         max_rejection_rounds: int = 4,
-        pa_weight: float = 1.0,
-        pa_margin: float = 0.1,
-        pa_alpha: float = 32.0,
+        **proxy_anchor: float,
     ) -> None:
-        super().__init__(context)
+        super().__init__(context, **proxy_anchor)
         self.feature_dim = check_count("feature_dim", feature_dim)
         self.nce_k = check_count("nce_k", nce_k)
         self.nce_t = check_real("nce_t", nce_t, 0.0)
@@ -143,7 +141,7 @@ class CRD(ProxyAnchorTerm):
         self.register_buffer("label_order", torch.arange(context.num_train))  # dataset indices sorted by label
         self.register_buffer("class_start", torch.zeros(context.num_classes, dtype=torch.long))  # in label_order
         self.register_buffer("class_count", torch.zeros(context.num_classes, dtype=torch.long))
-        self._init_proxy_anchor(pa_weight, pa_margin, pa_alpha)
+        self._init_proxy_anchor()
         self._generator: torch.Generator | None = None
         self._labels_checked = False
 

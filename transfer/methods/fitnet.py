@@ -36,15 +36,9 @@ class FitNet(ProxyAnchorTerm):
     parameter_group_name = "regressors"
 
     def __init__(
-        self,
-        context: TransferContext,
-        stage_weight: float = 1.0,
-        init_range: float = 0.005,
-        pa_weight: float = 1.0,
-        pa_margin: float = 0.1,
-        pa_alpha: float = 32.0,
+        self, context: TransferContext, stage_weight: float = 1.0, init_range: float = 0.005, **proxy_anchor: float
     ) -> None:
-        super().__init__(context)
+        super().__init__(context, **proxy_anchor)
         check_tap_fit("fitnet", context.student, context.teacher)
         self.stage_weight = check_weight("stage_weight", stage_weight)
         self.init_range = check_weight("init_range", init_range)
@@ -52,7 +46,7 @@ class FitNet(ProxyAnchorTerm):
             nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
             for student_channels, teacher_channels in zip(context.student.tap_channels, context.teacher.tap_channels)
         )
-        self._init_proxy_anchor(pa_weight, pa_margin, pa_alpha)
+        self._init_proxy_anchor()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
