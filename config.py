@@ -10,6 +10,7 @@ path. This module is torch-free.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import types
@@ -137,6 +138,48 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
         return cls(**kwargs)
     except TypeError as error:
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+
+
+def option_parameters(factory: Any, context: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """``{name: (type, default)}`` of the keyword options of ``factory`` (a class: its ``__init__``).
+
+    The options are the annotated parameters besides ``self``, ``*args``/``**kwargs`` and the ``context``
+    arguments the caller supplies, plus, for a class whose ``__init__`` passes ``**kwargs`` on, those of its
+    base class; a parameter without a default has default ``dataclasses.MISSING``.
+    """
+    target = factory.__init__ if isinstance(factory, type) else factory
+    hints = typing.get_type_hints(target)
+    result: dict[str, tuple[Any, Any]] = {}
+    for parameter in inspect.signature(target).parameters.values():
+        if parameter.name in ("self", *context) or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = dataclasses.MISSING if parameter.default is parameter.empty else parameter.default
+        result[parameter.name] = (hints.get(parameter.name, Any), default)
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    if passes_on and isinstance(factory, type):  # ``**options`` go to the base class: its options count too
+        base = next(cls for cls in factory.__mro__[1:] if "__init__" in vars(cls))
+        result |= {k: v for k, v in option_parameters(base, context).items() if k not in result}
+    return result
+
+
+def convert_options(factory: Any, options: Mapping[str, Any], what: str, context: Sequence[str] = ()) -> dict[str, Any]:
+    """Check ``options`` against ``factory``'s annotated signature with the converter of the config files.
+
+    Returns the options converted to their declared types (an int given for a float option becomes a float).
+
+    Raises:
+        ConfigError: one line for an unknown option (listing the valid ones), a missing one, or a value of
+            the wrong type (naming ``what``, the option and the bad value).
+    """
+    parameters = option_parameters(factory, context)
+    for key in options:
+        if key not in parameters:
+            raise ConfigError(f"unknown option {key!r} for {what}; valid options: {choices(parameters) or 'none'}")
+    missing = [name for name, (_, default) in parameters.items() if default is dataclasses.MISSING]
+    missing = [name for name in missing if name not in options]
+    if missing:
+        raise ConfigError(f"{what} needs option(s) {', '.join(missing)}")
+    return {key: _convert(value, parameters[key][0], f"{what} option {key}") for key, value in options.items()}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +10,13 @@ from dmlkd.config import DataConfig
 from dmlkd.data import glyphs as _glyphs  # noqa: F401  (registers "glyphs")
 from dmlkd.data import readers as _readers  # noqa: F401  (registers cub, cars, sop, inshop, folder, csv)
 from dmlkd.data.base import DatasetSplits
-from dmlkd.errors import ConfigError, choices
 from dmlkd.registry import DATASETS
 
 
 def build_splits(config: DataConfig) -> tuple[DatasetSplits, list[tuple[str, str]]]:
     """Read the dataset named in ``config``; returns the splits and the bad images it skipped (if asked)."""
-    builder = DATASETS.get(config.name)
-    _check_options(config.name, builder, config.options)
     root = Path(config.root).expanduser() if config.root else None
-    splits = builder(root, **config.options)
+    splits = DATASETS.build(config.name, root, **config.options)
     if not config.allow_duplicates:
         from dmlkd.data.checks import check_duplicates
 
@@ -33,24 +29,11 @@ def build_splits(config: DataConfig) -> tuple[DatasetSplits, list[tuple[str, str
     return splits, bad
 
 
-def dataset_options(builder: Callable[..., Any]) -> list[str]:
-    """The option names a reader accepts (its keyword parameters besides ``root``)."""
-    parameters = inspect.signature(builder).parameters.values()
-    return [p.name for p in parameters if p.name != "root" and p.kind is not p.VAR_KEYWORD]
-
-
-def _check_options(name: str, builder: Callable[..., Any], options: Mapping[str, Any]) -> None:
-    valid = dataset_options(builder)
-    for key in options:
-        if key not in valid:
-            raise ConfigError(f"dataset {name!r} has no option {key!r}; valid options: {choices(valid) or 'none'}")
-
-
 def describe_datasets() -> list[dict[str, Any]]:
     """Name, one-line summary (the reader's docstring) and options of every registered dataset."""
     rows = []
     for name in DATASETS.names():
         builder = DATASETS.get(name)
         summary = (inspect.getdoc(builder) or "").split("\n")[0].replace("``", "")  # docstring RST -> plain
-        rows.append({"name": name, "summary": summary, "options": dataset_options(builder)})
+        rows.append({"name": name, "summary": summary, "options": list(DATASETS.options(name))})
     return rows

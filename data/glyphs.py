@@ -77,7 +77,7 @@ class GlyphOptions:
             value = getattr(self, name)
             if value is None and name == "max_classes":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if value < minimum:  # the registry has checked the types
                 raise ConfigError(f"glyphs option {name}={value!r} is invalid; expected an integer >= {minimum}")
 
 

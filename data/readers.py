@@ -9,8 +9,6 @@ default (``verify_counts=True``), since a partial or wrong download is the most 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from dmlkd.data.annotations import (
     remap_labels,
 )
 from dmlkd.data.base import DatasetSplits, FileImageCollection, ImageCollection, Subset
-from dmlkd.errors import ConfigError, DataError, choices
+from dmlkd.errors import ConfigError, DataError
 from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -57,35 +55,6 @@ HOW_TO_GET = {
     "inshop": "put the DeepFashion In-shop Clothes Retrieval benchmark (Eval/list_eval_partition.txt and "
     "Img/img.zip) in an Inshop_Clothes folder there",
 }
-
-
-def _reader(name: str) -> Callable[[Callable[..., DatasetSplits]], Callable[..., DatasetSplits]]:
-    """Register ``func(root, **options)`` under ``name``.
-
-    An unknown option, or a non-bool value for an option whose default is a bool, is a ``ConfigError``
-    raised before any file is read.
-    """
-
-    def wrap(func: Callable[..., DatasetSplits]) -> Callable[..., DatasetSplits]:
-        parameters = inspect.signature(func).parameters
-        valid = [p for p in parameters if p != "root"]
-        flags = [p for p in valid if isinstance(parameters[p].default, bool)]
-
-        @functools.wraps(func)
-        def build(root: str | Path | None = None, **options: Any) -> DatasetSplits:
-            unknown = sorted(set(options) - set(valid))
-            if unknown:
-                valid_text = choices(valid) or "none"
-                raise ConfigError(f"unknown option {unknown[0]!r} for dataset {name!r}; valid: {valid_text}")
-            for flag in flags:
-                if not isinstance(options.get(flag, False), bool):
-                    raise ConfigError(f"option {flag}={options[flag]!r} of dataset {name!r} must be true or false")
-            return func(root, **options)
-
-        DATASETS.register(name)(build)
-        return build
-
-    return wrap
 
 
 def _dataset_dir(name: str, root: str | Path | None, folder: str, marker: str) -> Path:
@@ -206,7 +175,7 @@ def _labelled_tree(base: Path, prefix: str, recursive: bool) -> tuple[list[str],
     return relpaths, np.asarray(labels, dtype=np.int64)
 
 
-@_reader("cub")
+@DATASETS.register("cub")
 def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
     """CUB-200-2011: ``CUB_200_2011/images/<NNN.Name>/*.jpg``; classes 001-100 train, 101-200 test."""
     base = _dataset_dir("cub", root, "CUB_200_2011", "images")
@@ -216,7 +185,7 @@ def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSpli
     return DatasetSplits("cub", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
 
 
-@_reader("cars")
+@DATASETS.register("cars")
 def read_cars(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
     """Cars-196: ``cars196/cars_annos.mat`` + ``car_ims/``; classes 1-98 train, 99-196 test (by class).
 
@@ -230,7 +199,7 @@ def read_cars(root: str | Path | None, verify_counts: bool = True) -> DatasetSpl
     return DatasetSplits("cars", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
 
 
-@_reader("sop")
+@DATASETS.register("sop")
 def read_sop(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
     """Stanford Online Products: ``Ebay_train.txt`` for training, ``Ebay_test.txt`` for evaluation."""
     base = _dataset_dir("sop", root, "Stanford_Online_Products", "Ebay_train.txt")
@@ -261,7 +230,7 @@ def _inshop_image_root(base: Path, first: str) -> tuple[Path, Callable[[str], st
     )
 
 
-@_reader("inshop")
+@DATASETS.register("inshop")
 def read_inshop(root: str | Path | None, verify_counts: bool = True) -> DatasetSplits:
     """In-shop Clothes: train items remapped to 0..3996; query and gallery remapped jointly to 0..3984.
 
@@ -286,10 +255,8 @@ def read_inshop(root: str | Path | None, verify_counts: bool = True) -> DatasetS
     return DatasetSplits("inshop", train, test, query, gallery, recall_ks=(1, 10, 20, 30, 40, 50))
 
 
-def _train_class_count(option: Any, total: int) -> int:
+def _train_class_count(option: int | float, total: int) -> int:
     """Number of train classes from a fraction in (0, 1) (rounded half up) or a count."""
-    if isinstance(option, bool) or not isinstance(option, (int, float)):
-        raise ConfigError(f"option train_classes={option!r} of dataset 'folder' must be a fraction or a count")
     if isinstance(option, float):
         if not 0.0 < option < 1.0:
             raise ConfigError(f"option train_classes={option!r} of dataset 'folder' must be a fraction in (0, 1)")
@@ -297,8 +264,8 @@ def _train_class_count(option: Any, total: int) -> int:
     return option
 
 
-@_reader("folder")
-def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> DatasetSplits:
+@DATASETS.register("folder")
+def read_folder(root: str | Path | None, train_classes: int | float = 0.5) -> DatasetSplits:
     """A user's ``root/<class>/<image>`` tree: the first ``train_classes`` sorted classes train, others test.
 
     ``train_classes`` is a fraction of the classes (float, default half) or a count (int). Images may sit in
@@ -320,7 +287,7 @@ def read_folder(root: str | Path | None, train_classes: float | int = 0.5) -> Da
     return DatasetSplits("folder", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
 
 
-@_reader("csv")
+@DATASETS.register("csv")
 def read_csv(root: str | Path | None) -> DatasetSplits:
     """Images listed in a CSV file (``root``) with columns path,label,split[,is_query,is_gallery].
 

@@ -6,7 +6,7 @@ for ViTs whose convention it is, average pooling (+ ``conv_head`` for MobileNetV
 embedding head sits on top of it (or nothing, for ``DIM`` 0). Stage maps for FitNet / attention transfer come
 from ``forward_intermediates``: for CNNs the last map at each stride 4, 8, 16, 32 that the model's
 ``feature_info`` lists; ViT-like models give token maps (every block at the patch stride), which the feature
-methods refuse with a one-line error (see ``dmlkd.transfer.feature.check_tap_fit``).
+methods refuse with a one-line error (see ``dmlkd.transfer.taps.check_tap_fit``).
 
 Pretrained weights come from the model's Hugging Face Hub repository (``pretrained_cfg.hf_hub_id``, e.g.
 ``timm/vit_small_patch14_dinov2.lvd142m``) at an optional revision, as ``model.safetensors`` only (never a

@@ -35,7 +35,7 @@ def student_config(config: PipelineConfig, teacher_ref: Path | str, method: str)
     options only), and the resolved teacher."""
     from dmlkd.registry import TRANSFER_METHODS
 
-    options = TRANSFER_METHODS.get(method).options()
+    options = TRANSFER_METHODS.options(method)
     return config.transfer.with_method(method, options).with_teacher(str(teacher_ref))
 
 

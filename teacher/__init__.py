@@ -33,9 +33,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from dmlkd.teacher import losses
+        from dmlkd.registry import TEACHER_LOSSES
 
-        return getattr(losses, name)
+        return next(TEACHER_LOSSES.get(n) for n in TEACHER_LOSSES.names() if TEACHER_LOSSES.get(n).__name__ == name)
     from dmlkd import _submodule
 
     return _submodule(__name__, name)  # e.g. dmlkd.teacher.<module> without importing it first

@@ -63,7 +63,7 @@ class DivideConfig:
     def __post_init__(self) -> None:
         for name in ("nb_clusters", "mod_epoch"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:  # from_dict has checked that it is an integer
                 raise ConfigError(f"divide.{name}={value!r} is invalid; expected an integer >= 1")
         if self.force_full_embedding_epoch is not None and self.force_full_embedding_epoch < 0:
             raise ConfigError(

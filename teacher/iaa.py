@@ -58,7 +58,7 @@ class IntraClassAugmentation(nn.Module):
         self,
         base: nn.Module,
         num_classes: int,
-        embedding_size: int,
+        embedding_dim: int,
         intra_lambda: float = 0.8,
         aug_num: int = 3,
         start_epoch: int = 30,
@@ -85,10 +85,10 @@ class IntraClassAugmentation(nn.Module):
         self.momentum, self.beta, self.gamma = float(momentum), float(beta), float(gamma)
         self.neighbors, self.count_limit, self.seed = int(neighbors), int(count_limit), int(seed)
         self.lr_multiplier = getattr(base, "lr_multiplier", 1.0)
-        self.register_buffer("class_mean", torch.zeros(num_classes, embedding_size))
-        self.register_buffer("class_var", torch.zeros(num_classes, embedding_size))
+        self.register_buffer("class_mean", torch.zeros(num_classes, embedding_dim))
+        self.register_buffer("class_var", torch.zeros(num_classes, embedding_dim))
         self.register_buffer("class_count", torch.zeros(num_classes))
-        self.register_buffer("corrected_var", torch.zeros(num_classes, embedding_size))
+        self.register_buffer("corrected_var", torch.zeros(num_classes, embedding_dim))
         self.register_buffer("current_lambda", torch.zeros(()))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from dmlkd.engine.distributed import gather_view_major, init_processes, is_main,
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
 from dmlkd.engine.rundir import failure_recorded, mark_status
 from dmlkd.engine.stage_run import run_stage
-from dmlkd.errors import ConfigError, choices
+from dmlkd.errors import ConfigError
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TEACHER_LOSSES
 from dmlkd.teacher.config import TeacherConfig
@@ -48,15 +47,10 @@ class TeacherModule(nn.Module):
         return {"loss": loss, self.loss_name: loss.detach()}
 
 
-def build_criterion(config: TeacherConfig, num_classes: int, embedding_size: int | None = None) -> nn.Module:
-    """The configured loss (IAA-wrapped if enabled) on ``embedding_size`` dimensions (default: the model's)."""
-    size = embedding_size or config.model.embedding_dim
-    factory = TEACHER_LOSSES.get(config.loss.name)
-    valid = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embedding_size")]
-    for key in config.loss.kwargs:
-        if key not in valid:
-            raise ConfigError(f"loss {config.loss.name!r} has no option {key!r}; valid options: {choices(valid)}")
-    criterion = factory(num_classes, size, **config.loss.kwargs)
+def build_criterion(config: TeacherConfig, num_classes: int, embedding_dim: int | None = None) -> nn.Module:
+    """The configured loss (IAA-wrapped if enabled) on ``embedding_dim`` dimensions (default: the model's)."""
+    size = embedding_dim or config.model.embedding_dim
+    criterion = TEACHER_LOSSES.build(config.loss.name, num_classes, size, **config.loss.kwargs)
     if config.iaa.enabled:
         from dmlkd.teacher.iaa import IntraClassAugmentation
 
@@ -107,7 +101,7 @@ def prepare_teacher(config: TeacherConfig) -> PreparedTeacher:
     for the batch, ``--init`` compatibility. Returns the config with the dataset's defaults filled in."""
     from dmlkd.data.catalog import build_splits
 
-    TEACHER_LOSSES.get(config.loss.name)
+    TEACHER_LOSSES.check_options(config.loss.name, config.loss.kwargs)  # name and options, before any data
     if config.init:
         check_init(config)
     splits, bad = build_splits(config.data)

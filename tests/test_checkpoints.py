@@ -124,7 +124,7 @@ def test_missing_and_unexpected_keys_are_named(model: torch.nn.Module, tmp_path:
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_embedding_size_mismatch(model: torch.nn.Module, tmp_path: Path) -> None:
+def test_embedding_dim_mismatch(model: torch.nn.Module, tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt", model)
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     record["model"]["embedding_dim"] = 32

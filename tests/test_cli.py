@@ -119,7 +119,7 @@ def test_eval_of_a_run_folder_names_the_checkpoint_it_used(checkpoint: Path, tmp
         ),
         (
             ["--checkpoint", "{ckpt}", "--set", "data.options.colour=1"],
-            "dataset 'glyphs' has no option 'colour'",
+            "unknown option 'colour' for dataset 'glyphs'; valid options: ",
         ),
         (["--checkpoint", "{ckpt}", "--device", "cuda:7"], "cuda"),
         (["--checkpoint", "{empty}"], "holds no checkpoint"),

@@ -9,7 +9,7 @@ from dmlkd.evaluation import knn
 from dmlkd.models import create_model
 from dmlkd.models.outputs import Batch
 from dmlkd.registry import TRANSFER_METHODS
-from dmlkd.transfer.base import ModelInfo
+from dmlkd.transfer.base import ModelInfo, TransferContext
 from dmlkd.transfer.trainer import TeacherSource, TransferModule
 
 NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
@@ -30,13 +30,14 @@ def test_bf16_transfer_step_on_cuda():
     student = create_model("resnet18-16").to(device)
     teacher = create_model("resnet18-32").to(device).eval().requires_grad_(False)
     images_per_view, views = 4, 2
-    method = TRANSFER_METHODS.get("relaxed_contrastive")(
+    context = TransferContext(
         student=ModelInfo.from_model(student),
         teacher=ModelInfo.from_model(teacher),
         num_classes=2,
         num_train=images_per_view,
         num_views=views,
     )
+    method = TRANSFER_METHODS.build("relaxed_contrastive", context)
     method.set_train_labels(torch.tensor([0, 0, 1, 1]))
     module = TransferModule(student, method, TeacherSource("online", model=teacher)).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)

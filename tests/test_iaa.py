@@ -25,7 +25,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_statistics_follow_the_weighted_update() -> None:
-    iaa = IntraClassAugmentation(Recorder(), num_classes=3, embedding_size=4, momentum=0.2)
+    iaa = IntraClassAugmentation(Recorder(), num_classes=3, embedding_dim=4, momentum=0.2)
     first = torch.randn(5, 4, dtype=torch.float64)
     iaa.update_statistics(first, torch.zeros(5, dtype=torch.long))
     assert torch.allclose(iaa.class_mean[0].double(), first.mean(0), atol=1e-6)

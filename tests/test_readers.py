@@ -320,12 +320,13 @@ def test_folder_reader_errors(tmp_path):
         read_folder(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"fraction in"):
         read_folder(tmp_path, train_classes=1.5)
-    with pytest.raises(ConfigError, match=r"must be a fraction or a count"):
-        read_folder(tmp_path, train_classes=True)
-    with pytest.raises(ConfigError, match=r"unknown option 'seed' for dataset 'folder'; valid: train_classes"):
-        read_folder(tmp_path, seed=1)
-    with pytest.raises(ConfigError, match=r"verify_counts='no' of dataset 'cub' must be true or false"):
-        read_cub(tmp_path, verify_counts="no")
+    # Option types are checked by the registry, before any file is read.
+    with pytest.raises(ConfigError, match=r"dataset 'folder' option train_classes: expected an integer, got True"):
+        DATASETS.build("folder", tmp_path, train_classes=True)
+    with pytest.raises(ConfigError, match=r"unknown option 'seed' for dataset 'folder'; valid options: train_classes"):
+        DATASETS.build("folder", tmp_path, seed=1)
+    with pytest.raises(ConfigError, match=r"dataset 'cub' option verify_counts: expected true or false, got 'no'"):
+        DATASETS.build("cub", tmp_path, verify_counts="no")
 
 
 # ---------------------------------------------------------------- CSV

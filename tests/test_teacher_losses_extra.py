@@ -31,8 +31,8 @@ from dmlkd.teacher import (
     TripletLoss,
 )
 from dmlkd.teacher.config import RECIPES, TeacherConfig, start_tree
-from dmlkd.teacher.margin import distance_weighted_negatives, gumbel_noise
-from dmlkd.teacher.ms_contrastive import multi_similarity_mining
+from dmlkd.teacher.losses.margin import distance_weighted_negatives, gumbel_noise
+from dmlkd.teacher.losses.multi_similarity import multi_similarity_mining
 from dmlkd.teacher.trainer import build_criterion
 
 NEW_LOSSES = {
@@ -491,7 +491,7 @@ def test_batches_without_pairs_are_one_line_data_errors(name):
     with pytest.raises(DataError, match="at least two classes") as error:
         loss_fn(torch.randn(4, 4), torch.tensor([2, 2, 2, 2]))
     assert "\n" not in str(error.value)
-    with pytest.raises(ConfigError, match="embedding_size=4"):
+    with pytest.raises(ConfigError, match="embedding_dim=4"):
         loss_fn(torch.randn(4, 5), torch.tensor([0, 0, 1, 1]))
 
 
@@ -499,19 +499,19 @@ def test_batches_without_pairs_are_one_line_data_errors(name):
     ("name", "options", "message"),
     [
         ("triplet", {"margin": -0.1}, "triplet margin must be a finite number in [0, inf), got -0.1"),
-        ("quadruplet", {"margin": float("nan")}, "quadruplet margin must be a finite number"),
+        ("quadruplet", {"margin": float("nan")}, "loss 'quadruplet' option margin: expected a finite number, got nan"),
         ("eml", {"beta": 0}, "eml beta must be a finite number in (0, inf), got 0"),
         ("npairs", {"reg_lambda": -1}, "npairs reg_lambda"),
         ("multi_similarity", {"scale_neg": 0.0}, "multi_similarity scale_neg"),
         ("contrastive", {"neg_margin": 3.0}, "contrastive neg_margin must be a finite number in [0, 2)"),
         ("margin", {"seed": -1}, "margin seed must be an integer >= 0, got -1"),
-        ("margin", {"per_class_beta": "yes"}, "margin per_class_beta must be true or false"),
+        ("margin", {"per_class_beta": "yes"}, "loss 'margin' option per_class_beta: expected true or false, got 'yes'"),
         ("margin", {"beta": -1.2}, "margin beta"),
     ],
 )
 def test_bad_options_are_config_errors(name, options, message):
     with pytest.raises(ConfigError) as error:
-        NEW_LOSSES[name](4, 8, **options)
+        TEACHER_LOSSES.build(name, 4, 8, **options)  # the registry checks the types, the loss the ranges
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

@@ -20,7 +20,7 @@ from dmlkd.config import OptimConfig, from_dict
 from dmlkd.engine.optim import batchnorm_modules, build_optimizer, build_scheduler, configure_epoch
 from dmlkd.models import create_model
 from dmlkd.teacher.config import TeacherConfig, start_tree
-from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss
+from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 from dmlkd.teacher.trainer import TeacherModule, param_groups
 
 
@@ -217,7 +217,10 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
         (["--epochs", "0"], "epochs must be a positive integer"),
         (["--lr", "-0.1"], "learning rate must be positive"),
         (["--image-size", "0"], "image-size must be a positive integer"),
-        (["--set", "loss.kwargs.alfa=3"], "loss 'proxy_anchor' has no option 'alfa'"),
+        (
+            ["--set", "loss.kwargs.alfa=3"],
+            "unknown option 'alfa' for loss 'proxy_anchor'; valid options: alpha, margin",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, tiny_glyph_args: list[str], args: list[str], message: str) -> None:

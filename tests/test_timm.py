@@ -24,8 +24,8 @@ from dmlkd.cli import main  # noqa: E402
 from dmlkd.errors import CheckpointError, ConfigError, ModelSpecError  # noqa: E402
 from dmlkd.models import ModelConfig, create_model, parse_spec  # noqa: E402
 from dmlkd.models.spec import parse_timm_spec  # noqa: E402
-from dmlkd.transfer.base import ModelInfo  # noqa: E402
-from dmlkd.transfer.feature import check_tap_fit  # noqa: E402
+from dmlkd.transfer.base import ModelInfo, TransferContext  # noqa: E402
+from dmlkd.transfer.taps import check_tap_fit  # noqa: E402
 
 # The smallest variants timm ships (test_* models exist for timm's own tests): ~0.1-0.6 M parameters.
 VIT = "test_vit.r160_in1k"
@@ -296,11 +296,7 @@ def test_fitnet_step_between_timm_cnns_runs() -> None:
     teacher = create_model("timm/test_efficientnet-16").eval()
     method = TRANSFER_METHODS.build(
         "fitnet",
-        student=ModelInfo.from_model(student),
-        teacher=ModelInfo.from_model(teacher),
-        num_classes=2,
-        num_train=4,
-        num_views=1,
+        TransferContext(ModelInfo.from_model(student), ModelInfo.from_model(teacher), 2, 4, 1),
     )
     images = torch.rand(4, 3, 64, 64)
     batch = Batch(images, torch.tensor([0, 0, 1, 1]), torch.arange(4))

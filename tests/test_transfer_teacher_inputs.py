@@ -12,7 +12,7 @@ import dmlkd.transfer.methods  # noqa: F401  (registers the methods)
 from dmlkd.models import create_model
 from dmlkd.models.outputs import Batch, ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
-from dmlkd.transfer.base import ModelInfo
+from dmlkd.transfer.base import ModelInfo, TransferContext
 
 VIEWS, IMAGES, NUM_TRAIN, NUM_CLASSES = 2, 6, 20, 3
 LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
@@ -20,15 +20,7 @@ EMBEDDING_METHODS = [name for name in TRANSFER_METHODS.names() if not TRANSFER_M
 
 
 def _build(name: str, student: ModelInfo, teacher: ModelInfo, **options):
-    method = TRANSFER_METHODS.build(
-        name,
-        student=student,
-        teacher=teacher,
-        num_classes=NUM_CLASSES,
-        num_train=NUM_TRAIN,
-        num_views=VIEWS,
-        **options,
-    )
+    method = TRANSFER_METHODS.build(name, TransferContext(student, teacher, NUM_CLASSES, NUM_TRAIN, VIEWS), **options)
     method.set_train_labels(LABELS)
     return method
 

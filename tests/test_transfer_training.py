@@ -20,7 +20,7 @@ import dmlkd
 from dmlkd.cli import main
 from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
-from dmlkd.transfer.base import ModelInfo
+from dmlkd.transfer.base import ModelInfo, TransferContext
 from dmlkd.transfer.cache import describe_cache, teacher_digest
 
 STUDENT = "resnet18-8"
@@ -102,11 +102,7 @@ def _has_state(method: str) -> bool:
     teacher_info = ModelInfo.from_model(create_model("resnet18-16"))
     built = TRANSFER_METHODS.build(
         method,
-        student=info,
-        teacher=teacher_info,
-        num_classes=8,
-        num_train=64,
-        num_views=2,
+        TransferContext(info, teacher_info, num_classes=8, num_train=64, num_views=2),
         **({"nce_k": 64} if method == "crd" else {}),
     )
     return len(built.state_dict()) > 0

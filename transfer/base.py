@@ -1,7 +1,8 @@
 """The contract every embedding-transfer method implements (seed-spec §2.5–2.14).
 
-A method is an ``nn.Module`` built as ``factory(student=ModelInfo, teacher=ModelInfo, num_classes=C,
-num_train=N_train, num_views=V, **options)`` from ``dmlkd.registry.TRANSFER_METHODS``. Its ``forward``
+A method is an ``nn.Module`` built as ``TRANSFER_METHODS.build(name, TransferContext(...), **options)``
+(``dmlkd.registry``), one file per method in ``dmlkd.transfer.methods`` registered with a decorator; its
+options are its annotated keyword parameters after ``context``, checked by the registry. Its ``forward``
 compares the trainable student's ``ModelOutput`` with the frozen teacher's for the same (augmented) batch
 and returns *named, already weighted* loss terms; the trainer sums them into ``loss`` and logs each one.
 Trainable state (FitNet regressors, CRD heads and memory, Proxy-Anchor proxies) lives in the method, so it
@@ -10,20 +11,16 @@ is optimised through :meth:`TransferMethod.parameter_groups` and saved with the 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from dmlkd.errors import ConfigError, choices
 from dmlkd.models.outputs import Batch, ModelOutput
-from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss, check_real
+from dmlkd.numerics import check_count, check_real
+from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 
-__all__ = ["ModelInfo", "ProxyAnchorTerm", "TransferMethod", "check_count", "check_weight"]
-
-# The arguments every method takes before its own options; they never count as options.
-_COMMON_ARGUMENTS = ("self", "student", "teacher", "num_classes", "num_train", "num_views")
+__all__ = ["ModelInfo", "ProxyAnchorTerm", "TransferContext", "TransferMethod", "check_weight"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +57,32 @@ class ModelInfo:
         )
 
 
+@dataclass(frozen=True)
+class TransferContext:
+    """What every transfer method is built for: the two networks and the training set's sizes.
+
+    Attributes:
+        student: the trainable student.
+        teacher: the frozen teacher.
+        num_classes: training classes C (label-using methods' proxies).
+        num_train: training images N (CRD's memory banks).
+        num_views: augmented views V per image in a batch (view-major rows).
+    """
+
+    student: ModelInfo
+    teacher: ModelInfo
+    num_classes: int
+    num_train: int
+    num_views: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "num_train", "num_views"):
+            check_count(name, getattr(self, name), 1)
+
+
 def check_weight(name: str, value: float) -> float:
     """A loss weight or other non-negative finite real (0 switches a term off)."""
     return check_real(name, value, 0.0, closed=True)
-
-
-def check_count(name: str, value: int, low: int = 1) -> int:
-    """An integer option ``>= low``; raises a one-line ConfigError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 class TransferMethod(nn.Module):
@@ -82,48 +95,25 @@ class TransferMethod(nn.Module):
             ``pooled`` None unless the cache holds it; a method with ``needs_pooled`` then needs a cache
             that stores the pooled feature).
         uses_labels: the method reads ``batch.labels`` (label-free methods ignore them).
-        method_name: the name under which the method is registered.
         parameter_group_name: the optimiser group of the method's own parameters other than proxies.
 
-    Unknown options raise a one-line ``ConfigError`` listing the valid ones, before ``__init__`` runs.
+    A subclass takes ``context`` first, then its options as annotated keyword parameters with defaults.
     """
 
     needs_features: ClassVar[bool] = False
     needs_pooled: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
-    method_name: ClassVar[str] = "transfer"
     parameter_group_name: ClassVar[str] = "transfer"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> TransferMethod:
-        options = cls.options()
-        unknown = sorted(set(kwargs) - set(options) - set(_COMMON_ARGUMENTS))
-        if unknown:
-            raise ConfigError(
-                f"unknown option {unknown[0]!r} for transfer method {cls.method_name!r}; "
-                f"valid options: {choices(options) or 'none'}"
-            )
-        return super().__new__(cls)
-
-    def __init__(
-        self, student: ModelInfo, teacher: ModelInfo, num_classes: int, num_train: int, num_views: int
-    ) -> None:
+    def __init__(self, context: TransferContext) -> None:
         super().__init__()
-        self.student_info = student
-        self.teacher_info = teacher
-        self.num_classes = check_count("num_classes", num_classes, 1)
-        self.num_train = check_count("num_train", num_train, 1)
-        self.num_views = check_count("num_views", num_views, 1)
-
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        """The method's options (constructor keywords beyond the common ones) and their defaults."""
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        return {
-            p.name: p.default
-            for p in parameters
-            if p.name not in _COMMON_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        }
+        self.context = context
+        self.student_info = context.student
+        self.teacher_info = context.teacher
+        self.num_classes = context.num_classes
+        self.num_train = context.num_train
+        self.num_views = context.num_views
 
     def set_train_labels(self, labels: Tensor) -> None:
         """Give the method the ``(num_train,)`` labels of the training set in dataset-index order.
@@ -166,14 +156,24 @@ class ProxyAnchorTerm(TransferMethod):
 
     Proxy-Anchor (α=32, δ=0.1) runs on the student's raw embedding with one proxy per class; the proxies are
     trained at ``lr × ProxyAnchorLoss.lr_multiplier`` (×100), as in the reference.
+
+    A subclass passes ``**proxy_anchor`` on to this ``__init__``; the registry counts ``pa_weight``,
+    ``pa_margin`` and ``pa_alpha`` among its options, and it builds the loss with :meth:`_init_proxy_anchor`
+    where its proxies should draw from the random generator.
     """
 
     uses_labels: ClassVar[bool] = True
 
-    def _init_proxy_anchor(self, pa_weight: float, pa_margin: float, pa_alpha: float) -> None:
+    def __init__(
+        self, context: TransferContext, pa_weight: float = 1.0, pa_margin: float = 0.1, pa_alpha: float = 32.0
+    ) -> None:
+        super().__init__(context)
         self.pa_weight = check_weight("pa_weight", pa_weight)
+        self._proxy_anchor_options = {"margin": pa_margin, "alpha": pa_alpha}
+
+    def _init_proxy_anchor(self) -> None:
         self.proxy_anchor = ProxyAnchorLoss(
-            self.num_classes, self.student_info.embedding_dim, margin=pa_margin, alpha=pa_alpha
+            self.num_classes, self.student_info.embedding_dim, **self._proxy_anchor_options
         )
 
     def proxy_anchor_term(self, student: ModelOutput, batch: Batch) -> dict[str, Tensor]:

@@ -79,7 +79,7 @@ class TransferConfig:
     def with_method(self, name: str, accepted: Collection[str]) -> TransferConfig:
         """This config for transfer method ``name``: options the new method does not take are dropped.
 
-        ``accepted`` is the method's option names (``TRANSFER_METHODS.get(name).options()``); a recipe's
+        ``accepted`` is the method's option names (``TRANSFER_METHODS.options(name)``); a recipe's
         relaxed-contrastive ``sigma``/``delta`` do not follow the config to RKD.
         """
         kwargs = {key: value for key, value in self.method.kwargs.items() if key in accepted}

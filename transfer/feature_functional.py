@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlkd.transfer.precision import full_precision
+from dmlkd.numerics import full_precision
 
 # --- Feature-map terms: S. Zagoruyko, N. Komodakis, "Paying More Attention to Attention", ICLR 2017;
 # A. Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.

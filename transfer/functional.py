@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmlkd.numerics import check_embeddings, eye_mask, full_precision, zero_with_graph
 from dmlkd.transfer.feature_functional import attention_map, attention_transfer, fitnet_stage
-from dmlkd.transfer.precision import check_embeddings, eye_mask, full_precision, zero_with_graph
 
 __all__ = [
     "attention_map", "attention_transfer", "dark_rank", "fitnet_stage", "pairwise_distances", "pkt",

@@ -29,16 +29,17 @@ log = logging.getLogger(__name__)
 AUTO_MODE = "online"  # what ``auto`` trains with: see docs/benchmarks.md, "Teacher cache diversity"
 
 
-def resolve_mode(requested: str, method_cls: Any, for_cache: bool = False) -> str:
+def resolve_mode(requested: str, method: str, for_cache: bool = False) -> str:
     """The teacher mode to use; feature-map methods cannot use a cache (the maps must match the view).
 
     ``auto`` trains ``online`` (the diversity benchmark did not show the K-view cache within 0.5 R@1 of the
     online teacher); for ``dmlkd cache build`` (``for_cache``) it means ``cached``."""
+    method_cls = TRANSFER_METHODS.get(method)
     if requested == "auto":
         return "cached" if for_cache and method_cls.cacheable else AUTO_MODE
     if requested in ("cached", "clean") and not method_cls.cacheable:
         raise ConfigError(
-            f"transfer method {method_cls.method_name!r} needs the teacher's feature maps of the exact augmented "
+            f"transfer method {method!r} needs the teacher's feature maps of the exact augmented "
             f"view, which a cache of embeddings cannot hold; use --teacher-mode online"
         )
     return requested
@@ -109,7 +110,7 @@ def check_transfer_config(config: TransferConfig) -> str:
     """Checks made before the run folder exists (method, teacher mode, teacher folder); returns the mode."""
     from dmlkd.checkpoints.io import check_model_ref
 
-    mode = resolve_mode(config.teacher.mode, TRANSFER_METHODS.get(config.method.name))
+    mode = resolve_mode(config.teacher.mode, config.method.name)
     if not config.teacher.ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
     check_model_ref(config.teacher.ref)  # a folder, or a published timm model timm/NAME[.TAG][-0]
@@ -240,17 +241,16 @@ def build_method(
     config: TransferConfig, student: Any, teacher: Any, splits: DatasetSplits, num_classes: int
 ) -> nn.Module:
     """The configured method for ``student`` and ``teacher`` (models, or their ``ModelInfo``)."""
-    from dmlkd.transfer.base import ModelInfo
+    from dmlkd.transfer.base import ModelInfo, TransferContext
 
-    factory = TRANSFER_METHODS.get(config.method.name)
-    method = factory(
+    context = TransferContext(
         student=student if isinstance(student, ModelInfo) else ModelInfo.from_model(student),
         teacher=teacher if isinstance(teacher, ModelInfo) else ModelInfo.from_model(teacher),
         num_classes=num_classes,
         num_train=len(splits.train),
         num_views=config.train.views,
-        **config.method.kwargs,
     )
+    method = TRANSFER_METHODS.build(config.method.name, context, **config.method.kwargs)
     method.set_train_labels(torch.as_tensor(splits.train.labels, dtype=torch.long))
     return method
 
@@ -358,7 +358,7 @@ def _train_transfer(
     torch.manual_seed(config.train.seed)
     processes = init_processes(config.train.device)
     method_cls = TRANSFER_METHODS.get(config.method.name)
-    mode = resolve_mode(config.teacher.mode, method_cls)
+    mode = resolve_mode(config.teacher.mode, config.method.name)
     teacher, teacher_record, digest = load_teacher(config.teacher.ref)
     splits, bad = (prepared.splits, prepared.bad) if prepared is not None else _training_splits(config)
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed) if mode == "cached" else None
@@ -422,7 +422,7 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
-    mode = resolve_mode(config.teacher.mode, method_cls, for_cache=True)
+    mode = resolve_mode(config.teacher.mode, config.method.name, for_cache=True)
     if mode == "online":
         raise ConfigError(
             f"teacher mode online uses no cache; choose --teacher-mode cached or clean (method {config.method.name!r})"

@@ -31,10 +31,10 @@ import dmlkd.transfer.trainer as transfer_trainer
 from dmlkd.config import from_dict
 from dmlkd.engine.distributed import init_processes, rank
 from dmlkd.teacher.config import TeacherConfig
-from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss
+from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 from dmlkd.transfer.config import TransferConfig
-from dmlkd.transfer.crd import CRD
-from dmlkd.transfer.relaxed import RelaxedContrastive
+from dmlkd.transfer.methods.crd import CRD
+from dmlkd.transfer.methods.relaxed_contrastive import RelaxedContrastive
 
 DATA = {"name": "glyphs", "options": {"max_classes": 16}}
 # SGD: with Adam the first steps are ~lr * sign(grad), which turns last-bit differences of the gradient

@@ -1,25 +1,17 @@
 # Multi-Similarity loss: X. Wang, X. Han, W. Huang, D. Dong, M. R. Scott, "Multi-Similarity Loss with General
 # Pair Weighting for Deep Metric Learning", CVPR 2019 (arXiv:1904.06627).
-# Contrastive loss: R. Hadsell, S. Chopra, Y. LeCun, "Dimensionality Reduction by Learning an Invariant
-# Mapping", CVPR 2006.
 # Defaults are the reference settings of seed-spec §2.4 (the PyTorch-Metric-Learning wrappers of PA/LR).
-"""Multi-Similarity (with its pair miner) and contrastive losses on L2-normalised embeddings."""
+"""Multi-Similarity loss (with its pair miner) on L2-normalised embeddings."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from dmlkd.teacher.pair_losses import PairLoss, euclidean_distances, pair_masks
-from dmlkd.teacher.proxy_anchor import (
-    check_real,
-    compute_dtype,
-    full_precision,
-    l2_normalize,
-    masked_softplus_logsumexp,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize, masked_softplus_logsumexp
+from dmlkd.registry import TEACHER_LOSSES
+from dmlkd.teacher.losses.base import PairLoss, pair_masks
 
 
 def multi_similarity_mining(
@@ -39,6 +31,7 @@ def multi_similarity_mining(
     return hard_positive, hard_negative
 
 
+@TEACHER_LOSSES.register("multi_similarity")
 class MultiSimilarityLoss(PairLoss):
     """Multi-Similarity loss on the cosine similarities S of L2-normalised embeddings, with its miner.
 
@@ -47,7 +40,7 @@ class MultiSimilarityLoss(PairLoss):
 
     Args:
         num_classes: number of training classes (>= 2; only used to check labels).
-        embedding_size: embedding width D.
+        embedding_dim: embedding width D.
         epsilon: ε of the miner (reference 0.1).
         scale_pos: α (reference 2).
         scale_neg: β (reference 50).
@@ -59,13 +52,13 @@ class MultiSimilarityLoss(PairLoss):
     def __init__(
         self,
         num_classes: int,
-        embedding_size: int,
+        embedding_dim: int,
         epsilon: float = 0.1,
         scale_pos: float = 2.0,
         scale_neg: float = 50.0,
         threshold: float = 0.5,
     ) -> None:
-        super().__init__(num_classes, embedding_size)
+        super().__init__(num_classes, embedding_dim)
         self.epsilon = check_real("multi_similarity epsilon", epsilon, 0.0, closed=True)
         self.scale_pos = check_real("multi_similarity scale_pos", scale_pos, 0.0)
         self.scale_neg = check_real("multi_similarity scale_neg", scale_neg, 0.0)
@@ -73,7 +66,7 @@ class MultiSimilarityLoss(PairLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"embedding_size={self.embedding_size}, epsilon={self.epsilon}, scale_pos={self.scale_pos}, "
+            f"embedding_dim={self.embedding_dim}, epsilon={self.epsilon}, scale_pos={self.scale_pos}, "
             f"scale_neg={self.scale_neg}, threshold={self.threshold}"
         )
 
@@ -85,7 +78,7 @@ class MultiSimilarityLoss(PairLoss):
             labels: (N,) integer class indices.
         """
         self.validated(embeddings, labels)
-        with full_precision(embeddings.device):
+        with autocast_disabled(embeddings.device):
             x = l2_normalize(embeddings.to(compute_dtype(embeddings)))
             similarity = x @ x.T
             hard_positive, hard_negative = multi_similarity_mining(similarity, *pair_masks(labels), self.epsilon)
@@ -93,44 +86,3 @@ class MultiSimilarityLoss(PairLoss):
             pos_terms = masked_softplus_logsumexp(-self.scale_pos * shifted, hard_positive, dim=1) / self.scale_pos
             neg_terms = masked_softplus_logsumexp(self.scale_neg * shifted, hard_negative, dim=1) / self.scale_neg
             return (pos_terms + neg_terms).mean()
-
-
-def mean_of_nonzero(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of ``terms`` over ``mask`` divided by how many of them are > 0 (0 when none is)."""
-    kept = terms * mask
-    return kept.sum() / (kept > 0).sum().clamp_min(1)
-
-
-class ContrastiveLoss(PairLoss):
-    """Contrastive loss on Euclidean distances d of L2-normalised embeddings.
-
-    ``L = mean_{nonzero} relu(d_ij − m_pos) over positive pairs + mean_{nonzero} relu(m_neg − d_ik) over
-    negative pairs``: each part is averaged over its pairs with a non-zero loss, as PML's ``ContrastiveLoss``
-    with its default ``AvgNonZeroReducer`` (0 when no pair of that kind has a loss).
-
-    Args:
-        num_classes: number of training classes (>= 2; only used to check labels).
-        embedding_size: embedding width D.
-        pos_margin: m_pos (reference 0).
-        neg_margin: m_neg (reference 0.5).
-    """
-
-    name = "contrastive"
-
-    def __init__(self, num_classes: int, embedding_size: int, pos_margin: float = 0.0, neg_margin: float = 0.5) -> None:
-        super().__init__(num_classes, embedding_size)
-        self.pos_margin = check_real("contrastive pos_margin", pos_margin, 0.0, 2.0, closed=True)
-        self.neg_margin = check_real("contrastive neg_margin", neg_margin, 0.0, 2.0, closed=True)
-
-    def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch; pairs at distance 0 pass no gradient."""
-        self.validated(embeddings, labels)
-        with full_precision(embeddings.device):
-            dist = euclidean_distances(l2_normalize(embeddings.to(compute_dtype(embeddings))))
-            positive, negative = pair_masks(labels)
-            pos_part = mean_of_nonzero(F.relu(dist - self.pos_margin), positive)
-            neg_part = mean_of_nonzero(F.relu(self.neg_margin - dist), negative)
-            return pos_part + neg_part

@@ -1,9 +1,7 @@
-# RKD: W. Park, D. Kim, Y. Lu, M. Cho, "Relational Knowledge Distillation", CVPR 2019.
-# PKT: N. Passalis, A. Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
-# ECCV 2018.
 # DarkRank: Y. Chen, N. Wang, Z. Zhang, "DarkRank: Accelerating Deep Metric Learning via Cross Sample
-# Similarities Transfer", AAAI 2018. Settings of the LabelRelaxation code (seed-spec §2.10–2.12).
-"""Embedding-transfer baselines that compare batch relations: RKD, PKT and hard DarkRank (+ triplet)."""
+# Similarities Transfer", AAAI 2018.
+# Settings of the LabelRelaxation code (seed-spec §2.10–2.12).
+"""Hard DarkRank ranking transfer plus a batch-all triplet term on the student (uses labels)."""
 
 from __future__ import annotations
 
@@ -12,80 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmlkd.models.outputs import Batch, ModelOutput
-from dmlkd.teacher.proxy_anchor import check_real, compute_dtype, full_precision
+from dmlkd.numerics import autocast_disabled, check_count, check_real, compute_dtype
+from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer import functional
-from dmlkd.transfer.base import ModelInfo, TransferMethod, check_count, check_weight
-
-__all__ = ["PKT", "RKD", "DarkRank", "batch_all_triplet", "unit_teacher"]
-
-
-def unit_teacher(embedding: Tensor) -> Tensor:
-    """The teacher embedding as the reference feeds it to every embedding-transfer loss: L2-normalised
-    (``--source-norm 1``; seed-spec §2.14 "L2 emb"), in float32, detached. Normalising an already
-    normalised teacher changes it only by float rounding. PKT, DarkRank and the relaxed losses normalise
-    inside; RKD's terms are not invariant to per-row norms and need this."""
-    return F.normalize(embedding.detach().float(), p=2, dim=1)
-
-
-class RKD(TransferMethod):
-    """Relational KD: distance term + angle term, label-free.
-
-    Returns ``{"rkd_distance": distance_weight · L_D, "rkd_angle": angle_weight · L_A}`` (reference 1 and 2);
-    see :func:`dmlkd.transfer.functional.rkd_distance` and :func:`~dmlkd.transfer.functional.rkd_angle`.
-    The teacher embedding is L2-normalised first, whatever the teacher's ``l2_norm`` (the reference's
-    ``--source-norm 1``, seed-spec §1 item 4); the student's stays raw.
-    The angle term costs O(N³) memory in the batch size N.
-    """
-
-    method_name = "rkd"
-
-    def __init__(
-        self,
-        student: ModelInfo,
-        teacher: ModelInfo,
-        num_classes: int,
-        num_train: int,
-        num_views: int,
-        distance_weight: float = 1.0,
-        angle_weight: float = 2.0,
-    ) -> None:
-        super().__init__(student, teacher, num_classes, num_train, num_views)
-        self.distance_weight = check_weight("distance_weight", distance_weight)
-        self.angle_weight = check_weight("angle_weight", angle_weight)
-
-    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
-        teacher_embedding = unit_teacher(teacher.embedding)
-        return {
-            "rkd_distance": self.distance_weight * functional.rkd_distance(student.embedding, teacher_embedding),
-            "rkd_angle": self.angle_weight * functional.rkd_angle(student.embedding, teacher_embedding),
-        }
-
-    def extra_repr(self) -> str:
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
-
-
-class PKT(TransferMethod):
-    """Probabilistic knowledge transfer, label-free: ``{"pkt": weight · L}`` (functional.pkt)."""
-
-    method_name = "pkt"
-
-    def __init__(
-        self,
-        student: ModelInfo,
-        teacher: ModelInfo,
-        num_classes: int,
-        num_train: int,
-        num_views: int,
-        weight: float = 1.0,
-    ) -> None:
-        super().__init__(student, teacher, num_classes, num_train, num_views)
-        self.weight = check_weight("weight", weight)
-
-    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
-        return {"pkt": self.weight * functional.pkt(student.embedding, teacher.embedding)}
-
-    def extra_repr(self) -> str:
-        return f"weight={self.weight}"
+from dmlkd.transfer.base import TransferContext, TransferMethod, check_weight
 
 
 def batch_all_triplet(embeddings: Tensor, labels: Tensor, margin: float = 0.2) -> Tensor:
@@ -107,7 +35,7 @@ def batch_all_triplet(embeddings: Tensor, labels: Tensor, margin: float = 0.2) -
         Scalar loss.
     """
     n = embeddings.shape[0]
-    with full_precision(embeddings.device):
+    with autocast_disabled(embeddings.device):
         unit = F.normalize(embeddings.to(compute_dtype(embeddings)), p=2, dim=1)
         distances = functional.pairwise_distances(unit)
         with torch.no_grad():
@@ -120,6 +48,7 @@ def batch_all_triplet(embeddings: Tensor, labels: Tensor, margin: float = 0.2) -
         return violations.sum() / active.clamp(min=1)
 
 
+@TRANSFER_METHODS.register("darkrank")
 class DarkRank(TransferMethod):
     """Hard DarkRank ranking term + a triplet term on the L2-normalised student (uses labels).
 
@@ -135,16 +64,11 @@ class DarkRank(TransferMethod):
         triplet_margin: margin of the triplet term.
     """
 
-    method_name = "darkrank"
     uses_labels = True
 
     def __init__(
         self,
-        student: ModelInfo,
-        teacher: ModelInfo,
-        num_classes: int,
-        num_train: int,
-        num_views: int,
+        context: TransferContext,
         alpha: float = 3.0,
         beta: float = 3.0,
         list_length: int = 4,
@@ -152,7 +76,7 @@ class DarkRank(TransferMethod):
         triplet_weight: float = 1.0,
         triplet_margin: float = 0.2,
     ) -> None:
-        super().__init__(student, teacher, num_classes, num_train, num_views)
+        super().__init__(context)
         self.alpha = check_real("alpha", alpha, 0.0)
         self.beta = check_real("beta", beta, 0.0)
         self.list_length = check_count("list_length", list_length)

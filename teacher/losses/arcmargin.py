@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.errors import ConfigError
-from dmlkd.teacher.proxy_anchor import (
-    check_batch,
-    check_class_count,
-    check_real,
-    compute_dtype,
-    full_precision,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
+from dmlkd.registry import TEACHER_LOSSES
+from dmlkd.teacher.losses.base import check_batch, check_class_count
 
 SINE_EPS = 1e-6  # sinθ = sqrt(1 − cos²θ + 1e-6), as in the PaddlePaddle reference
 
@@ -40,6 +34,7 @@ def target_logit(cosine: torch.Tensor, margin: float, easy_margin: bool) -> torc
     return torch.where(cosine > math.cos(math.pi - margin), phi, fallback)
 
 
+@TEACHER_LOSSES.register("arcmargin")
 class ArcMarginLoss(nn.Module):
     """ArcMargin classification loss with learnable class weights (C, D).
 
@@ -49,7 +44,7 @@ class ArcMarginLoss(nn.Module):
 
     Args:
         num_classes: number of training classes C (>= 2).
-        embedding_size: embedding width D.
+        embedding_dim: embedding width D.
         scale: s (PaddlePaddle DML default 80).
         margin: m in radians, in [0, π) (PaddlePaddle DML default 0.15).
         easy_margin: apply the margin only where cosθ > 0.
@@ -60,21 +55,19 @@ class ArcMarginLoss(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        embedding_size: int,
+        embedding_dim: int,
         scale: float = 80.0,
         margin: float = 0.15,
         easy_margin: bool = False,
     ) -> None:
         super().__init__()
-        check_class_count(num_classes, embedding_size)
+        check_class_count(num_classes, embedding_dim)
         self.num_classes = num_classes
-        self.embedding_size = embedding_size
+        self.embedding_dim = embedding_dim
         self.scale = check_real("arcmargin scale", scale, 0.0)
         self.margin = check_real("arcmargin margin", margin, 0.0, math.pi, closed=True)
-        if not isinstance(easy_margin, bool):
-            raise ConfigError(f"arcmargin easy_margin must be true or false, got {easy_margin!r}")
         self.easy_margin = easy_margin
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,14 +76,14 @@ class ArcMarginLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}, "
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, scale={self.scale}, "
             f"margin={self.margin}, easy_margin={self.easy_margin}"
         )
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the (N, C) scaled logits with the margin applied to each sample's target class."""
         dtype = compute_dtype(embeddings, self.weight)
-        with full_precision(embeddings.device):
+        with autocast_disabled(embeddings.device):
             cosine = l2_normalize(embeddings.to(dtype)) @ l2_normalize(self.weight.to(dtype)).T
             target = F.one_hot(labels.long(), self.num_classes).bool()
             adjusted = torch.where(target, target_logit(cosine, self.margin, self.easy_margin), cosine)
@@ -103,7 +96,7 @@ class ArcMarginLoss(nn.Module):
             embeddings: (N, D) raw embeddings; gradients flow into them and ``weight``.
             labels: (N,) integer class indices in ``0..C-1``.
         """
-        check_batch(embeddings, labels, self.num_classes, self.embedding_size)
+        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
         logits = self.logits(embeddings, labels)
-        with full_precision(embeddings.device):
+        with autocast_disabled(embeddings.device):
             return F.cross_entropy(logits, labels.long())

@@ -13,10 +13,9 @@ from torch import Tensor, nn
 
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import Batch, ModelOutput
-from dmlkd.teacher.proxy_anchor import check_real, full_precision
-from dmlkd.transfer.base import ModelInfo, ProxyAnchorTerm, check_count, check_weight
-
-__all__ = ["CRD", "momentum_update", "nce_loss"]
+from dmlkd.numerics import autocast_disabled, check_count, check_real
+from dmlkd.registry import TRANSFER_METHODS
+from dmlkd.transfer.base import ProxyAnchorTerm, TransferContext, check_weight
 
 NCE_EPS = 1e-7  # the reference's eps in both NCE log terms
 
@@ -70,6 +69,7 @@ def _step_seed(seed: int, step: int) -> int:
     return int(state) & (2**63 - 1)
 
 
+@TRANSFER_METHODS.register("crd")
 class CRD(ProxyAnchorTerm):
     """CRD on the pooled features (heads ``Linear(pooled_dim → 128)`` + L2 norm) + Proxy-Anchor.
 
@@ -80,7 +80,7 @@ class CRD(ProxyAnchorTerm):
     sampling (see :meth:`sample_contrast_indices`). Scores o = exp(⟨M[idx], v⟩ / T) against the *other*
     side's bank are divided by Z, set once from the first batch as mean(o)·n_data and kept in a buffer, and
     fed to :func:`nce_loss`. n_data is the reference's ``len(train) × V``; it only enters Z and Pn = 1/n_data,
-    where it cancels up to the 1e-7 eps, so the banks hold just ``num_train`` rows. After the loss, in
+    where it cancels up to the 1e-7 eps, so the banks hold just ``context.num_train`` rows. After the loss, in
     training mode, both banks get a :func:`momentum_update`. Both heads train (group ``"crd_heads"``); the
     teacher's pooled feature itself is detached.
 
@@ -103,17 +103,12 @@ class CRD(ProxyAnchorTerm):
         pa_alpha: Proxy-Anchor α.
     """
 
-    method_name = "crd"
     needs_pooled = True
     parameter_group_name = "crd_heads"
 
     def __init__(
         self,
-        student: ModelInfo,
-        teacher: ModelInfo,
-        num_classes: int,
-        num_train: int,
-        num_views: int,
+        context: TransferContext,
         feature_dim: int = 128,
         nce_k: int = 4096,
         nce_t: float = 0.07,
@@ -121,11 +116,9 @@ class CRD(ProxyAnchorTerm):
         weight: float = 1.0,
         seed: int = 0,
         max_rejection_rounds: int = 4,
-        pa_weight: float = 1.0,
-        pa_margin: float = 0.1,
-        pa_alpha: float = 32.0,
+        **proxy_anchor: float,
     ) -> None:
-        super().__init__(student, teacher, num_classes, num_train, num_views)
+        super().__init__(context, **proxy_anchor)
         self.feature_dim = check_count("feature_dim", feature_dim)
         self.nce_k = check_count("nce_k", nce_k)
         self.nce_t = check_real("nce_t", nce_t, 0.0)
@@ -133,22 +126,22 @@ class CRD(ProxyAnchorTerm):
         self.weight = check_weight("weight", weight)
         self.seed = check_count("seed", seed, 0)
         self.max_rejection_rounds = check_count("max_rejection_rounds", max_rejection_rounds, 0)
-        self.noise_size = num_train * num_views  # the reference's n_data
-        self.student_head = nn.Linear(student.pooled_dim, feature_dim)
-        self.teacher_head = nn.Linear(teacher.pooled_dim, feature_dim)
+        self.noise_size = context.num_train * context.num_views  # the reference's n_data
+        self.student_head = nn.Linear(context.student.pooled_dim, feature_dim)
+        self.teacher_head = nn.Linear(context.teacher.pooled_dim, feature_dim)
         generator = torch.Generator().manual_seed(seed)
         stdv = 1.0 / math.sqrt(feature_dim / 3.0)
         for name in ("memory_student", "memory_teacher"):
-            bank = torch.rand(num_train, feature_dim, generator=generator) * (2.0 * stdv) - stdv
+            bank = torch.rand(context.num_train, feature_dim, generator=generator) * (2.0 * stdv) - stdv
             self.register_buffer(name, bank)
         self.register_buffer("z_student", torch.tensor(-1.0))  # < 0: not set yet
         self.register_buffer("z_teacher", torch.tensor(-1.0))
         self.register_buffer("draws", torch.tensor(0, dtype=torch.long))  # negative draws made so far
-        self.register_buffer("train_labels", torch.full((num_train,), -1, dtype=torch.long))
-        self.register_buffer("label_order", torch.arange(num_train))  # dataset indices sorted by label
-        self.register_buffer("class_start", torch.zeros(num_classes, dtype=torch.long))  # in label_order
-        self.register_buffer("class_count", torch.zeros(num_classes, dtype=torch.long))
-        self._init_proxy_anchor(pa_weight, pa_margin, pa_alpha)
+        self.register_buffer("train_labels", torch.full((context.num_train,), -1, dtype=torch.long))
+        self.register_buffer("label_order", torch.arange(context.num_train))  # dataset indices sorted by label
+        self.register_buffer("class_start", torch.zeros(context.num_classes, dtype=torch.long))  # in label_order
+        self.register_buffer("class_count", torch.zeros(context.num_classes, dtype=torch.long))
+        self._init_proxy_anchor()
         self._generator: torch.Generator | None = None
         self._labels_checked = False
 
@@ -270,7 +263,7 @@ class CRD(ProxyAnchorTerm):
         self._check_indices(indices)
         contrast = self._contrast_per_image(indices, batch.labels)
         dtype = self.student_head.weight.dtype
-        with full_precision(indices.device):
+        with autocast_disabled(indices.device):
             student_features = F.normalize(self.student_head(student.pooled.to(dtype)), p=2, dim=1)
             teacher_features = F.normalize(self.teacher_head(teacher.pooled.detach().to(dtype)), p=2, dim=1)
             student_scores = self._scores(self.memory_teacher, student_features, contrast)

@@ -13,16 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.errors import ConfigError
-from dmlkd.teacher.pair_losses import check_pair_batch, euclidean_distances, pair_masks
-from dmlkd.teacher.proxy_anchor import (
-    check_batch,
-    check_class_count,
-    check_real,
-    compute_dtype,
-    full_precision,
-    l2_normalize,
-)
+from dmlkd.numerics import autocast_disabled, check_count, check_real, compute_dtype, l2_normalize
+from dmlkd.registry import TEACHER_LOSSES
+from dmlkd.teacher.losses.base import check_batch, check_class_count, check_pair_batch, euclidean_distances, pair_masks
 
 
 def inverse_sphere_density(distances: torch.Tensor, dim: int, cutoff: float) -> torch.Tensor:
@@ -95,6 +88,7 @@ def margin_terms(
     return pos_loss.sum() + neg_loss.sum(), (pos_loss > 0).sum() + (neg_loss > 0).sum()
 
 
+@TEACHER_LOSSES.register("margin")
 class MarginLoss(nn.Module):
     """Margin loss of Wu et al. on Euclidean distances of L2-normalised embeddings.
 
@@ -115,7 +109,7 @@ class MarginLoss(nn.Module):
 
     Args:
         num_classes: number of training classes C (>= 2).
-        embedding_size: embedding width D.
+        embedding_dim: embedding width D.
         alpha: the margin α (0.2).
         beta: initial boundary β (1.2).
         nu: weight ν of the β regulariser (0).
@@ -131,7 +125,7 @@ class MarginLoss(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        embedding_size: int,
+        embedding_dim: int,
         alpha: float = 0.2,
         beta: float = 1.2,
         nu: float = 0.0,
@@ -142,27 +136,22 @@ class MarginLoss(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_class_count(num_classes, embedding_size)
+        check_class_count(num_classes, embedding_dim)
         self.num_classes = num_classes
-        self.embedding_size = embedding_size
+        self.embedding_dim = embedding_dim
         self.alpha = check_real("margin alpha", alpha, 0.0, closed=True)
         self.nu = check_real("margin nu", nu, 0.0, closed=True)
         self.cutoff = check_real("margin cutoff", cutoff, 0.0, 2.0, closed=True)
         self.nonzero_loss_cutoff = check_real("margin nonzero_loss_cutoff", nonzero_loss_cutoff, 0.0)
-        for name, flag in (("per_class_beta", per_class_beta), ("learn_beta", learn_beta)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"margin {name} must be true or false, got {flag!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"margin seed must be an integer >= 0, got {seed!r}")
         self.per_class_beta = per_class_beta
-        self.seed = seed
+        self.seed = check_count("margin seed", seed, 0)
         initial = check_real("margin beta", beta, 0.0)
         self.beta = nn.Parameter(torch.full((num_classes if per_class_beta else 1,), initial), learn_beta)
         self.register_buffer("sampling_step", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, alpha={self.alpha}, "
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, alpha={self.alpha}, "
             f"nu={self.nu}, per_class_beta={self.per_class_beta}, cutoff={self.cutoff}, "
             f"nonzero_loss_cutoff={self.nonzero_loss_cutoff}, seed={self.seed}"
         )
@@ -187,18 +176,18 @@ class MarginLoss(nn.Module):
             embeddings: (N, D) raw embeddings (normalised here); gradients flow into them and into β.
             labels: (N,) integer class indices in ``0..C-1``.
         """
-        check_batch(embeddings, labels, self.num_classes, self.embedding_size)
+        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
         check_pair_batch(labels, "margin")
         noise = self.next_noise(labels.shape[0])
         dtype = compute_dtype(embeddings, self.beta)
-        with full_precision(embeddings.device):
+        with autocast_disabled(embeddings.device):
             distances = euclidean_distances(l2_normalize(embeddings.to(dtype)))
             positive, negative = pair_masks(labels)
             sampled = distance_weighted_negatives(
                 distances,
                 positive,
                 negative,
-                self.embedding_size,
+                self.embedding_dim,
                 noise.to(device=distances.device, dtype=dtype),
                 self.cutoff,
                 self.nonzero_loss_cutoff,
