@@ -133,6 +133,25 @@ def _best_table(results: dict[str, Any]) -> list[str]:
     return _markdown_table(header, rows)
 
 
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def _retrieval_table(results: dict[str, Any]) -> list[str]:
+    """The retrieval grid as a table: per query, one row per model (teacher first) with its top-k classes."""
+    grid = results.get("retrieval_grid") or {}
+    if not grid.get("queries"):
+        return []
+    header = ["query", "class", "model", *[f"#{rank}" for rank in range(1, grid["neighbours"] + 1)]]
+    rows = []
+    for query in grid["queries"]:
+        for model in query["models"]:
+            cells = [f"{'✓' if n['correct'] else '✗'} {_cell(n['class'])}" for n in model["neighbours"]]
+            cells += [""] * (grid["neighbours"] - len(cells))
+            rows.append([str(query["query"]), _cell(query["class"]), f"{model['name']} ({model['role']})", *cells])
+    return _markdown_table(header, rows)
+
+
 def _notes(results: dict[str, Any]) -> list[str]:
     entries = results["entries"]
     notes = [
@@ -202,9 +221,21 @@ def render_markdown(results: dict[str, Any]) -> str:
     captions = {
         "recall_per_epoch": "Recall@1 per epoch",
         "recall_at_k": "Recall@K of the last checkpoints",
-        "retrieval_grid": f"Retrieval examples of {results.get('retrieval_grid_model')} (green: same "
-        "class as the query, red: other class)",
+        "retrieval_grid": "Retrieval examples: the same test queries ranked by "
+        f"{', '.join((results.get('retrieval_grid') or {}).get('models') or ['–'])} (green: same class as the "
+        "query, red: other class)",
     }
+    retrieval = _retrieval_table(results)
+    if retrieval:
+        lines += [
+            "## Retrieval examples (last/ checkpoints)",
+            "",
+            "The same test queries (position in the test split, class name) ranked by the teacher and by each "
+            "student: ✓ same class as the query, ✗ other class.",
+            "",
+            *retrieval,
+            "",
+        ]
     lines += ["## Notes", "", *_notes(results), "", "## Figures", ""]
     for key, file_name in results["plots"].items():
         lines += [f"### {captions.get(key, key)}", "", f"![{captions.get(key, key)}]({file_name})", ""]
