@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dmlkd.checkpoints.selection import SELECTION_NOTE
 from dmlkd.pipelines.paper import comparison_rows
 from dmlkd.pipelines.plots import entry_label
 
@@ -61,7 +62,18 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     a student saw its teacher (online / cached / clean).
     """
     ks = results["ks"]
-    header = ["run", "model", "mode", "params", *[f"R@{k}" for k in ks], "MAP@R", "NMI", "best R@1", "img/s", "time"]
+    header = [
+        "run",
+        "model",
+        "mode",
+        "params",
+        *[f"R@{k}" for k in ks],
+        "MAP@R",
+        "NMI",
+        "best/ R@1 (test-selected)",
+        "img/s",
+        "time",
+    ]
     rows = []
     for entry in results["entries"]:
         metrics, mark = (entry["last"], "") if entry["last"] else (entry["here"], "†")
@@ -106,7 +118,7 @@ def format_summary(results: dict[str, Any]) -> str:
     marked = " († evaluated here)" if any_marked(results) else ""
     lines = [
         f"{results['scenario']} on {results['dataset']}: Recall@K ({results['metric']}), MAP@R, NMI in %",
-        f"last checkpoint{marked}; best R@1 @epoch: selected on the test split (optimistic)",
+        f"checkpoint: {SELECTION_NOTE['last']}{marked}; best/ R@1 @epoch: {SELECTION_NOTE['best']}, optimistic",
         *_text_table(*summary_rows(results), left=_TEXT_COLUMNS),
     ]
     if results["has_paper"]:
@@ -200,11 +212,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{machine.get('device_name', machine['device'])}, {machine['cpu_count']} CPUs. "
         f"Recall@K ({results['metric']}) with K = {', '.join(map(str, results['ks']))}; values in %.",
         "",
-        "## Results (last checkpoint)",
+        f"## Results: {SELECTION_NOTE['last']}",
         "",
         *_markdown_table(*summary_rows(results)),
         "",
-        "## Best epoch (selected on the test split)",
+        f"## Best epoch: {SELECTION_NOTE['best']}, optimistic",
         "",
         *_best_table(results),
         "",
