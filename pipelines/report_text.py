@@ -70,7 +70,7 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         *[f"R@{k}" for k in ks],
         "MAP@R",
         "NMI",
-        "best/ R@1 (test-selected)",
+        "best/ R@1",
         "img/s",
         "time",
     ]

@@ -380,3 +380,15 @@ def test_datasets_name_their_classes(tmp_path):
     from dmlkd.data.base import ImageCollection
 
     assert ImageCollection(["x"], [7]).class_name(7) == "7"  # no names: the number
+
+
+def test_report_headline_is_last_and_best_on_test_is_a_marked_secondary_column(cub_report, runs):
+    out, results = cub_report
+    markdown, summary = (out / "report.md").read_text(), format_summary(results)
+    assert "## Results: last/ (final step)" in markdown
+    assert "## Best epoch: best/ (selected on the test split), optimistic" in markdown
+    assert "checkpoint: last/ (final step)" in summary and "best/ (selected on the test split)" in summary
+    assert "best/ R@1" in summary.splitlines()[2] and "best/ R@1 @epoch: best/ (selected on the test" in summary
+    teacher = results["entries"][0]
+    assert Path(teacher["evaluated_checkpoint"]) == runs["teacher"] / "last"
+    assert teacher["evaluated_note"] == "last/ (final step)"
