@@ -252,7 +252,7 @@ def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple
 
 def describe_selection(results: dict[str, Any]) -> str:
     """One line naming the evaluated checkpoint and how it was chosen (for ``dmlkd eval`` without --json)."""
-    parts = [results["checkpoint_note"]] if results.get("checkpoint_note") else []
+    parts = [results["checkpoint_note"]] if results.get("selected") else []  # a plain folder is just its path
     if results.get("step") is not None:
         parts.append(f"saved at epoch {results['epoch']}, step {results['step']}")
     note = f" ({'; '.join(parts)})" if parts else ""
