@@ -208,6 +208,7 @@ def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     and why, e.g. ``last/ (final step)``), the ``epoch``/``step`` it was saved at, ``metric`` and ``dataset``.
     """
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
+    from dmlkd.checkpoints.selection import selection_note, selection_of
     from dmlkd.data.catalog import build_splits
 
     device = init_processes(config.device).device if launched() else resolve_device(config.device)
@@ -216,8 +217,6 @@ def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     splits, _bad = build_splits(config.data)
     evaluation, resize_ratio = _recorded_eval_view(config.eval, record)
     metrics = evaluate_model(model, splits, evaluation, device, distributed=launched(), resize_ratio=resize_ratio)
-    from dmlkd.checkpoints.io import selection_note, selection_of
-
     saved = record.get("metrics") or {}
     return {
         **metrics,
