@@ -160,7 +160,9 @@ def _retrieval_table(results: dict[str, Any]) -> list[str]:
         for model in query["models"]:
             cells = [f"{'✓' if n['correct'] else '✗'} {_cell(n['class'])}" for n in model["neighbours"]]
             cells += [""] * (grid["neighbours"] - len(cells))
-            rows.append([str(query["query"]), _cell(query["class"]), f"{model['name']} ({model['role']})", *cells])
+            name, role = model["name"], model["role"]
+            who = name if role in name.lower() else f"{name} ({role})"
+            rows.append([str(query["query"]), _cell(query["class"]), _cell(who), *cells])
     return _markdown_table(header, rows)
 
 

@@ -358,8 +358,8 @@ def test_retrieval_grid_shows_teacher_and_student_for_the_same_queries_with_clas
                 assert n["class"] == characters[int(splits.test.labels[n["index"]])]
                 assert n["correct"] == (n["label"] == row["label"])
             cells = " | ".join(f"{'✓' if n['correct'] else '✗'} {n['class']}" for n in shown["neighbours"])
-            role = "teacher" if model == "teacher" else "student"
-            assert f"| {row['query']} | {row['class']} | {model} ({role}) | {cells} |" in markdown
+            who = "teacher" if model == "teacher" else "rkd (student)"
+            assert f"| {row['query']} | {row['class']} | {who} | {cells} |" in markdown
     assert "Retrieval examples: the same test queries ranked by teacher, rkd" in markdown
     with Image.open(out / "retrieval_grid.png") as image:  # 6 queries x 2 models = 12 rows of thumbnails
         assert image.size[1] > 12 * 150
