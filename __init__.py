@@ -20,6 +20,9 @@ __all__ = ["__version__", "load"]
 def load(path: str, device: str = "cpu") -> Any:
     """Load a checkpoint or run folder and return the embedding model in eval mode.
 
+    A run folder means its ``last/`` checkpoint (the final step); pass ``"RUN/best"`` for the one selected
+    on the test split.
+
     Example:
         >>> model = dmlkd.load("runs/cub-r50")          # doctest: +SKIP
         >>> out = model(images)                          # images: (B, 3, H, W) RGB in [0, 1]

@@ -47,7 +47,7 @@ def _glyph_args(args: argparse.Namespace) -> list[str]:
 
 def train_teacher(work: Path, args: argparse.Namespace) -> Path:
     out = work / "teacher"
-    if (out / "best" / "config.json").is_file():
+    if (out / "last" / "config.json").is_file():
         return out
     command = _dmlkd(
         "teacher",

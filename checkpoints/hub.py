@@ -294,7 +294,7 @@ def pull(
     return PullResult(snapshot, out_path, record)
 
 
-def resolve_push_source(source: str | Path, which: str = "best") -> Path:
+def resolve_push_source(source: str | Path, which: str = "last") -> Path:
     """The checkpoint folder to push: ``source/<which>`` for a run folder, else ``source`` itself."""
     path = Path(source)
     if which not in ("best", "last"):
@@ -330,7 +330,7 @@ def push(
     source: str | Path,
     repo_id: str,
     *,
-    which: str = "best",
+    which: str = "last",
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
@@ -338,7 +338,7 @@ def push(
     token: str | bool | None = None,
     dry_run_dir: str | Path | None = None,
 ) -> PushResult:
-    """Upload a run's ``best/`` (or ``last/``) checkpoint, or a checkpoint folder, with a model card.
+    """Upload a run's ``last/`` (or ``best/``) checkpoint, or a checkpoint folder, with a model card.
 
     The checkpoint is loaded strictly first; only ``config.json``, its ``*.safetensors`` files and the
     generated ``README.md`` are uploaded (``create_repo(exist_ok=True)`` + ``upload_folder``). With

@@ -32,6 +32,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dmlkd import jsondata
+
+# A run folder stands for ONE of its checkpoints (last/), the same everywhere: see dmlkd.checkpoints.selection.
+from dmlkd.checkpoints.selection import RUN_CHECKPOINT_DEFAULT, RUN_CHECKPOINTS, SELECTION_NOTE
+from dmlkd.checkpoints.selection import selection_note as selection_note
+from dmlkd.checkpoints.selection import selection_of as selection_of
 from dmlkd.errors import CheckpointError, ConfigError
 
 FORMAT_NAME = "dmlkd-checkpoint"
@@ -352,15 +357,6 @@ def _preview(keys: list[str], limit: int = 4) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-# A run folder stands for one of its checkpoints; every command that takes a run folder uses this order and
-# says which one it used (``dmlkd eval`` output, embeddings metadata, export.json).
-RUN_CHECKPOINT_ORDER = ("best", "last")
-SELECTION_NOTE = {
-    "best": "best/: the evaluation with the highest primary metric on the test split, optimistic",
-    "last": "last/: the end of training",
-}
-
-
 def _looks_like_hub_id(ref: str | Path) -> bool:
     """``org/name`` (one slash, Hub-style names, not ./ or /-anchored): probably meant as ``hf://org/name``."""
     import re
@@ -368,13 +364,15 @@ def _looks_like_hub_id(ref: str | Path) -> bool:
     return isinstance(ref, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?", ref) is not None
 
 
-def resolve_checkpoint_dir(ref: str | Path) -> Path:
-    """A checkpoint folder, a run folder holding ``best/`` (preferred) or ``last/``, ``hf://ORG/NAME[@REV]``, or a
-    published timm model ``timm/NAME[.TAG][@REV][-0]``.
+def resolve_checkpoint_dir(ref: str | Path, which: str | None = None) -> Path:
+    """A checkpoint folder, a run folder (its ``last/``, or ``which="best"`` for ``best/``), ``hf://ORG/NAME[@REV]``,
+    or a published timm model ``timm/NAME[.TAG][@REV][-0]``.
 
     A Hub reference is downloaded (or read from the Hub cache) and its snapshot folder, named by the
     resolved commit sha, is returned (``dmlkd.checkpoints.hub.hub_provenance`` recovers repo and commit).
     """
+    if which is not None and which not in RUN_CHECKPOINTS:
+        raise CheckpointError(f"checkpoint selection {which!r} is not valid; choose from: {', '.join(RUN_CHECKPOINTS)}")
     if isinstance(ref, str) and ref.startswith("hf://"):
         from dmlkd.checkpoints.hub import resolve_hub_ref
 
@@ -384,16 +382,23 @@ def resolve_checkpoint_dir(ref: str | Path) -> Path:
 
         return hub_model_folder(str(ref))
     path = Path(ref)
-    if (path / CONFIG_FILE).is_file():
+    child = which or RUN_CHECKPOINT_DEFAULT
+    if (path / CONFIG_FILE).is_file() and not (which and (path / child / CONFIG_FILE).is_file()):
         return path
-    for child in RUN_CHECKPOINT_ORDER:
-        if (path / child / CONFIG_FILE).is_file():
-            return path / child
+    if (path / child / CONFIG_FILE).is_file():
+        return path / child
+    others = [name for name in RUN_CHECKPOINTS if name != child and (path / name / CONFIG_FILE).is_file()]
+    if others:
+        other = others[0]
+        raise CheckpointError(
+            f"run folder {str(ref)!r} has no {child}/ checkpoint (an unfinished run?); it has {other}/: "
+            f"pass {str(Path(ref) / other)!r} to use {SELECTION_NOTE[other]}"
+        )
     if not path.exists():
         hint = f"; if you meant a Hugging Face Hub model, use 'hf://{ref}'" if _looks_like_hub_id(ref) else ""
         raise CheckpointError(f"checkpoint {str(ref)!r} does not exist (give a checkpoint or run folder){hint}")
     raise CheckpointError(
-        f"{str(ref)!r} holds no checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} in it, or in its best/ or last/"
+        f"{str(ref)!r} holds no checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} in it, or in its last/ or best/"
     )
 
 

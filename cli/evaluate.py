@@ -39,9 +39,10 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint: Recall@K, MAP@R and NMI on a dataset's test split.
 
-    REF (or --checkpoint) is a checkpoint folder, an hf://ORG/NAME reference or a run folder; for a run folder
-    best/ is used if present, else last/, and the output names the checkpoint it evaluated (--json: the
-    keys checkpoint, selected, epoch, step, metric, dataset next to the metrics).
+    REF (or --checkpoint) is a checkpoint folder, an hf://ORG/NAME reference or a run folder; a run folder
+    means its last/ (final step; pass RUN/best for best/, selected on the test split), and the output names
+    the checkpoint it evaluated (--json: the keys checkpoint, selected, checkpoint_note, epoch, step, metric,
+    dataset next to the metrics).
 
     \b
     Example: dmlkd eval runs/glyphs-teacher --dataset glyphs
@@ -72,6 +73,6 @@ def eval_command(
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    about = ("checkpoint", "selected", "epoch", "step", "metric", "dataset")
+    about = ("checkpoint", "selected", "checkpoint_note", "epoch", "step", "metric", "dataset")
     click.echo(format_table({k: v for k, v in results.items() if k not in about}))
     click.echo(describe_selection(results))

@@ -49,10 +49,10 @@ def pull_command(reference: str, out: str | None, overwrite: bool, as_json: bool
 @click.argument("repo_id", metavar="ORG/NAME")
 @click.option(
     "--which",
-    type=click.Choice(["best", "last"]),
-    default="best",
+    type=click.Choice(["last", "best"]),
+    default="last",
     show_default=True,
-    help="Which checkpoint of a run folder to push.",
+    help="Which checkpoint of a run folder to push: last/ (final step) or best/ (selected on the test split).",
 )
 @click.option("--private", is_flag=True, default=None, help="Create the repository as private.")
 @click.option("--branch", default=None, help="Push to this branch instead of main.")
@@ -69,7 +69,7 @@ def push_command(
     dry_run: bool,
     out: str | None,
 ) -> None:
-    """Upload a run's best/ (or last/) checkpoint, or a checkpoint folder, with a generated model card.
+    """Upload a run's last/ (or --which best: best/) checkpoint, or a checkpoint folder, with a generated model card.
 
     Only config.json, the checkpoint's *.safetensors files and README.md are uploaded. Needs a token with
     write access (`hf auth login` or HF_TOKEN).
@@ -93,11 +93,14 @@ def push_command(
         commit_message=message,
         dry_run_dir=preview,
     )
+    from dmlkd.checkpoints.io import selection_note
+
+    used = f"{result.source} ({selection_note(result.source)})"
     if dry_run:
-        click.echo(f"dry run: wrote {', '.join(result.files)} of {result.source} to {preview} (nothing uploaded)")
+        click.echo(f"dry run: wrote {', '.join(result.files)} of {used} to {preview} (nothing uploaded)")
         click.echo(f"read {preview}/README.md, then push without --dry-run")
         return
-    click.echo(f"pushed {result.source} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}")
+    click.echo(f"pushed {used} to {result.repo_id} (commit {result.commit}): {', '.join(result.files)}")
     click.echo(f"{result.url}")
     click.echo(f'load it with dmlkd.load("hf://{result.repo_id}@{result.commit}")')
 

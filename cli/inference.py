@@ -24,7 +24,8 @@ def export_command(
 ) -> None:
     """Export the embedding model of REF (a checkpoint, hf:// reference or run folder) with a parity check.
 
-    For a run folder best/ is used if present, else last/; export.json names the checkpoint exported.
+    A run folder means its last/ (final step; pass RUN/best for best/, selected on the test split);
+    export.json and the summary line name the checkpoint exported.
 
     The exported model takes RGB (B, 3, S, S) float in [0, 1], applies the model's own preprocessing and
     returns the (B, D) embedding. It is compared with the eager model on seeded random images (cosine >=
@@ -37,7 +38,8 @@ def export_command(
 
     record = export_model(ref, out, export_format, normalize=normalize, image_size=image_size, overwrite=overwrite)
     click.echo(
-        f"exported {record['source']['spec']} as {export_format} to {out}/{record['artefact']} "
+        f"exported {record['source']['spec']} from {record['source']['checkpoint']} "
+        f"({record['source']['checkpoint_note']}) as {export_format} to {out}/{record['artefact']} "
         f"(input {tuple(record['input']['shape'])}, normalized={record['output']['l2_normalized']})"
     )
     click.echo(f"parity: {_parity_line(record['parity'])}")
@@ -86,7 +88,7 @@ def embed_command(
 ) -> None:
     """Embed IMAGES (files or folders of images) with the model of REF and write them to --out.
 
-    REF is a checkpoint or run folder (best/ preferred over last/), an hf://ORG/NAME reference or an export
+    REF is a checkpoint or run folder (its last/; RUN/best for best/), an hf://ORG/NAME reference or an export
     folder from `dmlkd export` (ONNX or torch.export). The file records the model's digest and input size,
     so `dmlkd search` can check that queries are embedded by the same model.
 
@@ -113,7 +115,11 @@ def embed_command(
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     left_out = f" ({len(skipped)} unreadable images skipped, listed above)" if skipped else ""
-    click.echo(f"wrote {count} embeddings of dimension {dim} to {out}{left_out}")
+    from dmlkd.student.embed import read_embeddings_metadata
+
+    meta = read_embeddings_metadata(out)
+    used = f"{meta.get('checkpoint')} ({meta.get('checkpoint_note') or 'checkpoint'})"
+    click.echo(f"wrote {count} embeddings of dimension {dim} to {out}{left_out}; model {used}")
 
 
 @main.command("search")

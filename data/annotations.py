@@ -110,6 +110,25 @@ def load_cars_annotations(path: Path) -> tuple[list[str], np.ndarray]:
     return relpaths, np.asarray(classes, dtype=np.int64)
 
 
+def load_cars_class_names(path: Path) -> dict[int, str]:
+    """``{class - 1: name}`` from the ``class_names`` of ``cars_annos.mat`` (empty when the file has none)."""
+    import scipy.io
+
+    try:
+        names = scipy.io.loadmat(str(path), variable_names=["class_names"]).get("class_names")
+    except Exception:  # the annotations themselves were read already; names are only for display
+        return {}
+    if names is None:
+        return {}
+    found = {}
+    for index, cell in enumerate(np.asarray(names, dtype=object).reshape(-1)):
+        try:
+            found[index] = str(np.asarray(cell).reshape(-1)[0])
+        except (IndexError, ValueError, TypeError):
+            continue
+    return found
+
+
 @dataclass
 class CsvTable:
     """The rows of a dataset CSV; flags are per test row and ``None`` without ``is_query``/``is_gallery``."""

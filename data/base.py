@@ -8,7 +8,7 @@ same collection serves training, evaluation and the teacher cache. ``identifiers
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,13 +79,27 @@ class ImageSource:
 
 
 class ImageCollection:
-    """A labelled, indexable set of images. Subclasses implement ``load`` (and may override ``open``)."""
+    """A labelled, indexable set of images. Subclasses implement ``load`` (and may override ``open``).
 
-    def __init__(self, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+    ``class_names`` maps a label to its human-readable name where the dataset has one (a glyph's character,
+    a class folder's name, an annotation file's class name); ``class_name(label)`` falls back to the number.
+    """
+
+    def __init__(
+        self,
+        identifiers: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Mapping[int, str] | None = None,
+    ) -> None:
         if len(identifiers) != len(labels):
             raise ValueError("identifiers and labels differ in length")
         self.identifiers = list(identifiers)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names: dict[int, str] = {int(k): str(v) for k, v in (class_names or {}).items()}
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label``, or the label as a string when the dataset names no classes."""
+        return self.class_names.get(int(label), str(int(label)))
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -106,8 +120,14 @@ class ImageCollection:
 class FileImageCollection(ImageCollection):
     """Images stored as files under ``root``; identifiers are paths relative to ``root``."""
 
-    def __init__(self, root: Path, relpaths: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
-        super().__init__(relpaths, labels)
+    def __init__(
+        self,
+        root: Path,
+        relpaths: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Mapping[int, str] | None = None,
+    ) -> None:
+        super().__init__(relpaths, labels, class_names)
         self.root = Path(root)
 
     def path(self, index: int) -> Path:
@@ -133,8 +153,14 @@ class FileImageCollection(ImageCollection):
 class ArrayImageCollection(ImageCollection):
     """Images held in memory as a ``(N, H, W)`` or ``(N, H, W, 3)`` uint8 array."""
 
-    def __init__(self, images: np.ndarray, identifiers: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
-        super().__init__(identifiers, labels)
+    def __init__(
+        self,
+        images: np.ndarray,
+        identifiers: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Mapping[int, str] | None = None,
+    ) -> None:
+        super().__init__(identifiers, labels, class_names)
         self.images = images
 
     def load(self, index: int) -> Image.Image:
@@ -145,7 +171,7 @@ class Subset(ImageCollection):
     """A view of another collection restricted to ``positions`` (e.g. after skipping bad files)."""
 
     def __init__(self, base: ImageCollection, positions: Sequence[int]) -> None:
-        super().__init__([base.identifiers[i] for i in positions], base.labels[list(positions)])
+        super().__init__([base.identifiers[i] for i in positions], base.labels[list(positions)], base.class_names)
         self.base = base
         self.positions = list(positions)
 

@@ -290,7 +290,8 @@ def _collection(renders: np.ndarray, codes: list[int], first_label: int) -> Arra
         f"glyphs:U+{code:04X}:{face}:{k}" for code in codes for face in FACES[:faces] for k in range(repeats)
     ]
     labels = np.repeat(np.arange(first_label, first_label + classes), faces * repeats)
-    return ArrayImageCollection(renders.reshape(-1, *renders.shape[3:]), identifiers, labels)
+    names = {first_label + i: chr(code) for i, code in enumerate(codes)}  # each class is one character
+    return ArrayImageCollection(renders.reshape(-1, *renders.shape[3:]), identifiers, labels, names)
 
 
 @DATASETS.register("glyphs")

@@ -20,6 +20,7 @@ import numpy as np
 from dmlkd.data.annotations import CsvTable as CsvTable
 from dmlkd.data.annotations import (
     load_cars_annotations,
+    load_cars_class_names,
     read_csv_table,
     read_partition,
     read_sop_list,
@@ -114,15 +115,26 @@ def _check_listed(name: str, collection: FileImageCollection, source: str) -> No
 
 
 def _split_by_class(
-    base: Path, relpaths: list[str], labels: np.ndarray, first_test: int
+    base: Path, relpaths: list[str], labels: np.ndarray, first_test: int, names: dict[int, str] | None = None
 ) -> dict[str, FileImageCollection]:
     """Train = labels below ``first_test``, test = the rest; labels are kept as they are (not remapped)."""
     is_train = labels < first_test
     found = {}
     for split, mask in (("train", is_train), ("test", ~is_train)):
         chosen = np.flatnonzero(mask)
-        found[split] = FileImageCollection(base, [relpaths[i] for i in chosen], labels[chosen])
+        found[split] = FileImageCollection(base, [relpaths[i] for i in chosen], labels[chosen], names)
     return found
+
+
+def _raw_names(raw: list[Any], labels: np.ndarray) -> dict[int, str]:
+    """``{label: the raw label it was remapped from}`` (a CSV's class names)."""
+    return {int(label): str(value) for value, label in zip(raw, labels.tolist())}
+
+
+def _folder_names(relpaths: list[str], labels: np.ndarray, prefix: str) -> dict[int, str]:
+    """``{label: class folder name}`` of a ``_labelled_tree`` (the folder below ``prefix``)."""
+    depth = len(Path(prefix).parts)
+    return {int(label): Path(path).parts[depth] for path, label in zip(relpaths, labels.tolist())}
 
 
 def _finish(
@@ -181,7 +193,8 @@ def read_cub(root: str | Path | None, verify_counts: bool = True) -> DatasetSpli
     base = _dataset_dir("cub", root, "CUB_200_2011", "images")
     relpaths, labels = _labelled_tree(base, "images", recursive=False)
     hint = " (6,033 images is CUB-200 2010, not CUB-200-2011)" if len(relpaths) == 6_033 else ""
-    found = _finish("cub", _split_by_class(base, relpaths, labels, 100), base, verify_counts, hint)
+    names = _folder_names(relpaths, labels, "images")
+    found = _finish("cub", _split_by_class(base, relpaths, labels, 100, names), base, verify_counts, hint)
     return DatasetSplits("cub", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
 
 
@@ -193,7 +206,8 @@ def read_cars(root: str | Path | None, verify_counts: bool = True) -> DatasetSpl
     """
     base = _dataset_dir("cars", root, "cars196", "cars_annos.mat")
     relpaths, classes = load_cars_annotations(base / "cars_annos.mat")
-    found = _finish("cars", _split_by_class(base, relpaths, classes - 1, 98), base, verify_counts)
+    names = load_cars_class_names(base / "cars_annos.mat")
+    found = _finish("cars", _split_by_class(base, relpaths, classes - 1, 98, names), base, verify_counts)
     for collection in found.values():
         _check_listed("cars", collection, "cars_annos.mat")  # type: ignore[arg-type]
     return DatasetSplits("cars", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
@@ -206,7 +220,13 @@ def read_sop(root: str | Path | None, verify_counts: bool = True) -> DatasetSpli
     found = {}
     for split in ("train", "test"):
         relpaths, classes = read_sop_list(_require_file("sop", base / f"Ebay_{split}.txt"))
-        found[split] = FileImageCollection(base, relpaths, remap_labels(classes))
+        labels = remap_labels(classes)
+        # A product has no name in Ebay_*.txt: its super-class folder (bicycle_final -> bicycle) and class id.
+        names = {
+            int(label): f"{Path(path).parts[0].removesuffix('_final')} {raw}"
+            for path, raw, label in zip(relpaths, classes, labels.tolist())
+        }
+        found[split] = FileImageCollection(base, relpaths, labels, names)
     _finish("sop", found, base, verify_counts)
     for split, collection in found.items():
         _check_listed("sop", collection, f"Ebay_{split}.txt")
@@ -283,7 +303,7 @@ def read_folder(root: str | Path | None, train_classes: int | float = 0.5) -> Da
             f"/ {total - first_test} test classes; each side needs at least 2 (adjust train_classes or add "
             "classes)"
         )
-    found = _split_by_class(base, relpaths, labels, first_test)
+    found = _split_by_class(base, relpaths, labels, first_test, _folder_names(relpaths, labels, ""))
     return DatasetSplits("folder", found["train"], found["test"], recall_ks=(1, 2, 4, 8))
 
 
@@ -300,8 +320,9 @@ def read_csv(root: str | Path | None) -> DatasetSplits:
         raise DataError("dataset 'csv' needs the path of a CSV file with columns path,label,split as its root")
     table = read_csv_table(Path(root).expanduser())
     folder = table.path.parent
-    train = FileImageCollection(folder, table.train_paths, remap_labels(table.train_labels))
-    test = FileImageCollection(folder, table.test_paths, remap_labels(table.test_labels))
+    train_labels, test_labels = remap_labels(table.train_labels), remap_labels(table.test_labels)
+    train = FileImageCollection(folder, table.train_paths, train_labels, _raw_names(table.train_labels, train_labels))
+    test = FileImageCollection(folder, table.test_paths, test_labels, _raw_names(table.test_labels, test_labels))
     query = gallery = None
     if table.is_query is not None and table.is_gallery is not None:
         query = Subset(test, [i for i, flag in enumerate(table.is_query) if flag])

@@ -203,10 +203,12 @@ def _metrics(
 def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     """``dmlkd eval``: load the checkpoint, read the dataset, evaluate (shared by the processes of a launcher).
 
-    Returns the metrics plus ``checkpoint`` (the folder evaluated), ``selected`` (``best``/``last`` for a
-    run's checkpoint, else None), the ``epoch``/``step`` it was saved at, ``metric`` and ``dataset``.
+    Returns the metrics plus ``checkpoint`` (the folder evaluated: a run folder means its ``last/``),
+    ``selected`` (``last``/``best`` for a run's checkpoint, else None), ``checkpoint_note`` (which checkpoint
+    and why, e.g. ``last/ (final step)``), the ``epoch``/``step`` it was saved at, ``metric`` and ``dataset``.
     """
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
+    from dmlkd.checkpoints.selection import selection_note, selection_of
     from dmlkd.data.catalog import build_splits
 
     device = init_processes(config.device).device if launched() else resolve_device(config.device)
@@ -219,7 +221,8 @@ def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     return {
         **metrics,
         "checkpoint": str(directory),
-        "selected": saved.get("selected"),
+        "selected": selection_of(directory, record),
+        "checkpoint_note": selection_note(directory, record),
         "epoch": saved.get("epoch"),
         "step": saved.get("step"),
         "metric": config.eval.metric,
@@ -248,9 +251,7 @@ def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple
 
 def describe_selection(results: dict[str, Any]) -> str:
     """One line naming the evaluated checkpoint and how it was chosen (for ``dmlkd eval`` without --json)."""
-    from dmlkd.checkpoints.io import SELECTION_NOTE
-
-    parts = [SELECTION_NOTE[results["selected"]]] if results.get("selected") in SELECTION_NOTE else []
+    parts = [results["checkpoint_note"]] if results.get("selected") else []  # a plain folder is just its path
     if results.get("step") is not None:
         parts.append(f"saved at epoch {results['epoch']}, step {results['step']}")
     note = f" ({'; '.join(parts)})" if parts else ""

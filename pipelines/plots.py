@@ -140,6 +140,8 @@ def plot_retrieval_grid(
     load_gallery: Callable[[int], Image.Image],
     path: Path,
     title: str = "",
+    class_name: Callable[[int], str] = str,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """A grid: each row a query (blue frame) and its nearest neighbours, green frame if correct, red if not.
 
@@ -148,6 +150,8 @@ def plot_retrieval_grid(
         load_query, load_gallery: positions → PIL images (the same function for leave-one-out retrieval).
         path: the PNG to write.
         title: the figure title (e.g. which model ranked the neighbours).
+        class_name: label → the name shown in the captions (a glyph's character; the number by default).
+        row_labels: per row, the model that ranked it (shown above the query).
     """
     columns = 1 + max((len(row.neighbours) for row in rows), default=0)
     figure = _figure(1.6 * columns, 1.7 * max(len(rows), 1) + 0.4)
@@ -155,10 +159,11 @@ def plot_retrieval_grid(
     for axes in grid.flat:
         axes.set_axis_off()
     for r, row in enumerate(rows):
-        _show(grid[r][0], load_query(row.query), QUERY_COLOR, f"query (class {row.query_label})")
+        who = f"{row_labels[r]}\n" if row_labels else ""
+        _show(grid[r][0], load_query(row.query), QUERY_COLOR, f"{who}query: {class_name(row.query_label)}")
         for c, (position, label) in enumerate(zip(row.neighbours, row.neighbour_labels), start=1):
             color = CORRECT_COLOR if label == row.query_label else WRONG_COLOR
-            _show(grid[r][c], load_gallery(position), color, f"#{c} (class {label})")
+            _show(grid[r][c], load_gallery(position), color, f"#{c}: {class_name(label)}")
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -208,22 +213,28 @@ def entry_label(entry: Mapping[str, Any]) -> str:
     return name if entry["role"] == "student" or "teacher" in name.lower() else f"{name} (teacher)"
 
 
+def grid_queries(embedded: ModelEmbeddings, eval_config: EvalConfig, num_queries: int = GRID_QUERIES) -> list[int]:
+    """The query positions of the retrieval grid, drawn with ``eval_config.seed`` (the same for every model)."""
+    count = embedded.query.shape[0]
+    chosen = np.random.default_rng(eval_config.seed).choice(count, size=min(num_queries, count), replace=False)
+    return [int(position) for position in chosen.tolist()]
+
+
 def grid_rows(
     embedded: ModelEmbeddings,
     eval_config: EvalConfig,
     num_queries: int = GRID_QUERIES,
     num_neighbours: int = GRID_NEIGHBOURS,
+    queries: Sequence[int] | None = None,
 ) -> list[GridRow]:
-    """``num_queries`` queries drawn with ``eval_config.seed`` and their nearest neighbours (self excluded by
-    index, so an exact duplicate of the query still shows up as a neighbour)."""
+    """``num_queries`` queries drawn with ``eval_config.seed`` (or the given ``queries``) and their nearest
+    neighbours (self excluded by index, so an exact duplicate of the query still shows up as a neighbour)."""
     from dmlkd.evaluation import knn
 
     leave_one_out = embedded.gallery is None
     gallery = embedded.query if leave_one_out else embedded.gallery
     gallery_labels = embedded.query_labels if leave_one_out else embedded.gallery_labels
-    count = embedded.query.shape[0]
-    chosen = np.random.default_rng(eval_config.seed).choice(count, size=min(num_queries, count), replace=False)
-    chosen = chosen.tolist()
+    chosen = list(queries) if queries is not None else grid_queries(embedded, eval_config, num_queries)
     k = min(num_neighbours + int(leave_one_out), gallery.shape[0])
     _, indices = knn(embedded.query[chosen], gallery, k, metric=eval_config.metric, backend=eval_config.backend)
     rows = []
@@ -240,12 +251,56 @@ def grid_rows(
     return rows
 
 
-def grid_model(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The student with the highest Recall@1 evaluated here (ties: the first), else the first entry."""
-    students = [e for e in entries if e["role"] == "student"]
-    if students:
-        return max(students, key=lambda e: (e["here"].get("recall@1", -1.0), -students.index(e)))
-    return entries[0] if entries else None
+def grid_order(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The models of the retrieval grid: the teacher(s) first, then every student, in report order."""
+    return [e for e in entries if e["role"] == "teacher"] + [e for e in entries if e["role"] != "teacher"]
+
+
+def retrieval_comparison(
+    entries: Sequence[Mapping[str, Any]],
+    embedded: Mapping[str, ModelEmbeddings],
+    eval_config: EvalConfig,
+    class_name: Callable[[int], str] = str,
+    num_queries: int = GRID_QUERIES,
+    num_neighbours: int = GRID_NEIGHBOURS,
+) -> dict[str, Any]:
+    """The same test queries ranked by every model (teacher first): JSON-ready ``{"queries": [{"query",
+    "label", "class", "models": [{"name", "role", "neighbours": [{"rank", "index", "label", "class",
+    "correct"}]}]}]}``; ``index`` is the position in the gallery (the test split for leave-one-out)."""
+    models = grid_order(entries)
+    if not models:
+        return {"queries": [], "models": [], "neighbours": num_neighbours}
+    queries = grid_queries(embedded[models[0]["name"]], eval_config, num_queries)
+    ranked = {
+        e["name"]: grid_rows(embedded[e["name"]], eval_config, num_neighbours=num_neighbours, queries=queries)
+        for e in models
+    }
+    rows = []
+    for i, query in enumerate(queries):
+        first = ranked[models[0]["name"]][i]
+        per_model = []
+        for entry in models:
+            row = ranked[entry["name"]][i]
+            per_model.append(
+                {
+                    "name": entry["name"],
+                    "role": entry["role"],
+                    "neighbours": [
+                        {
+                            "rank": rank,
+                            "index": index,
+                            "label": label,
+                            "class": class_name(label),
+                            "correct": label == row.query_label,
+                        }
+                        for rank, (index, label) in enumerate(zip(row.neighbours, row.neighbour_labels), start=1)
+                    ],
+                }
+            )
+        rows.append(
+            {"query": query, "label": first.query_label, "class": class_name(first.query_label), "models": per_model}
+        )
+    return {"queries": rows, "models": [e["name"] for e in models], "neighbours": num_neighbours}
 
 
 def write_plots(
@@ -258,18 +313,41 @@ def write_plots(
 ) -> dict[str, str]:
     """Draw the report's three figures into ``out_dir``; returns ``{figure: file name}``.
 
-    Sets ``results["retrieval_grid_model"]`` to the entry whose neighbours the grid shows.
+    Sets ``results["retrieval_grid"]``: the same test queries with the top-k neighbours of the teacher and
+    of each student (class names where the dataset has them), which the grid draws row by row.
     """
     entries = results["entries"]
     plot_recall_per_epoch({entry_label(e): histories[e["name"]] for e in entries}, out_dir / FILES["recall_per_epoch"])
     curves = {entry_label(e): {int(k): v for k, v in e["recall_curve"].items()} for e in entries}
     plot_recall_at_k(curves, out_dir / FILES["recall_at_k"], marked_ks=results["ks"])
-    chosen = grid_model(entries)
-    rows = grid_rows(embedded[chosen["name"]], eval_config) if chosen else []
-    results["retrieval_grid_model"] = chosen["name"] if chosen else None
     query_gallery = splits.query is not None and splits.gallery is not None
     query_side = splits.query if query_gallery else splits.test
     gallery_side = splits.gallery if query_gallery else splits.test
-    title = f"top-{GRID_NEIGHBOURS} neighbours by {chosen['name']} (last checkpoint)" if chosen else ""
-    plot_retrieval_grid(rows, query_side.load, gallery_side.load, out_dir / FILES["retrieval_grid"], title)
+    comparison = retrieval_comparison(entries, embedded, eval_config, query_side.class_name)
+    results["retrieval_grid"] = comparison
+    rows, labels = [], []
+    for query in comparison["queries"]:
+        for model in query["models"]:
+            neighbours = model["neighbours"]
+            rows.append(
+                GridRow(
+                    query["query"], query["label"], [n["index"] for n in neighbours], [n["label"] for n in neighbours]
+                )
+            )
+            labels.append(model["name"])
+    title = (
+        f"top-{GRID_NEIGHBOURS} neighbours of the same test queries by {', '.join(comparison['models'])} "
+        "(last/ checkpoints)"
+        if comparison["models"]
+        else ""
+    )
+    plot_retrieval_grid(
+        rows,
+        query_side.load,
+        gallery_side.load,
+        out_dir / FILES["retrieval_grid"],
+        title,
+        class_name=query_side.class_name,
+        row_labels=labels,
+    )
     return dict(FILES)

@@ -1,7 +1,8 @@
 """The end-of-pipeline report: ``results.json``, ``report.md`` and three PNG figures in the pipeline folder.
 
-For every entry (the teacher and each student) the report gathers the metrics recorded in its ``last/`` and
-``best/`` checkpoints (``best`` is selected on the **test** split, as in the papers: optimistic),
+For every entry (the teacher and each student) the report gathers the metrics recorded in its ``last/`` (the
+headline: final step, no selection) and ``best/`` checkpoints (``best`` is selected on the **test** split, as in
+the papers: optimistic, a secondary column),
 re-embeds the test split once with the last checkpoint on this machine (Recall@K curve, retrieval grid, a
 consistency check of the recorded numbers), measures the eval-forward throughput, and joins the published
 numbers of ``dmlkd.pipelines.paper`` for CUB, Cars and SOP.
@@ -122,6 +123,7 @@ def _entry_results(
     progress: bool,
 ) -> tuple[dict[str, Any], ModelEmbeddings, list[dict[str, Any]]]:
     from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import selection_note
     from dmlkd.evaluation import evaluate_embeddings
 
     run_dir = Path(entry.run_dir)
@@ -161,6 +163,7 @@ def _entry_results(
         "teacher_mode": teacher_mode,
         "run_dir": str(run_dir),
         "evaluated_checkpoint": str(evaluated),
+        "evaluated_note": selection_note(evaluated, checkpoint),
         "model": _model_summary(checkpoint),
         "embedding_dim": int(getattr(model, "embedding_dim", embedding.query.shape[1])),
         "parameters": count_parameters(model),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dmlkd.checkpoints.selection import SELECTION_NOTE
 from dmlkd.pipelines.paper import comparison_rows
 from dmlkd.pipelines.plots import entry_label
 
@@ -61,7 +62,18 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     a student saw its teacher (online / cached / clean).
     """
     ks = results["ks"]
-    header = ["run", "model", "mode", "params", *[f"R@{k}" for k in ks], "MAP@R", "NMI", "best R@1", "img/s", "time"]
+    header = [
+        "run",
+        "model",
+        "mode",
+        "params",
+        *[f"R@{k}" for k in ks],
+        "MAP@R",
+        "NMI",
+        "best/ R@1",
+        "img/s",
+        "time",
+    ]
     rows = []
     for entry in results["entries"]:
         metrics, mark = (entry["last"], "") if entry["last"] else (entry["here"], "†")
@@ -106,7 +118,7 @@ def format_summary(results: dict[str, Any]) -> str:
     marked = " († evaluated here)" if any_marked(results) else ""
     lines = [
         f"{results['scenario']} on {results['dataset']}: Recall@K ({results['metric']}), MAP@R, NMI in %",
-        f"last checkpoint{marked}; best R@1 @epoch: selected on the test split (optimistic)",
+        f"checkpoint: {SELECTION_NOTE['last']}{marked}; best/ R@1 @epoch: {SELECTION_NOTE['best']}, optimistic",
         *_text_table(*summary_rows(results), left=_TEXT_COLUMNS),
     ]
     if results["has_paper"]:
@@ -130,6 +142,27 @@ def _best_table(results: dict[str, Any]) -> list[str]:
         ]
         for e in results["entries"]
     ]
+    return _markdown_table(header, rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def _retrieval_table(results: dict[str, Any]) -> list[str]:
+    """The retrieval grid as a table: per query, one row per model (teacher first) with its top-k classes."""
+    grid = results.get("retrieval_grid") or {}
+    if not grid.get("queries"):
+        return []
+    header = ["query", "class", "model", *[f"#{rank}" for rank in range(1, grid["neighbours"] + 1)]]
+    rows = []
+    for query in grid["queries"]:
+        for model in query["models"]:
+            cells = [f"{'✓' if n['correct'] else '✗'} {_cell(n['class'])}" for n in model["neighbours"]]
+            cells += [""] * (grid["neighbours"] - len(cells))
+            name, role = model["name"], model["role"]
+            who = name if role in name.lower() else f"{name} ({role})"
+            rows.append([str(query["query"]), _cell(query["class"]), _cell(who), *cells])
     return _markdown_table(header, rows)
 
 
@@ -181,11 +214,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{machine.get('device_name', machine['device'])}, {machine['cpu_count']} CPUs. "
         f"Recall@K ({results['metric']}) with K = {', '.join(map(str, results['ks']))}; values in %.",
         "",
-        "## Results (last checkpoint)",
+        f"## Results: {SELECTION_NOTE['last']}",
         "",
         *_markdown_table(*summary_rows(results)),
         "",
-        "## Best epoch (selected on the test split)",
+        f"## Best epoch: {SELECTION_NOTE['best']}, optimistic",
         "",
         *_best_table(results),
         "",
@@ -202,9 +235,21 @@ def render_markdown(results: dict[str, Any]) -> str:
     captions = {
         "recall_per_epoch": "Recall@1 per epoch",
         "recall_at_k": "Recall@K of the last checkpoints",
-        "retrieval_grid": f"Retrieval examples of {results.get('retrieval_grid_model')} (green: same "
-        "class as the query, red: other class)",
+        "retrieval_grid": "Retrieval examples: the same test queries ranked by "
+        f"{', '.join((results.get('retrieval_grid') or {}).get('models') or ['–'])} (green: same class as the "
+        "query, red: other class)",
     }
+    retrieval = _retrieval_table(results)
+    if retrieval:
+        lines += [
+            "## Retrieval examples (last/ checkpoints)",
+            "",
+            "The same test queries (position in the test split, class name) ranked by the teacher and by each "
+            "student: ✓ same class as the query, ✗ other class.",
+            "",
+            *retrieval,
+            "",
+        ]
     lines += ["## Notes", "", *_notes(results), "", "## Figures", ""]
     for key, file_name in results["plots"].items():
         lines += [f"### {captions.get(key, key)}", "", f"![{captions.get(key, key)}]({file_name})", ""]

@@ -197,7 +197,7 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
     for method, run_dir in zip(config.methods, run_dirs):
         target = state.out / "exports" / method
         if not state.done(f"export:{method}"):
-            _header(f"export: {method} as {config.export_format} into {target}")
+            _header(f"export: {method}, {run_dir}/last (final step), as {config.export_format} into {target}")
             call_on_main(export_model, str(run_dir), target, config.export_format, overwrite=True)
             state.finish(f"export:{method}", path=str(target), format=config.export_format)
         exported.append(target)

@@ -330,6 +330,18 @@ def read_embeddings(path: str | os.PathLike) -> tuple[Tensor, list[str], dict[st
     return embeddings, paths, extra
 
 
+def read_embeddings_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an embeddings file (without the paths and without reading the tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise DataError(f"cannot read embeddings file {str(path)!r}: {error}") from None
+    return {key: json.loads(value) for key, value in header.items() if key not in ("format", "paths")}
+
+
 def _check_resize_ratio(resize_ratio: float | str | None) -> None:
     if resize_ratio is None or resize_ratio == RECORDED:
         return
@@ -390,6 +402,7 @@ def embed_paths(
     )
     metadata = {
         "checkpoint": embedder.checkpoint,
+        "checkpoint_note": embedder.checkpoint_note,
         "model_ref": embedder.ref,
         "model_kind": embedder.kind,
         "model_digest": embedder.model_digest,

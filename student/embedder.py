@@ -40,7 +40,8 @@ class Embedder:
         fixed_size: True when the artefact only accepts ``image_size`` (an export).
         spec: the architecture spec, e.g. ``resnet18-128``.
         normalized: True when the model's output is already L2-normalised.
-        checkpoint: the resolved folder.
+        checkpoint: the resolved folder (a run folder resolves to its ``last/``).
+        checkpoint_note: which checkpoint that is and why, e.g. ``last/ (final step)``.
     """
 
     ref: str
@@ -53,9 +54,10 @@ class Embedder:
     checkpoint: str
     run: Callable[[Tensor], Tensor] = field(repr=False)
     resize_ratio: float | None = None  # the eval resize ratio the model recorded (None: not recorded)
+    checkpoint_note: str = ""
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready identity: ref, kind, spec, model_digest, image_size, checkpoint."""
+        """JSON-ready identity: ref, kind, spec, model_digest, image_size, checkpoint, checkpoint_note."""
         return {
             "ref": self.ref,
             "kind": self.kind,
@@ -63,6 +65,7 @@ class Embedder:
             "model_digest": self.model_digest,
             "image_size": self.image_size,
             "checkpoint": self.checkpoint,
+            "checkpoint_note": self.checkpoint_note,
         }
 
     def embed_views(self, views: Tensor, batch_size: int = 64, normalize: bool = False) -> Tensor:
@@ -129,11 +132,13 @@ def _from_export(ref: str, folder: Path, record: dict[str, Any], device: str) ->
         normalized=bool(record.get("normalize") or record.get("output", {}).get("l2_normalized")),
         checkpoint=str(folder.resolve()),
         run=run,
+        checkpoint_note=f"export of {source.get('checkpoint_note') or source.get('checkpoint') or 'a checkpoint'}",
     )
 
 
 def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
     from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import selection_note
     from dmlkd.engine.evaluate import resolve_device
     from dmlkd.student.embed import recorded_image_size, recorded_resize_ratio
 
@@ -157,6 +162,7 @@ def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
         checkpoint=str(folder.resolve()),
         run=run,
         resize_ratio=recorded_resize_ratio(record),
+        checkpoint_note=selection_note(folder, record),
     )
 
 

@@ -304,7 +304,7 @@ def export_model(
     """Export the embedding model of a checkpoint or run folder to ``out``; returns the export record.
 
     Args:
-        ref: checkpoint folder, or run folder (``best/`` preferred over ``last/``).
+        ref: checkpoint folder, or run folder (its ``last/``; ``RUN/best`` for the one selected on the test split).
         out: the export folder to create; an existing one is refused unless ``overwrite``.
         export_format: ``onnx`` (``model.onnx``), ``safetensors`` (a checkpoint folder that ``dmlkd.load``
             reads) or ``torch.export`` (``model.pt2`` for ``torch.export.load``).
@@ -314,6 +314,7 @@ def export_model(
         threshold: minimum row cosine between eager and exported outputs.
     """
     from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir, write_folder_atomically
+    from dmlkd.checkpoints.io import selection_note
     from dmlkd.student.embed import DEFAULT_IMAGE_SIZE, recorded_image_size, recorded_resize_ratio
 
     check_format(export_format)
@@ -336,6 +337,7 @@ def export_model(
     source_info = {
         "ref": str(ref),
         "checkpoint": str(source.resolve()),
+        "checkpoint_note": selection_note(source, record),
         "spec": str(model.config.spec),
         "model_digest": record["files"]["model.safetensors"],
     }

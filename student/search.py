@@ -106,11 +106,15 @@ def embed_gallery(
 
 
 def _recorded_model(meta: dict[str, Any]) -> str | None:
-    """The model an embeddings file names: its ``hf://`` or still existing reference, else the absolute folder."""
+    """The model an embeddings file names: its ``hf://`` reference, else the folder that embedded it (a run
+    folder's reference resolves to the checkpoint it stood for then, e.g. ``RUN/last``), else the reference."""
     ref = meta.get("model_ref")
-    if ref and (str(ref).startswith("hf://") or Path(ref).exists()):
+    if ref and str(ref).startswith("hf://"):
         return str(ref)
-    return meta.get("checkpoint") or ref
+    checkpoint = meta.get("checkpoint")
+    if checkpoint and Path(checkpoint).exists():
+        return str(checkpoint)
+    return ref or checkpoint
 
 
 def folder_label(path: str) -> str:
@@ -239,7 +243,8 @@ def _query_row(path: str, pairs: list[tuple[int, float]], gallery_paths: list[st
 def format_results(result: dict[str, Any]) -> str:
     """Plain text: one block per query, one ``rank score path [label]`` line per neighbour."""
     lines = [
-        f"model {result['model']['ref']} ({result['model']['kind']}, {result['model']['spec']}); gallery "
+        f"model {result['model']['ref']} ({result['model']['kind']}, {result['model']['spec']}; "
+        f"{result['model']['checkpoint']}: {result['model'].get('checkpoint_note') or 'checkpoint'}); gallery "
         f"{result['gallery']['source']} ({result['gallery']['size']} images); {result['metric']}, "
         f"{result['backend']}"
     ]

@@ -65,7 +65,7 @@ def test_eval_json_and_table(checkpoint: Path) -> None:
     assert code == 0, err
     results = json.loads(out)
     metrics = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
-    assert set(results) == metrics | {"checkpoint", "selected", "epoch", "step", "metric", "dataset"}
+    assert set(results) == metrics | {"checkpoint", "selected", "checkpoint_note", "epoch", "step", "metric", "dataset"}
     assert all(0.0 <= results[key] <= 1.0 for key in metrics)
     assert results["checkpoint"] == str(checkpoint) and results["metric"] == "cosine" and results["selected"] is None
     code, out, err = _invoke(
@@ -95,11 +95,11 @@ def test_eval_of_a_run_folder_names_the_checkpoint_it_used(checkpoint: Path, tmp
     code, out, err = _invoke("eval", str(run), *GLYPHS, "--set", "eval.nmi=false", "--json")
     assert code == 0, err
     results = json.loads(out)
-    assert results["checkpoint"] == str(run / "best") and results["selected"] == "best" and results["epoch"] == 2
-    code, out, err = _invoke("eval", str(run), *GLYPHS, "--set", "eval.nmi=false")
+    assert results["checkpoint"] == str(run / "last") and results["selected"] == "last" and results["epoch"] == 3
+    assert results["checkpoint_note"] == "last/ (final step)"
+    code, out, err = _invoke("eval", str(run / "best"), *GLYPHS, "--set", "eval.nmi=false")
     assert code == 0, err
-    assert f"checkpoint {run / 'best'} (best/: the evaluation with the highest primary metric on the test split" in out
-    assert "saved at epoch 2, step 20" in out
+    assert f"checkpoint {run / 'best'} (best/ (selected on the test split); saved at epoch 2, step 20)" in out
     code, _, err = _invoke("eval", *GLYPHS)
     assert code == 2 and "Missing argument 'REF'" in err
 

@@ -421,14 +421,15 @@ def test_push_run_folder_uploads_checkpoint_and_card(
     assert 'dmlkd.load("hf://my-org/cub-student")' in upload["files"]["README.md"].decode()
 
 
-def test_push_picks_best_and_rejects_bad_sources(
+def test_push_picks_last_and_rejects_bad_sources(
     checkpoint: Path, tmp_path: Path, fake_hub_api: dict[str, Any]
 ) -> None:
     run = _run_folder(tmp_path, checkpoint)
-    assert push(run, "my-org/x").source == run / "best"
+    assert push(run, "my-org/x").source == run / "last"
+    assert push(run, "my-org/x", which="best").source == run / "best"
     assert push(checkpoint, "my-org/x").source == checkpoint
-    shutil.rmtree(run / "best")
-    with pytest.raises(CheckpointError, match="has no best/ checkpoint; pass --which last"):
+    shutil.rmtree(run / "last")
+    with pytest.raises(CheckpointError, match="has no last/ checkpoint; pass --which best"):
         push(run, "my-org/x")
     with pytest.raises(CheckpointError, match="does not exist"):
         push(tmp_path / "missing", "my-org/x")

@@ -93,7 +93,7 @@ def test_help_texts() -> None:
     embed = _help("embed")
     assert "1.1428571428571428" not in embed and "256/224" in embed and "--skip-bad-images" in embed
     evaluate = _help("eval")
-    assert "[REF]" in evaluate and "best/ is used if present" in evaluate
+    assert "[REF]" in evaluate and "means its last/" in evaluate
     datasets = CliRunner().invoke(main, ["datasets"]).stdout
     assert "``" not in datasets
     cub = next(

@@ -138,6 +138,8 @@ def test_cars_reads_savemat_struct_and_splits_by_class(tmp_path):
     assert splits.recall_ks == (1, 2, 4, 8)
     assert splits.test.load(2).size == (8, 8)
     assert read_cars(root / "cars196", verify_counts=False).train.identifiers == splits.train.identifiers
+    # class names from the annotation file's class_names (class k is label k - 1)
+    assert (splits.train.class_name(0), splits.test.class_name(195)) == ("Make Model 1", "Make Model 196")
 
 
 def test_cars_counts_missing_annotations_and_missing_images(tmp_path):
@@ -198,6 +200,7 @@ def test_sop_reads_lists_and_remaps_labels_per_split(tmp_path):
         "sofa_final/e_1.JPG": 0,
     }
     assert read_sop(root / "Stanford_Online_Products", verify_counts=False).test.identifiers == splits.test.identifiers
+    assert splits.train.class_name(1).startswith("bicycle ") and splits.test.class_name(0).startswith("sofa ")
     with pytest.raises(DataError, match=r"train: expected 59,551 images / 11,318 classes, found 4 images / 3 classes"):
         read_sop(root)
 

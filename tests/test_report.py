@@ -316,3 +316,79 @@ def test_paper_tables_shape_and_typos():
         for dataset, rows in table.items():
             assert len(rows) == 8 and all(cell.ks == paper.DATASET_KS[dataset] for cell in rows.values())
     assert paper.SOURCE_RESULTS["resnet50"]["cub"].recall[2] == 86.6
+
+
+def _brute_force_top_k(model_dir: Path, splits: DatasetSplits, queries: list[int], k: int) -> list[list[int]]:
+    """The oracle: embed the test split, rank every other test image by cosine similarity (ties: lower index)."""
+    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.engine.evaluate import embed_collection, eval_image_size, eval_resize_ratio
+
+    model, _ = load_checkpoint(model_dir)
+    size, ratio = eval_image_size(EVAL, splits), eval_resize_ratio(EVAL, splits)
+    embeddings, _ = embed_collection(model, splits.test, EVAL, size, ratio, CPU, progress=False)
+    unit = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
+    found = []
+    for query in queries:
+        similarity = (unit @ unit[query]).tolist()
+        others = [i for i in range(len(similarity)) if i != query]
+        found.append(sorted(others, key=lambda i: (-similarity[i], i))[:k])
+    return found
+
+
+def test_retrieval_grid_shows_teacher_and_student_for_the_same_queries_with_class_names(glyph_report, runs, splits):
+    out, results = glyph_report
+    grid = json.loads((out / "results.json").read_text())["retrieval_grid"]
+    assert grid == json.loads(json.dumps(results["retrieval_grid"]))
+    assert grid["models"] == ["teacher", "rkd"]  # the teacher first, then the student
+    queries = [row["query"] for row in grid["queries"]]
+    assert len(queries) == 6 and len(set(queries)) == 6
+    # A glyph class is its character: the codepoint in each image's identifier (glyphs:U+0041:face:k).
+    characters = {
+        int(label): chr(int(identifier.split(":")[1][2:], 16))
+        for identifier, label in zip(splits.test.identifiers, splits.test.labels.tolist())
+    }
+    markdown = (out / "report.md").read_text()
+    for model, folder in (("teacher", runs["downloaded"]), ("rkd", runs["student"] / "last")):
+        oracle = _brute_force_top_k(folder, splits, queries, grid["neighbours"])
+        for row, expected in zip(grid["queries"], oracle):
+            assert row["class"] == characters[row["label"]] == splits.test.class_name(splits.test.labels[row["query"]])
+            (shown,) = [m for m in row["models"] if m["name"] == model]
+            assert [n["index"] for n in shown["neighbours"]] == expected, (model, row["query"])
+            for n in shown["neighbours"]:
+                assert n["class"] == characters[int(splits.test.labels[n["index"]])]
+                assert n["correct"] == (n["label"] == row["label"])
+            cells = " | ".join(f"{'✓' if n['correct'] else '✗'} {n['class']}" for n in shown["neighbours"])
+            who = "teacher" if model == "teacher" else "rkd (student)"
+            assert f"| {row['query']} | {row['class']} | {who} | {cells} |" in markdown
+    assert "Retrieval examples: the same test queries ranked by teacher, rkd" in markdown
+    with Image.open(out / "retrieval_grid.png") as image:  # 6 queries x 2 models = 12 rows of thumbnails
+        assert image.size[1] > 12 * 150
+
+
+def test_datasets_name_their_classes(tmp_path):
+    glyphs = build_splits(DataConfig(name="glyphs", options={"max_classes": 8}))[0]
+    names = [glyphs.test.class_name(label) for label in sorted(set(glyphs.test.labels.tolist()))]
+    assert all(len(name) == 1 for name in names) and len(set(names)) == len(names)
+    assert names[0] == chr(int(glyphs.test.identifiers[0].split(":")[1][2:], 16))
+    assert Subset(glyphs.test, [0]).class_name(int(glyphs.test.labels[0])) == names[0]
+    for shade, name in enumerate(("ant", "bee", "cat", "dog")):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40 * shade, 0, 0)).save(tmp_path / "tree" / name / "a.png")
+    folder = build_splits(DataConfig(name="folder", root=str(tmp_path / "tree")))[0]
+    assert [folder.train.class_name(label) for label in (0, 1)] == ["ant", "bee"]
+    assert [folder.test.class_name(label) for label in (2, 3)] == ["cat", "dog"]
+    from dmlkd.data.base import ImageCollection
+
+    assert ImageCollection(["x"], [7]).class_name(7) == "7"  # no names: the number
+
+
+def test_report_headline_is_last_and_best_on_test_is_a_marked_secondary_column(cub_report, runs):
+    out, results = cub_report
+    markdown, summary = (out / "report.md").read_text(), format_summary(results)
+    assert "## Results: last/ (final step)" in markdown
+    assert "## Best epoch: best/ (selected on the test split), optimistic" in markdown
+    assert "checkpoint: last/ (final step)" in summary and "best/ (selected on the test split)" in summary
+    assert "best/ R@1" in summary.splitlines()[2] and "best/ R@1 @epoch: best/ (selected on the test" in summary
+    teacher = results["entries"][0]
+    assert Path(teacher["evaluated_checkpoint"]) == runs["teacher"] / "last"
+    assert teacher["evaluated_note"] == "last/ (final step)"

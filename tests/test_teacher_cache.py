@@ -212,14 +212,14 @@ def test_teacher_weights_and_identifiers_change_the_key_and_rebuild(teacher, col
 
 def test_digest_of_checkpoint_uses_recorded_file_digest(tmp_path):
     model = _teacher()
-    save_checkpoint(tmp_path / "run" / "best", model)
-    digest = teacher_digest(tmp_path / "run")
-    assert digest == teacher_digest(tmp_path / "run" / "best") and len(digest) == 64
+    save_checkpoint(tmp_path / "run" / "last", model)
+    digest = teacher_digest(tmp_path / "run")  # a run folder stands for its last/
+    assert digest == teacher_digest(tmp_path / "run" / "last") and len(digest) == 64
     assert digest != teacher_digest(model)  # a state-dict digest is another kind of digest
     with torch.no_grad():
         model.embedding.bias.add_(1.0)
     assert teacher_digest(model) != teacher_digest(_teacher())
-    save_checkpoint(tmp_path / "run" / "best", model)
+    save_checkpoint(tmp_path / "run" / "last", model)
     assert teacher_digest(tmp_path / "run") != digest
 
 

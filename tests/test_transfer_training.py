@@ -122,7 +122,7 @@ def test_every_method_trains_end_to_end(tmp_path: Path, teacher: Path, shared_ca
         assert (out / name / "model.safetensors").is_file()
         assert (out / name / "method.safetensors").is_file() == _has_state(method)
     record = _record(out)
-    teacher_record = json.loads((teacher / "best" / "config.json").read_text())
+    teacher_record = json.loads((teacher / "last" / "config.json").read_text())  # a run folder means its last/
     provenance = record["provenance"]
     assert provenance["teacher"] == str(teacher) and provenance["teacher_mode"] == expected_mode
     assert provenance["teacher_digest"] == teacher_record["files"]["model.safetensors"]
