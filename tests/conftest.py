@@ -15,14 +15,62 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+# ------------------------------------------------------------------------------------------ pytest-xdist
+# setup.cfg runs the suite in worker processes (``-n auto --dist loadscope``): every module runs whole on one
+# worker, so module fixtures are built once. Session fixtures are built once per worker.
+
+# The modules that take longest (seconds of one run on 2 busy cores, slowest first): a worker that starts one
+# of them last would keep the whole run waiting, so they are handed out first. A module not named here simply
+# goes after them in its usual order; the list only changes the order, never what runs.
+SLOW_MODULES = (
+    "test_bad_inputs.py",
+    "test_run_lifecycle.py",
+    "test_crash_safety.py",
+    "test_distributed.py",
+    "test_pipeline_distributed.py",
+    "test_transfer_training.py",
+    "test_seed_methods_demo.py",
+    "test_pipelines.py",
+    "test_timm.py",
+    "test_teacher_training.py",
+)
+MAX_AUTO_WORKERS = 4  # each worker holds torch and a few models (~2 GB): more would not pay on a small machine
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per usable core, at most ``MAX_AUTO_WORKERS`` (PYTEST_XDIST_AUTO_NUM_WORKERS wins)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, put the slowest modules first (a stable sort: the order inside a module is unchanged)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: index for index, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))
+
+
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder every worker of this run shares (the base temporary folder itself without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # One glyph cache per test session (rendering is deterministic, so sharing it within the session is safe);
-    # subprocesses started by tests inherit these variables.
+    # One glyph cache per test run, shared by the xdist workers (rendering is deterministic and cache files are
+    # replaced atomically, so sharing it is safe); subprocesses started by tests inherit these variables.
     if "DMLKD_CACHE" not in os.environ:
-        os.environ["DMLKD_CACHE"] = str(tmp_path_factory.mktemp("dmlkd-cache"))
+        cache = _session_root(tmp_path_factory) / "dmlkd-cache"
+        cache.mkdir(exist_ok=True)
+        os.environ["DMLKD_CACHE"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Subprocesses (the CLI, torchrun, accelerate) too: two workers each running a 2-thread child would
+    # oversubscribe 2 cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
     # Tiny models are much slower with two intra-op threads on a busy 2-core machine than with one.
     import torch
