@@ -78,6 +78,52 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where session fixtures keep their folders: made before any module starts (autouse, session scope), so
+    ``_module_folders_removed`` never deletes it."""
+    folder = tmp_path_factory.getbasetemp() / "session-shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+# The tiny teacher several modules train the same way: resnet18-16, 2 steps of 4 classes x 4 images on a 16-class
+# glyph subset, no NMI, no evaluation at start.
+TINY_TEACHER_ARGS = [
+    "--max-steps",
+    "2",
+    "--model",
+    "resnet18-16",
+    "--dataset",
+    "glyphs",
+    "--set",
+    "data.options.max_classes=16",
+    "--batch-size",
+    "16",
+    "--ipc",
+    "4",
+    "--no-progress",
+    "--set",
+    "eval.nmi=false",
+    "--set",
+    "train.eval_at_start=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(_session_shared_folder: Path) -> Path:
+    """A finished ``dmlkd teacher train`` run (``TINY_TEACHER_ARGS``) trained once per session (per xdist
+    worker) and shared read-only: a test that changes it must work on a ``shutil.copytree`` copy."""
+    from click.testing import CliRunner
+
+    from dmlkd.cli import main
+
+    out = _session_shared_folder / "tiny-teacher" / "run"
+    result = CliRunner().invoke(main, ["teacher", "train", "--out", str(out), *TINY_TEACHER_ARGS])
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return out
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _module_folders_removed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Delete the folders a test module's fixtures made (checkpoints: several GB per session) when it ends.
