@@ -19,9 +19,9 @@ import pytest
 # setup.cfg runs the suite in worker processes (``-n auto --dist loadscope``): every module runs whole on one
 # worker, so module fixtures are built once. Session fixtures are built once per worker.
 
-# The modules that take longest (seconds of one run on 2 busy cores, slowest first): a worker that starts one
-# of them last would keep the whole run waiting, so they are handed out first. A module not named here simply
-# goes after them in its usual order; the list only changes the order, never what runs.
+# The modules that take longest (subprocess runs, full teacher/transfer/pipeline runs; roughly slowest first): a
+# worker that started one of them last would keep the whole run waiting, so they are handed out first. A module
+# not named here goes after them in its usual order; the list only changes the order, never what runs.
 SLOW_MODULES = (
     "test_bad_inputs.py",
     "test_run_lifecycle.py",
