@@ -15,19 +15,117 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+# ------------------------------------------------------------------------------------------ pytest-xdist
+# setup.cfg runs the suite in worker processes (``-n auto --dist loadscope``): every module runs whole on one
+# worker, so module fixtures are built once. Session fixtures are built once per worker.
+
+# The modules that take longest (subprocess runs, full teacher/transfer/pipeline runs; roughly slowest first): a
+# worker that started one of them last would keep the whole run waiting, so they are handed out first. A module
+# not named here goes after them in its usual order; the list only changes the order, never what runs.
+SLOW_MODULES = (  # from a one-process run's --durations (seconds of wall time on a busy machine)
+    "test_seed_methods_demo.py",  # 775
+    "test_teacher_training.py",  # 483
+    "test_run_lifecycle.py",  # 412
+    "test_transfer_set.py",  # 314
+    "test_bad_inputs.py",  # 244
+    "test_transfer_training.py",  # 214
+    "test_timm.py",  # 154
+    "test_teacher_losses_extra.py",  # 114
+    "test_teacher_cache_key.py",  # 98
+    "test_pipelines.py",  # 74
+    "test_pipeline_distributed.py",  # 70
+    "test_teacher_cache.py",  # 55
+    "test_distributed.py",  # 51
+    "test_crash_safety.py",  # 46
+)
+MAX_AUTO_WORKERS = 4  # each worker holds torch and a few models (~2 GB): more would not pay on a small machine
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per usable core, at most ``MAX_AUTO_WORKERS`` (PYTEST_XDIST_AUTO_NUM_WORKERS wins)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, put the slowest modules first (a stable sort: the order inside a module is unchanged)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: index for index, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))
+
+
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder every worker of this run shares (the base temporary folder itself without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # One glyph cache per test session (rendering is deterministic, so sharing it within the session is safe);
-    # subprocesses started by tests inherit these variables.
+    # One glyph cache per test run, shared by the xdist workers (rendering is deterministic and cache files are
+    # replaced atomically, so sharing it is safe); subprocesses started by tests inherit these variables.
     if "DMLKD_CACHE" not in os.environ:
-        os.environ["DMLKD_CACHE"] = str(tmp_path_factory.mktemp("dmlkd-cache"))
+        cache = _session_root(tmp_path_factory) / "dmlkd-cache"
+        cache.mkdir(exist_ok=True)
+        os.environ["DMLKD_CACHE"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Subprocesses (the CLI, torchrun, accelerate) too: two workers each running a 2-thread child would
+    # oversubscribe 2 cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
     # Tiny models are much slower with two intra-op threads on a busy 2-core machine than with one.
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where session fixtures keep their folders: made before any module starts (autouse, session scope), so
+    ``_module_folders_removed`` never deletes it."""
+    folder = tmp_path_factory.getbasetemp() / "session-shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+# The tiny teacher several modules train the same way: resnet18-16, 2 steps of 4 classes x 4 images on a 16-class
+# glyph subset, no NMI, no evaluation at start.
+TINY_TEACHER_ARGS = [
+    "--max-steps",
+    "2",
+    "--model",
+    "resnet18-16",
+    "--dataset",
+    "glyphs",
+    "--set",
+    "data.options.max_classes=16",
+    "--batch-size",
+    "16",
+    "--ipc",
+    "4",
+    "--no-progress",
+    "--set",
+    "eval.nmi=false",
+    "--set",
+    "train.eval_at_start=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(_session_shared_folder: Path) -> Path:
+    """A finished ``dmlkd teacher train`` run (``TINY_TEACHER_ARGS``) trained once per session (per xdist
+    worker) and shared read-only: a test that changes it must work on a ``shutil.copytree`` copy."""
+    from click.testing import CliRunner
+
+    from dmlkd.cli import main
+
+    out = _session_shared_folder / "tiny-teacher" / "run"
+    result = CliRunner().invoke(main, ["teacher", "train", "--out", str(out), *TINY_TEACHER_ARGS])
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return out
 
 
 @pytest.fixture(scope="module", autouse=True)

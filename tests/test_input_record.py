@@ -25,15 +25,11 @@ def _cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, torch.Tensor, float]:
-    """A 2-step demo teacher on 16 glyph classes (32 px), its test images as PNG files and labels, its R@1."""
+def trained(tmp_path_factory, tiny_teacher_run: Path) -> tuple[Path, Path, torch.Tensor, float]:
+    """A 2-step demo teacher on 16 glyph classes (32 px; the session's shared run, read only), its test images
+    as PNG files and labels, its R@1."""
     work = tmp_path_factory.mktemp("input-record")
-    run = work / "run"
-    _cli(
-        *("teacher", "train", "--out", str(run), "--dataset", "glyphs", "--set", "data.options.max_classes=16"),
-        *("--model", "resnet18-16", "--batch-size", "16", "--ipc", "4", "--max-steps", "2", "--no-progress"),
-        *("--set", "eval.nmi=false", "--set", "train.eval_at_start=false"),
-    )
+    run = tiny_teacher_run
     test = build_glyphs(max_classes=16).test
     folder = work / "test-images"
     folder.mkdir()

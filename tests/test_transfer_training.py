@@ -60,12 +60,9 @@ def _one_line_error(code: int, stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny resnet18-16 teacher (2 steps) shared by the module's tests."""
-    out = tmp_path_factory.mktemp("transfer") / "teacher"
-    code, _, stderr = _run(["teacher", "train", "--out", str(out), "--max-steps", "2", "--model", "resnet18-16", *TINY])
-    assert code == 0, stderr
-    return out
+def teacher(tiny_teacher_run: Path) -> Path:
+    """The session's tiny resnet18-16 teacher (2 steps, the options of ``TINY``), read only."""
+    return tiny_teacher_run
 
 
 @pytest.fixture(scope="module")
