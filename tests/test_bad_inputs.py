@@ -1,10 +1,11 @@
 """The catalogue of bad input, run through the real ``dmlkd`` CLI as a user meets it (docs/errors.md).
 
-Every case runs ``python -m dmlkd ...`` in a subprocess and must exit non-zero with ONE readable stderr line
+Every case runs ``dmlkd ...`` (through click's CliRunner in this process, or ``python -m dmlkd`` in a subprocess
+for the cases that need their own environment) and must exit non-zero with ONE readable stderr line
 ``error: ...`` that names the bad value and what would be valid (no traceback), and must leave every file that
 existed before untouched (path, size, mtime_ns, and sha256 for small files; big tensor files by size and
-mtime). New files may appear only under the case's own ``--out``. The cases run in a small thread pool (each
-subprocess pays ~3 s of imports); the results are then checked one parametrized test per case.
+mtime). New files may appear only under the case's own ``--out``. Subprocess cases run in a small thread pool
+(each pays ~3 s of imports); the results are then checked one parametrized test per case.
 
 A teacher cache built for another teacher is the one case that succeeds: it is detected, logged and rebuilt
 (``test_foreign_teacher_cache_is_rebuilt_not_used``).
@@ -57,7 +58,13 @@ class Case:
     expect: tuple[str, ...]
     out: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    inprocess: bool = False  # run through click's CliRunner in the test process (no ~3 s import per case)
+    # True: click's CliRunner in the test process (no ~3 s of imports per case); False: ``python -m dmlkd`` in a
+    # subprocess. Cases with an environment (the stand-in Hub, online/offline) always run in a subprocess.
+    inprocess: bool = True
+
+    @property
+    def in_this_process(self) -> bool:
+        return self.inprocess and not self.env
 
 
 def _teacher(*args: str) -> tuple[str, ...]:
@@ -732,7 +739,7 @@ def _run_case(name: str, case: Case, world: Path, paths: dict[str, Path], hub_ur
     command = [sys.executable, "-m", "dmlkd", *(arg.format(**values) for arg in case.args)]
     watched = (world / "fixtures", scratch)
     before = snapshot(*watched)
-    if case.inprocess:
+    if case.in_this_process:
         returncode, stderr = _invoke(command[3:])
     else:
         result = subprocess.run(
@@ -787,9 +794,9 @@ def outcomes(
         futures = {
             name: pool.submit(_run_case, name, case, world, paths, hub_url)
             for name, case in chosen.items()
-            if not case.inprocess
+            if not case.in_this_process
         }
-        local = {name: case for name, case in chosen.items() if case.inprocess}  # meanwhile, in this process
+        local = {name: case for name, case in chosen.items() if case.in_this_process}  # meanwhile, in this process
         results = {name: _run_case(name, case, world, paths, hub_url) for name, case in local.items()}
         results.update({name: future.result() for name, future in futures.items()})
     assert snapshot(fixtures) == initial, "a case modified the shared fixtures"
