@@ -131,8 +131,12 @@ _RESNETS: dict[str, tuple[Callable[..., tvm.ResNet], str]] = {
 def _register_resnet(name: str) -> None:
     factory, weights_name = _RESNETS[name]
 
-    def build(pretrained: bool | str = False, bn_momentum: float | None = None) -> Backbone:
-        backbone = ResNetBackbone(factory(weights=None))
+    def build(
+        pretrained: bool | str = False, bn_momentum: float | None = None, zero_init_residual: bool = False
+    ) -> Backbone:
+        # zero_init_residual only zeroes the last BN gamma of each block after the usual initialisation (no extra
+        # random draws); weights loaded below replace it.
+        backbone = ResNetBackbone(factory(weights=None, zero_init_residual=zero_init_residual))
         return finish_backbone(backbone, pretrained, tvm.get_weight(weights_name).url, bn_momentum)
 
     build.__name__ = build.__qualname__ = name

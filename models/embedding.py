@@ -60,7 +60,10 @@ class EmbeddingNet(nn.Module):
 
             backbone, config = build_timm_backbone(config)
         elif backbone is None:
-            backbone = BACKBONES.build(config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum)
+            extra = {"zero_init_residual": True} if config.zero_init_residual else {}
+            backbone = BACKBONES.build(
+                config.arch, pretrained=config.weights_source(), bn_momentum=config.bn_momentum, **extra
+            )
         self.config = config
         self.backbone = backbone
         self.pooled_dim = backbone.out_channels

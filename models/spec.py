@@ -226,6 +226,9 @@ class ModelConfig:
             pretrained config's; a built timm model records it here, so checkpoints carry it).
         revision: timm models: the Hub revision (branch, tag or commit) of the pretrained weights.
         timm_kwargs: timm models: extra ``timm.create_model`` arguments (``{"img_size": 224}`` ...).
+        zero_init_residual: ResNets: start the last BatchNorm of every residual branch at gamma 0, so each
+            block begins as the identity (torchvision's ``zero_init_residual``; Goyal et al. 2017). It changes
+            only a random initialisation: pretrained or ``weights_path`` weights overwrite it.
         pooling: ignored for timm models, which pool as their own head does (CLS token for ViTs).
     """
 
@@ -240,6 +243,7 @@ class ModelConfig:
     preprocessing: Preprocessing | None = None
     revision: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         timm = is_timm_arch(self.arch)
@@ -257,6 +261,8 @@ class ModelConfig:
             )
         if not timm and (self.revision is not None or self.timm_kwargs):
             raise ConfigError(f"model.revision and model.timm_kwargs apply to timm models only, not {self.arch!r}")
+        if self.zero_init_residual and not self.arch.startswith("resnet"):
+            raise ConfigError(f"model.zero_init_residual applies to ResNets only, not {self.arch!r}")
         if not timm:
             _check_fits(self.arch, self.embedding_dim, f"model {self.arch}-{self.embedding_dim}")
         if self.head_init not in HEAD_INITS:

@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Scenario] = {
 # ResNet-50 trained from scratch does not learn the 32 px demo glyphs within minutes (measured: Recall@1 32.5
 # untrained, 15.5 after 4 epochs with proxy-anchor or normalised softmax), so on the demo data the compression
 # scenario defaults to a ResNet-34 teacher; on real datasets (ImageNet weights, 224 px) it is ResNet-50.
+# `--src resnet50-512` on the demo trains with its own recipe (teacher/config.py DEMO_GLYPHS_BY_ARCH).
 DEMO_SRC = {"compress": "resnet34-512"}
 
 # BN-Inception's stride-2 branches need inputs of at least 64 px (and sizes where they line up).

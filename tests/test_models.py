@@ -334,3 +334,45 @@ def test_reference_state_dict_conversion_round_trip(arch: str, extra_head: str) 
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
     with pytest.raises(CheckpointError, match=r"'embedding\.weight'"):
         convert_reference_state_dict({"embedding.weight": torch.zeros(1)})
+
+
+# --- zero-init residual (from-scratch ResNets) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "last_bn"), [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_makes_every_block_start_as_identity(arch: str, last_bn: str) -> None:
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(arch, 8))
+    torch.manual_seed(0)
+    zeroed = build_model(ModelConfig(arch, 8, zero_init_residual=True))
+    blocks = [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(zeroed.backbone, name)]
+    for block in blocks:
+        assert torch.count_nonzero(getattr(block, last_bn).weight) == 0
+    # The residual branch outputs 0, so a block without a downsample maps its (post-ReLU) input to itself.
+    block = zeroed.backbone.layer1[1]
+    block.eval()
+    block_input = torch.rand(2, block.conv1.in_channels, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(block_input), block_input, rtol=0, atol=0)
+        assert not torch.equal(plain.backbone.layer1[1].eval()(block_input), block_input)
+    # Only those gammas differ: the option draws no extra random numbers, the rest of the init is the same.
+    plain_state, zeroed_state = plain.state_dict(), zeroed.state_dict()
+    differing = {key for key in plain_state if not torch.equal(plain_state[key], zeroed_state[key])}
+    assert differing == {
+        f"backbone.{name}.{last_bn}.weight" for name, block in zeroed.backbone.named_modules() if block in blocks
+    }
+
+
+def test_zero_init_residual_leaves_loaded_weights_alone(tmp_path: Path) -> None:
+    reference = {k: v for k, v in tvm.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp_path / "r18.safetensors"))
+    config = ModelConfig("resnet18", 8, weights_path=str(tmp_path / "r18.safetensors"), zero_init_residual=True)
+    model = build_model(config)
+    torch.testing.assert_close(model.backbone.layer1[0].bn2.weight, reference["layer1.0.bn2.weight"], rtol=0, atol=0)
+    assert torch.count_nonzero(model.backbone.layer1[0].bn2.weight) > 0
+    assert from_dict(ModelConfig, to_dict(config)) == config  # recorded with the model, so a rebuild is the same
+
+
+def test_zero_init_residual_is_for_resnets_only() -> None:
+    with pytest.raises(ConfigError, match=r"zero_init_residual.*ResNets only.*bn_inception"):
+        ModelConfig("bn_inception", 8, zero_init_residual=True)

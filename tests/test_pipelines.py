@@ -233,3 +233,30 @@ def test_bad_pipeline_input(tmp_path: Path, args: list[str], message: str) -> No
     assert code == 2, err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_literal_compress_command_carries_the_demo_resnet50_recipe() -> None:
+    """`dmlkd pipeline compress --src resnet50-512 --dst resnet18-128` on the demo trains its ResNet-50 teacher
+    with the recipe measured to learn the glyphs (teacher/config.py DEMO_GLYPHS_BY_ARCH); the default teacher
+    (ResNet-34) and explicit flags are unaffected."""
+    import yaml
+
+    from dmlkd.config import merge
+    from dmlkd.teacher.config import DEMO_GLYPHS_BY_ARCH, RECIPES
+
+    code, out, err = invoke("pipeline", "compress", "--src", "resnet50-512", "--dst", "resnet18-128", "--print-config")
+    assert code == 0, err
+    teacher = yaml.safe_load(out)["teacher"]
+    expected = merge(RECIPES["demo-glyphs"], DEMO_GLYPHS_BY_ARCH["resnet50"])
+    assert teacher["model"]["arch"] == "resnet50" and teacher["model"]["zero_init_residual"] is True
+    for section in ("optim", "train"):
+        for key, value in expected[section].items():
+            assert teacher[section][key] == value, (section, key)
+    code, out, err = invoke("pipeline", "compress", "--print-config")
+    assert code == 0, err
+    default = yaml.safe_load(out)["teacher"]
+    assert default["model"]["arch"] == "resnet34" and default["model"]["zero_init_residual"] is False
+    assert default["train"]["epochs"] == RECIPES["demo-glyphs"]["train"]["epochs"]
+    code, out, err = invoke("pipeline", "compress", "--src", "resnet50-512", "--teacher-epochs", "3", "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(out)["teacher"]["train"]["epochs"] == 3
