@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlkd import __version__
-from dmlkd.config import to_dict
+from dmlkd.config import from_dict, to_dict
 from dmlkd.engine.rundir import PREVIOUS_PREFIX, RunLock, move_aside, restore_previous
 from dmlkd.errors import ConfigError
 
@@ -50,10 +50,23 @@ def _read_state(out: Path) -> dict[str, Any] | None:
     return record
 
 
+def _saved_config(record: dict[str, Any], config: Any) -> dict[str, Any]:
+    """The config saved in ``pipeline.json`` as this version reads it: a field added since is its default.
+
+    A folder written by an older dmlkd compares equal to the same command today; a tree this version
+    cannot read (a newer dmlkd's fields) is compared as it is, so it differs.
+    """
+    saved = record.get("config", {})
+    try:
+        return to_dict(from_dict(type(config), saved))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def finished_results(out: Path, config: Any) -> dict[str, Any] | None:
     """The results of a finished pipeline in ``out`` run with exactly ``config``, else None."""
     record = _read_state(out)
-    if record is None or record.get("config") != to_dict(config) or FINAL_STAGE not in record["stages"]:
+    if record is None or _saved_config(record, config) != to_dict(config) or FINAL_STAGE not in record["stages"]:
         return None
     try:
         return json.loads((Path(out) / "results.json").read_text())
@@ -98,10 +111,12 @@ class PipelineState:
             record = _read_state(out)
             previous = None
             if record is not None:
-                if record.get("config") == wanted and not overwrite:
+                saved = _saved_config(record, config)
+                if saved == wanted and not overwrite:
+                    record["config"] = wanted
                     return cls(out, record, lock, None)
                 if not overwrite:
-                    difference = _first_difference(record.get("config", {}), wanted)
+                    difference = _first_difference(saved, wanted)
                     raise ConfigError(
                         f"{str(out)!r} holds a pipeline run with different options ({difference}); "
                         "rerun the same command to resume it, or pass --overwrite to replace it"

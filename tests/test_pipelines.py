@@ -11,7 +11,7 @@ from PIL import Image
 
 import dmlkd
 from dmlkd.cli import main
-from dmlkd.errors import Interrupted
+from dmlkd.errors import ConfigError, Interrupted
 
 
 def tiny(tmp: Path) -> list[str]:
@@ -260,3 +260,31 @@ def test_literal_compress_command_carries_the_demo_resnet50_recipe() -> None:
     code, out, err = invoke("pipeline", "compress", "--src", "resnet50-512", "--teacher-epochs", "3", "--print-config")
     assert code == 0, err
     assert yaml.safe_load(out)["teacher"]["train"]["epochs"] == 3
+
+
+def test_a_pipeline_folder_of_an_older_version_is_the_same_run(tmp_path: Path) -> None:
+    """A config field added since the folder was written (its default then) does not make the rerun differ."""
+    from dmlkd.config import to_dict
+    from dmlkd.pipelines.config import build_pipeline_config
+    from dmlkd.pipelines.state import STATE_FILE, PipelineState, finished_results
+
+    config, _ = build_pipeline_config(
+        "compress", src=None, dst=None, methods=None, data={}, teacher_items=[], transfer_items=[]
+    )
+    out = tmp_path / "pipeline"
+    state = PipelineState.open(out, config, overwrite=False)
+    state.lock.release()
+    record = json.loads((out / STATE_FILE).read_text())
+    del record["config"]["teacher"]["model"]["zero_init_residual"]  # as written before the field existed
+    record["stages"]["report"] = {"finished": True}
+    (out / STATE_FILE).write_text(json.dumps(record))
+    (out / "results.json").write_text(json.dumps({"summary": "kept"}))
+    assert finished_results(out, config) == {"summary": "kept"}
+    again = PipelineState.open(out, config, overwrite=False)  # not refused as "different options"
+    again.lock.release()
+    assert again.record["config"] == to_dict(config)
+    changed, _ = build_pipeline_config(
+        "compress", src=None, dst=None, methods=None, data={}, teacher_items=["train.epochs=1"], transfer_items=[]
+    )
+    with pytest.raises(ConfigError, match="different options"):
+        PipelineState.open(out, changed, overwrite=False)
