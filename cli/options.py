@@ -264,7 +264,7 @@ def run_stage_command(
         raise click.UsageError("Missing option '--out' (the run folder).")
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    from dmlkd.engine.report import summary_table
+    from dmlkd.engine.summary import summary_table
 
     if stage == "teacher":
         from dmlkd.teacher.trainer import run_teacher as run

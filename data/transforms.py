@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmlkd.data.base import ImageCollection
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch
 
 _REPLAY_CHOICE = 1  # spawn key that separates replay choices from view parameter streams
 

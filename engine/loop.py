@@ -28,17 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits
+from dmlkd.devices import resolve_device
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine import tracking
-from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.memory_format import use_channels_last
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.engine.tracking import Watcher
 from dmlkd.errors import ConfigError, DmlkdError, Interrupted
+from dmlkd.evaluation.run import evaluate_model
 
 log = logging.getLogger(__name__)
 

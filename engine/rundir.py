@@ -34,8 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dmlkd import __version__, jsondata
+from dmlkd import jsondata
 from dmlkd.errors import ConfigError, Interrupted
+from dmlkd.version import __version__
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "run_config.json"

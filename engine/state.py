@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dmlkd import jsondata
-from dmlkd.checkpoints.io import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
+from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
 from dmlkd.errors import CheckpointError
 
 TENSORS = "tensors.safetensors"

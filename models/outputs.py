@@ -1,9 +1,8 @@
-"""Small structured values passed between data, models and losses."""
+"""What a model returns (``ModelOutput``); the batch it is fed is ``dmlkd.data.batch.Batch``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from torch import Tensor
 
@@ -21,14 +20,3 @@ class ModelOutput:
     embedding: Tensor
     pooled: Tensor
     features: tuple[Tensor, ...] | None = None
-
-
-class Batch(NamedTuple):
-    """A collated batch. With V views, ``images`` is view-major: row ``i + v * B`` is view ``v`` of image i.
-
-    ``labels`` and ``indices`` (dataset positions) are repeated per view the same way.
-    """
-
-    images: Tensor
-    labels: Tensor
-    indices: Tensor

@@ -74,7 +74,7 @@ def write_report(
         device: where models are embedded and timed.
         progress: show embedding progress bars.
     """
-    from dmlkd.engine.evaluate import eval_image_size
+    from dmlkd.evaluation.run import eval_image_size
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def _entry_results(
     device: torch.device,
     progress: bool,
 ) -> tuple[dict[str, Any], ModelEmbeddings, list[dict[str, Any]]]:
-    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import load_checkpoint
     from dmlkd.evaluation import evaluate_embeddings
 
     run_dir = Path(entry.run_dir)
@@ -230,7 +230,7 @@ def _recorded_metrics(
     folders: dict[str, Path | None], checkpoint: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The metrics stored in ``last/`` and ``best/``; a bare checkpoint counts as what it was saved as."""
-    from dmlkd.checkpoints import read_checkpoint_config
+    from dmlkd.checkpoints.folder import read_checkpoint_config
 
     def metrics_of(folder: Path | None) -> dict[str, Any] | None:
         return read_checkpoint_config(folder).get("metrics") or None if folder else None
@@ -297,7 +297,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    from dmlkd import __version__
+    from dmlkd.version import __version__
 
     info = {
         "torch": torch.__version__,
@@ -321,7 +321,7 @@ def _embed(
     device: torch.device,
     progress: bool,
 ) -> ModelEmbeddings:
-    from dmlkd.engine.evaluate import embed_collection, eval_resize_ratio
+    from dmlkd.evaluation.run import embed_collection, eval_resize_ratio
 
     resize_ratio = eval_resize_ratio(eval_config, splits)
     if splits.query is not None and splits.gallery is not None:

@@ -81,11 +81,11 @@ def _header(text: str) -> None:
 
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
+    from dmlkd.checkpoints.io import resolve_checkpoint_dir
     from dmlkd.engine.distributed import call_on_main
 
     src = config.src
-    from dmlkd.checkpoints.io import is_timm_ref
+    from dmlkd.checkpoints.folder import is_timm_ref
 
     if is_timm_ref(src):  # a published timm model, used as is (no head): stage 1 is skipped
         return call_on_main(_save_hub_teacher, src, state.out / "teacher")
@@ -114,8 +114,8 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
 
 def _save_hub_teacher(src: str, folder: Path) -> Path:
     """Write the published timm teacher ``src`` as a checkpoint folder (once; kept when a run resumes)."""
-    from dmlkd.checkpoints import read_checkpoint_config, save_checkpoint
-    from dmlkd.models.timm_backbone import load_hub_model
+    from dmlkd.checkpoints.folder import read_checkpoint_config, save_checkpoint
+    from dmlkd.checkpoints.timm_hub import load_hub_model
 
     if (folder / "config.json").is_file() and read_checkpoint_config(folder)["provenance"].get("source") == src:
         return folder
@@ -136,10 +136,11 @@ def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineStat
 
 
 def _measure_teacher(config: PipelineConfig, teacher_dir: Path) -> dict[str, Any]:
-    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import load_checkpoint
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import evaluate_model, resolve_device
+    from dmlkd.devices import resolve_device
+    from dmlkd.evaluation.run import evaluate_model
 
     model, record = load_checkpoint(teacher_dir)
     recorded = record.get("metrics", {})
@@ -191,7 +192,7 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
 
 def export_students(config: PipelineConfig, run_dirs: list[Path], state: PipelineState) -> list[Path]:
     from dmlkd.engine.distributed import call_on_main
-    from dmlkd.student.export import export_model
+    from dmlkd.inference.export import export_model
 
     exported = []
     for method, run_dir in zip(config.methods, run_dirs):
@@ -217,7 +218,7 @@ def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path],
 def _write_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
     from dmlkd.config import EvalConfig
     from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import resolve_device
+    from dmlkd.devices import resolve_device
     from dmlkd.pipelines.report import ReportEntry, write_report
 
     teacher_run = teacher_dir.parent if teacher_dir.name in ("best", "last") else teacher_dir
@@ -280,7 +281,8 @@ def validate_pipeline(config: PipelineConfig) -> None:
     from dmlkd.registry import DATASETS
 
     DATASETS.get(config.data.name)
-    from dmlkd.checkpoints.io import check_model_ref, is_timm_ref
+    from dmlkd.checkpoints.folder import is_timm_ref
+    from dmlkd.checkpoints.io import check_model_ref
 
     if is_timm_ref(config.src):
         check_model_ref(config.src)  # malformed, unknown or weights not reachable: one line, before training

@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError, choices
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.teacher.proxy_anchor import ProxyAnchorLoss, check_real
 
 __all__ = ["ModelInfo", "ProxyAnchorTerm", "TransferMethod", "check_count", "check_weight"]

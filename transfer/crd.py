@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.teacher.proxy_anchor import check_real, full_precision
 from dmlkd.transfer.base import ModelInfo, ProxyAnchorTerm, check_count, check_weight
 

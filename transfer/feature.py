@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.transfer import functional
 from dmlkd.transfer.base import ModelInfo, ProxyAnchorTerm, check_weight
 

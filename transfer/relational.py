@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.teacher.proxy_anchor import check_real, compute_dtype, full_precision
 from dmlkd.transfer import functional
 from dmlkd.transfer.base import ModelInfo, TransferMethod, check_count, check_weight

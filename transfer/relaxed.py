@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.teacher.proxy_anchor import check_real
 from dmlkd.transfer import functional
 from dmlkd.transfer.base import ModelInfo, TransferMethod, check_weight

@@ -12,14 +12,15 @@ from torch import nn
 
 from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
 from dmlkd.data.base import DatasetSplits
-from dmlkd.engine.data import augmentation, build_train_data
+from dmlkd.data.batch import Batch
+from dmlkd.data.training import augmentation, build_train_data
 from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main, world_size_of_launch
-from dmlkd.engine.evaluate import eval_resize_ratio
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
 from dmlkd.engine.rundir import failure_recorded, mark_status, read_run
 from dmlkd.engine.stage_run import run_stage
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.evaluation.run import eval_resize_ratio
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.config import TransferConfig
 
@@ -137,8 +138,8 @@ def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[
 
 def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
     """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.checkpoints.io import is_timm_ref, resolve_checkpoint_dir
+    from dmlkd.checkpoints.folder import is_timm_ref
+    from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
 
     if not ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
@@ -152,7 +153,7 @@ def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
 def _cache_folder(config: TransferConfig) -> Path:
     if config.teacher.cache_dir:
         return Path(config.teacher.cache_dir).expanduser()
-    from dmlkd.data.glyphs import cache_folder
+    from dmlkd.paths import cache_folder
 
     return Path(cache_folder()) / "teacher-outputs"
 
@@ -162,7 +163,7 @@ _TEACHER_AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
 
 def cache_spec_for(config: TransferConfig, splits: DatasetSplits, method_cls: Any, mode: str) -> Any:
     """The cache spec of a run: its views, and the teacher at the training precision (as the online teacher)."""
-    from dmlkd.transfer.cache import CacheSpec
+    from dmlkd.transfer.cache.teacher_cache import CacheSpec
 
     train = config.train
     views = augmentation(train, splits)
@@ -197,7 +198,7 @@ def build_teacher_source(
             data.dataset.replay = None
         return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
     from dmlkd.data.transforms import ReplaySpec
-    from dmlkd.transfer.cache import RefreshingCache, load_or_build_cache, teacher_digest
+    from dmlkd.transfer.cache.teacher_cache import RefreshingCache, load_or_build_cache, teacher_digest
 
     train = config.train
     spec = cache_spec_for(config, splits, method_cls, mode)
@@ -268,7 +269,8 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
     """Every check that needs no training: method and its options, teacher mode, teacher folder and its fit
     to the method (stage taps), transfer set, data layout and counts, the sampler for the batch, a writable
     cache folder. Returns the config with the dataset's defaults filled in."""
-    from dmlkd.checkpoints import read_checkpoint_config, resolve_checkpoint_dir
+    from dmlkd.checkpoints.folder import read_checkpoint_config
+    from dmlkd.checkpoints.io import resolve_checkpoint_dir
     from dmlkd.models import build_model
     from dmlkd.models.spec import ModelConfig
 
@@ -408,7 +410,7 @@ def _train_transfer(
 
 
 def _input_record(config: TransferConfig, splits: DatasetSplits) -> dict[str, Any]:
-    from dmlkd.student.embed import run_input_record
+    from dmlkd.evaluation.run import run_input_record
 
     return run_input_record(config.train, config.eval, splits)
 
@@ -419,7 +421,7 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
-    from dmlkd.transfer.cache import cache_path, describe_cache
+    from dmlkd.transfer.cache.teacher_cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, method_cls, for_cache=True)

@@ -62,7 +62,7 @@ def _num_classes(labels: Any) -> int:
 
 def _pin_memory(train: TrainConfig) -> bool:
     """Pinned host batches (asynchronous copies) whenever the run trains on CUDA."""
-    from dmlkd.engine.evaluate import resolve_device
+    from dmlkd.devices import resolve_device
 
     return resolve_device(train.device).type == "cuda"
 

@@ -133,9 +133,9 @@ def _from_export(ref: str, folder: Path, record: dict[str, Any], device: str) ->
 
 
 def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.engine.evaluate import resolve_device
-    from dmlkd.student.embed import recorded_image_size, recorded_resize_ratio
+    from dmlkd.checkpoints.io import load_checkpoint
+    from dmlkd.devices import resolve_device
+    from dmlkd.models.inputs import recorded_image_size, recorded_resize_ratio
 
     model, record = load_checkpoint(folder, device=resolve_device(device))
     model.eval()
@@ -162,7 +162,7 @@ def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
 
 def load_embedder(ref: str | os.PathLike, device: str = "auto") -> Embedder:
     """The embedder of a checkpoint/run folder, an ``hf://`` reference or an export folder."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
+    from dmlkd.checkpoints.io import resolve_checkpoint_dir
 
     path = Path(ref)
     record = _read_export(path) if path.is_dir() else None
@@ -187,7 +187,7 @@ def embed_files(
         file is a ``DataError`` naming it; with it such files are left out.
     """
     from dmlkd.data.transforms import eval_view
-    from dmlkd.student.embed import open_image
+    from dmlkd.models.inputs import open_image
 
     rows, kept, skipped = [], [], []
     for start in range(0, len(paths), batch_size):

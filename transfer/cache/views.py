@@ -14,7 +14,7 @@ from dmlkd.data.base import ImageCollection
 from dmlkd.data.transforms import eval_view, render_views, replay_view_params
 from dmlkd.engine.distributed import gather_uneven, rank, shard_batches, world_size
 from dmlkd.errors import DataError
-from dmlkd.transfer.cache_spec import CacheSpec
+from dmlkd.transfer.cache.spec import CacheSpec
 from dmlkd.transfer.precision import autocast_disabled
 
 
