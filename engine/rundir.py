@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlkd import jsondata
+from dmlkd.config import read_json
 from dmlkd.errors import ConfigError, Interrupted
 from dmlkd.version import __version__
 
@@ -294,7 +295,6 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
         )
     if existing.get("stage") != stage:
         raise ConfigError(f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run")
-    from dmlkd.config import read_json
     from dmlkd.engine.state import check_resumable  # run_config.json and state/ validated as data
 
     check_resumable(run_dir, stage)
@@ -302,7 +302,6 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
 
 
 def _open_resumed(run_dir: Path, stage: str, given: dict[str, Any]) -> dict[str, Any]:
-    from dmlkd.config import read_json
 
     existing = read_run(run_dir) or {}
     saved = read_json(run_dir / CONFIG_FILE)

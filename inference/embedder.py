@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
+from dmlkd.data.transforms import eval_view
+from dmlkd.devices import resolve_device
 from dmlkd.errors import CheckpointError, DataError
+from dmlkd.models.inputs import open_image, recorded_image_size, recorded_resize_ratio
 
 EXPORT_FILE = "export.json"
 
@@ -133,9 +137,6 @@ def _from_export(ref: str, folder: Path, record: dict[str, Any], device: str) ->
 
 
 def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
-    from dmlkd.checkpoints.io import load_checkpoint
-    from dmlkd.devices import resolve_device
-    from dmlkd.models.inputs import recorded_image_size, recorded_resize_ratio
 
     model, record = load_checkpoint(folder, device=resolve_device(device))
     model.eval()
@@ -162,7 +163,6 @@ def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
 
 def load_embedder(ref: str | os.PathLike, device: str = "auto") -> Embedder:
     """The embedder of a checkpoint/run folder, an ``hf://`` reference or an export folder."""
-    from dmlkd.checkpoints.io import resolve_checkpoint_dir
 
     path = Path(ref)
     record = _read_export(path) if path.is_dir() else None
@@ -186,8 +186,6 @@ def embed_files(
         ``(embeddings (N, D), kept paths, skipped (path, reason))``. Without ``skip_bad`` the first unreadable
         file is a ``DataError`` naming it; with it such files are left out.
     """
-    from dmlkd.data.transforms import eval_view
-    from dmlkd.models.inputs import open_image
 
     rows, kept, skipped = [], [], []
     for start in range(0, len(paths), batch_size):

@@ -19,9 +19,14 @@ import PIL
 import torch
 from torch import nn
 
+from dmlkd.checkpoints.folder import MODEL_FILE, read_checkpoint_config
+from dmlkd.checkpoints.io import resolve_checkpoint_dir
 from dmlkd.data.base import ImageCollection
+from dmlkd.data.decode import decoder_name
 from dmlkd.data.transforms import ReplaySpec
 from dmlkd.errors import ConfigError
+from dmlkd.transfer.cache.content import images_digest as digest_images
+from dmlkd.version import __version__
 
 FORMAT_VERSION = 2  # 2: the key covers image contents and the full teacher digest
 _AUTOCAST_DTYPES = ("float16", "bfloat16")
@@ -116,9 +121,6 @@ def key_parts(
     ``images_digest`` (from ``dmlkd.transfer.cache.content.images_digest``) is computed if not given;
     ``index_folder`` holds the file-hash side index that makes recomputing it cheap.
     """
-    from dmlkd.data.decode import decoder_name
-    from dmlkd.transfer.cache.content import images_digest as digest_images
-    from dmlkd.version import __version__
 
     if not isinstance(collection, ImageCollection):
         raise TypeError(f"the cache key needs the ImageCollection itself (its contents), got {type(collection)}")
@@ -163,8 +165,6 @@ def teacher_digest(source: str | Path | nn.Module) -> str:
         config = getattr(source, "config", None)
         config = asdict(config) if is_dataclass(config) else None
         return sha256_json({"kind": "state", "weights": digest.hexdigest(), "model": config})
-    from dmlkd.checkpoints.folder import MODEL_FILE, read_checkpoint_config
-    from dmlkd.checkpoints.io import resolve_checkpoint_dir
 
     record = read_checkpoint_config(resolve_checkpoint_dir(source))
     return sha256_json({"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]})
