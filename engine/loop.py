@@ -141,7 +141,7 @@ def _nonfinite_error(terms: dict[str, torch.Tensor], step: int) -> NonFiniteLoss
     )
 
 
-class _Run:
+class FitBookkeeping:
     """Bookkeeping of one ``fit`` call (files in the run folder, metrics, checkpoints)."""
 
     def __init__(self, stage: Stage, run_dir: Path) -> None:
@@ -264,7 +264,7 @@ def fit(
         # Buffers were synced when DDP wrapped the module; no re-broadcast before every forward: the gathered
         # losses keep loss buffers (CRD memory) identical, and BN statistics are synced before evaluation.
         module.broadcast_buffers = False
-    run = _Run(stage, run_dir)
+    run = FitBookkeeping(stage, run_dir)
     if on_saved is not None:
         run.on_saved = on_saved
     total_steps = stage.batches_per_epoch * train.epochs
@@ -377,7 +377,7 @@ def _step(
 
 
 def _evaluate_and_save(
-    run: _Run, progress: Progress, device: torch.device, train: TrainConfig, primary: str
+    run: FitBookkeeping, progress: Progress, device: torch.device, train: TrainConfig, primary: str
 ) -> dict[str, float]:
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
     step = progress.global_step
@@ -439,7 +439,7 @@ def recorded_result(run_dir: Path, seconds: float = 0.0) -> FitResult:
     )
 
 
-def _result(run: _Run, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
+def _result(run: FitBookkeeping, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
     best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
     strip = ("epoch", "step", "eval_seconds")
     best = {k: v for k, v in (best_entry or {}).items() if k not in strip}

@@ -60,7 +60,7 @@ class EmbeddingNet(nn.Module):
         config: the ``ModelConfig`` this model was built from.
         embedding_dim: ``D``.
         pooled_dim: channels of the pooled feature (the backbone's last map).
-        tap_channels: channels of the tapped stage maps returned with ``with_features=True``.
+        tap_channels: channels of the tapped feature maps returned with ``with_features=True``.
     """
 
     def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
@@ -111,7 +111,7 @@ class EmbeddingNet(nn.Module):
 
         Args:
             images: RGB ``(B, 3, H, W)``, float in [0, 1] (not normalised; the model does that).
-            with_features: also return the tapped stage maps (FitNet / attention transfer need them).
+            with_features: also return the tapped feature maps (FitNet / attention transfer need them).
 
         Returns:
             ``ModelOutput`` with ``embedding`` ``(B, D)`` (unit norm if ``config.l2_norm``), ``pooled``

@@ -14,7 +14,7 @@ class ModelOutput:
     Attributes:
         embedding: ``(B, D)`` embedding (L2-normalised only if the model was built with ``l2_norm``).
         pooled: ``(B, C)`` pooled backbone feature before the embedding layer (GAP + GMP summed; CRD).
-        features: the tapped stage maps ``(B, C_i, H_i, W_i)`` (seed-spec §3), only when asked for.
+        features: the tapped feature maps ``(B, C_i, H_i, W_i)`` (seed-spec §3), only when asked for.
     """
 
     embedding: Tensor

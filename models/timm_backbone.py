@@ -222,7 +222,7 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 class TimmBackbone(Backbone):
-    """A timm model without its classifier; pools as timm does and taps stage maps for feature methods.
+    """A timm model without its classifier; pools as timm does and taps feature maps for feature methods.
 
     Args:
         arch: ``timm/NAME[.TAG]``.
@@ -233,7 +233,7 @@ class TimmBackbone(Backbone):
 
     Attributes:
         tap_channels, tap_strides: channels and strides of the maps ``with_features`` returns.
-        tap_kind: ``conv`` (CNN stage maps) or ``tokens`` (ViT patch tokens laid out as maps).
+        tap_kind: ``conv`` (CNN feature maps) or ``tokens`` (ViT patch tokens laid out as maps).
         pooled_dim: width of the pooled feature (timm's pre-logits width).
         preprocessing: what the pretrained config asks for.
         weights: where the weights came from (``repo_id``, ``revision``, ``commit``, ``sha256``), or None.
