@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dmlkd import jsondata
+import dmlkd.jsondata as jsondata
 from dmlkd.errors import ConfigError, choices
 
 C = TypeVar("C")

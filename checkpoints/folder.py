@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmlkd import jsondata
+import dmlkd.jsondata as jsondata
 from dmlkd.config import from_dict, to_dict
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.models import ModelConfig

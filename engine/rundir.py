@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dmlkd import jsondata
+import dmlkd.jsondata as jsondata
 from dmlkd.config import read_json
 from dmlkd.errors import ConfigError, Interrupted
 from dmlkd.version import __version__

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from dmlkd import jsondata
+import dmlkd.jsondata as jsondata
 from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
 from dmlkd.config import from_dict
 from dmlkd.errors import CheckpointError, ConfigError
