@@ -100,6 +100,28 @@ def _check_writable(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------- the lock
 
 
+def _in_use(folder: Path, what: str, holder: str) -> ConfigError:
+    return ConfigError(
+        f"{what} {str(folder)!r} is in use by {holder}; wait for that run to end or stop it, or choose another --out"
+    )
+
+
+def check_not_in_use(folder: str | Path, what: str = "run folder") -> None:
+    """Read-only and torch-free: the refusal ``RunLock.acquire`` would give while another process holds the
+    folder's lock, so a command refuses a busy folder before it loads the training code."""
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _in_use(Path(folder), what, _describe_holder(handle.read())) from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/.lock``; the file records the holder for the refusal message."""
 
@@ -120,10 +142,7 @@ class RunLock:
             handle.seek(0)
             holder = _describe_holder(handle.read())
             handle.close()
-            raise ConfigError(
-                f"{what} {str(folder)!r} is in use by {holder}; wait for that run to end or stop it, "
-                "or choose another --out"
-            ) from None
+            raise _in_use(folder, what, holder) from None
         handle.seek(0)
         handle.truncate()
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dmlkd.config import from_dict, to_dict
-from dmlkd.engine.distributed import call_on_main, init_processes, is_main, launched
 from dmlkd.engine.rundir import RunFolder, check_can_open, drop_state, is_complete, sigterm_as_interrupt
 from dmlkd.errors import ConfigError
 
@@ -40,6 +39,7 @@ def run_in_folder(
     on_saved: Callable[[], None] | None = None,
 ) -> T:
     """Run ``body(config_tree, run_dir, on_saved)`` in the run folder ``out`` (see the module docstring)."""
+    from dmlkd.engine.distributed import call_on_main, init_processes, launched
 
     if resume and overwrite:
         raise ConfigError(
@@ -92,6 +92,7 @@ def run_stage(
     of a run that has finished and dropped its state (``--resume`` then has nothing to do). A finished run
     drops ``state/`` unless ``train.keep_state``.
     """
+    from dmlkd.engine.distributed import is_main
 
     prepared: dict[str, Any] = {}
 

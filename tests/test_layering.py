@@ -93,6 +93,10 @@ LAZY_IMPORTS = {
     ("dmlkd.teacher", "dmlkd.teacher.losses"): "package facade: `import dmlkd.teacher` stays torch-free",
     ("dmlkd.transfer", "dmlkd.transfer.base"): "package facade: `import dmlkd.transfer` stays torch-free",
     ("dmlkd.engine.rundir", "dmlkd.engine.state"): "torch-free run folders; --resume checks the saved state",
+    (
+        "dmlkd.engine.stage_run",
+        "dmlkd.engine.distributed",
+    ): "a busy or finished run folder is refused before torch loads",
     ("dmlkd.pipelines.state", "dmlkd.engine.distributed"): "torch-free pipeline state; saving asks the rank",
     ("dmlkd.pipelines.plots", "dmlkd.evaluation.knn"): "a finished pipeline's summary prints without torch",
 }
