@@ -7,12 +7,10 @@ needs it is called.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from types import ModuleType
 from typing import Any
 
-__version__ = "0.1.0"
+from dmlkd.lazy import submodule
+from dmlkd.version import __version__
 
 __all__ = ["__version__", "load"]
 
@@ -28,7 +26,7 @@ def load(path: str, device: str = "cpu") -> Any:
         >>> out = model(images)                          # images: (B, 3, H, W) RGB in [0, 1]
         >>> out.embedding.shape                          # (B, D)
     """
-    from dmlkd.checkpoints import load_model
+    from dmlkd.checkpoints.io import load_model
 
     return load_model(path, device=device)
 
@@ -36,16 +34,4 @@ def load(path: str, device: str = "cpu") -> Any:
 def __getattr__(name: str) -> Any:
     # Subpackages load on first attribute access, so ``import dmlkd`` stays torch-free and
     # ``dmlkd.models.create_model(...)`` works without importing ``dmlkd.models`` first.
-    return _submodule(__name__, name)
-
-
-def _submodule(package: str, name: str) -> ModuleType:
-    """``package.name`` imported on demand; an ``AttributeError`` (as for any missing attribute) otherwise."""
-    if not name.startswith("_"):
-        try:
-            found = importlib.util.find_spec(f"{package}.{name}") is not None
-        except (ImportError, ValueError):  # ``package`` is not a package (e.g. imported as a plain file)
-            found = False
-        if found:
-            return importlib.import_module(f"{package}.{name}")
-    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return submodule(__name__, name)

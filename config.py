@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dmlkd.jsondata as jsondata
 from dmlkd.errors import ConfigError, choices
 
 C = TypeVar("C")
@@ -195,7 +196,6 @@ def load_config(cls: type[C], base: Mapping[str, Any] | None = None, overrides: 
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from ``path``; a missing or malformed file is a ``ConfigError`` naming it."""
-    from dmlkd import jsondata
 
     try:
         text = Path(path).read_text()

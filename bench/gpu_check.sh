@@ -66,7 +66,7 @@ from dmlkd.checkpoints import save_checkpoint
 from dmlkd.config import apply_overrides, from_dict
 from dmlkd.data.catalog import build_splits
 from dmlkd.data.transforms import ReplaySpec
-from dmlkd.engine.data import build_train_data
+from dmlkd.data.training import build_train_data
 from dmlkd.engine.optim import build_optimizer
 from dmlkd.models import build_model, create_model
 from dmlkd.registry import TRANSFER_METHODS

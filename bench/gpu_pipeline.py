@@ -10,7 +10,7 @@ the previous float32 path) it times, at 224 px with ``--batch`` images x 2 views
 - ``step``: the resnet18-128 student's forward + backward + AdamW step under autocast, channels_last as the
   training loop sets it (``dmlkd.engine.memory_format.use_channels_last``), repeated on one batch that is
   already on the GPU (the floor);
-- ``pipeline``: the same step fed by the real training loader (``dmlkd.engine.data.build_train_data``:
+- ``pipeline``: the same step fed by the real training loader (``dmlkd.data.training.build_train_data``:
   ``ClassBalancedBatchSampler``, ``--workers`` persistent workers, pinned memory on CUDA), each batch copied
   with ``non_blocking=True`` as the training loop does.
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     from dmlkd.config import TrainConfig
     from dmlkd.data.base import DatasetSplits
-    from dmlkd.engine.data import build_train_data
+    from dmlkd.data.training import build_train_data
     from dmlkd.engine.memory_format import use_channels_last
     from dmlkd.models import create_model
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dmlkd.data.base import FileImageCollection
-from dmlkd.transfer.cache_content import images_digest
+from dmlkd.transfer.cache.content import images_digest
 
 
 def _timed(function) -> float:

@@ -5,7 +5,7 @@ Usage:
         [--batch-size 16] [--rounds 5] [--threads 1] [--work /tmp/dmlkd-bench-students]
 
 Each student (random weights: the timing does not depend on them) is saved as a dmlkd checkpoint and
-exported with ``dmlkd.student.export.export_model(..., "onnx")``, which passes only if onnxruntime's output
+exported with ``dmlkd.inference.export.export_model(..., "onnx")``, which passes only if onnxruntime's output
 matches the eager model (row cosine >= 0.9999). Then, in ``--rounds`` interleaved rounds (every student once
 per round, so a noisy machine affects all alike), it times
 
@@ -57,9 +57,9 @@ def main() -> None:
     import timm
     import torch
 
-    from dmlkd.checkpoints import save_checkpoint
+    from dmlkd.checkpoints.folder import save_checkpoint
+    from dmlkd.inference.export import export_model
     from dmlkd.models import create_model
-    from dmlkd.student.export import export_model
 
     torch.set_num_threads(args.threads)
     options = onnxruntime.SessionOptions()

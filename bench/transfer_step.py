@@ -38,7 +38,7 @@ from dmlkd.transfer.config import TransferConfig, start_tree
 
 def make_random_teacher(folder: Path) -> Path:
     """A random-init resnet50-512 checkpoint in ``folder`` (kept between runs)."""
-    from dmlkd.checkpoints import save_checkpoint
+    from dmlkd.checkpoints.folder import save_checkpoint
     from dmlkd.models import create_model
 
     if not (folder / "config.json").is_file():
@@ -66,8 +66,8 @@ def bench_config(args: argparse.Namespace, teacher: Path, image_size: int) -> Tr
 
 def collect_batches(config: TransferConfig, splits, count: int) -> list:
     """``count`` (Batch, replay_k) pairs from the real training loader (replaying the cache's views)."""
+    from dmlkd.data.training import build_train_data
     from dmlkd.data.transforms import ReplaySpec
-    from dmlkd.engine.data import build_train_data
 
     replay = ReplaySpec(config.teacher.cache_views, config.train.seed)
     data = build_train_data(splits, config.train, replay=replay)

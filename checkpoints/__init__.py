@@ -8,27 +8,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from dmlkd.lazy import submodule
+
 _HOMES = {
-    "load_checkpoint": "io",
-    "load_model": "io",
-    "load_state_strict": "io",
-    "read_checkpoint_config": "io",
-    "read_tensors": "io",
-    "resolve_checkpoint_dir": "io",
-    "save_checkpoint": "io",
-    "write_folder_atomically": "io",
-    "HubRef": "hub",
-    "download_snapshot": "hub",
-    "hub_provenance": "hub",
-    "load_from_hub": "hub",
-    "model_card": "hub",
-    "parse_hub_ref": "hub",
-    "pull": "hub",
-    "push": "hub",
-    "ZooEntry": "zoo",
-    "find_teacher": "zoo",
-    "zoo_entries": "zoo",
-    "convert_reference_checkpoint": "convert",
+    "load_checkpoint": "dmlkd.checkpoints.io",
+    "load_model": "dmlkd.checkpoints.io",
+    "load_state_strict": "dmlkd.checkpoints.folder",
+    "read_checkpoint_config": "dmlkd.checkpoints.folder",
+    "read_tensors": "dmlkd.checkpoints.folder",
+    "resolve_checkpoint_dir": "dmlkd.checkpoints.io",
+    "save_checkpoint": "dmlkd.checkpoints.folder",
+    "write_folder_atomically": "dmlkd.checkpoints.folder",
+    "HubRef": "dmlkd.hub_access",
+    "download_snapshot": "dmlkd.checkpoints.snapshot",
+    "hub_provenance": "dmlkd.checkpoints.snapshot",
+    "load_from_hub": "dmlkd.checkpoints.hub",
+    "model_card": "dmlkd.checkpoints.card",
+    "parse_hub_ref": "dmlkd.hub_access",
+    "pull": "dmlkd.checkpoints.hub",
+    "push": "dmlkd.checkpoints.hub",
+    "ZooEntry": "dmlkd.checkpoints.zoo",
+    "find_teacher": "dmlkd.checkpoints.zoo",
+    "zoo_entries": "dmlkd.checkpoints.zoo",
+    "convert_reference_checkpoint": "dmlkd.checkpoints.convert",
 }
 
 __all__ = sorted(_HOMES)
@@ -38,7 +40,5 @@ def __getattr__(name: str) -> Any:
     if name in _HOMES:
         import importlib
 
-        return getattr(importlib.import_module(f"dmlkd.checkpoints.{_HOMES[name]}"), name)
-    from dmlkd import _submodule
-
-    return _submodule(__name__, name)  # e.g. dmlkd.checkpoints.<module> without importing it first
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    return submodule(__name__, name)  # e.g. dmlkd.checkpoints.<module> without importing it first

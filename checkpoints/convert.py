@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dmlkd.checkpoints.folder import save_checkpoint, sha256_file
 from dmlkd.errors import CheckpointError, ConfigError, choices
+from dmlkd.models import ModelConfig, build_model, convert_reference_state_dict
+from dmlkd.models.pretrained import check_state_dict
+from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,6 @@ def read_reference_file(path: Path) -> dict[str, Any]:
 
 def reference_model_config(spec: str) -> Any:
     """A reference teacher's ``ModelConfig``: L2-normalised, Kaiming head, GAP+GMP, default preprocessing."""
-    from dmlkd.models import ModelConfig
 
     return ModelConfig.from_spec(spec, l2_norm=True, head_init="kaiming", pretrained=False)
 
@@ -107,7 +110,6 @@ def reported_metrics(arch: str, dim: int, dataset: str) -> dict[str, Any]:
 
 
 def _check_dataset(dataset: str) -> str:
-    from dmlkd.registry import DATASETS
 
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose from: {choices(DATASETS.names())}")
@@ -135,9 +137,6 @@ def convert_reference_checkpoint(
     Raises:
         CheckpointError: unreadable file, or a model that does not fit it (names missing/unexpected keys).
     """
-    from dmlkd.checkpoints.io import save_checkpoint, sha256_file
-    from dmlkd.models import build_model, convert_reference_state_dict
-    from dmlkd.models.pretrained import check_state_dict
 
     path, out = Path(path), Path(out)
     config = reference_model_config(spec)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,53 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from dmlkd.checkpoints.card import model_card
-from dmlkd.checkpoints.io import (
+from dmlkd.checkpoints.folder import (
     CONFIG_FILE,
     MODEL_FILE,
-    load_checkpoint,
     read_checkpoint_config,
     verify_files,
     write_folder_atomically,
 )
+from dmlkd.checkpoints.io import load_checkpoint
+from dmlkd.checkpoints.snapshot import ALLOW_PATTERNS, CARD_FILE, Snapshot, download_snapshot
 from dmlkd.errors import CheckpointError
+from dmlkd.hub_access import HubRef, hub_endpoint, one_line, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 
-HUB_SCHEME = "hf://"
-CARD_FILE = "README.md"
-ALLOW_PATTERNS = (CONFIG_FILE, "*.safetensors", CARD_FILE)
+logger = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class HubRef:
-    """A Hub repository id and an optional revision (branch, tag or commit sha; None means ``main``)."""
-
-    repo_id: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A downloaded or cached repository snapshot at ``<cache>/models--ORG--NAME/snapshots/<commit>``."""
-
-    repo_id: str
-    revision: str
-    commit: str
-    path: Path
-
-    def provenance(self) -> dict[str, str]:
-        """What to record about where the checkpoint came from; ``ref`` pins the commit."""
-        return {
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "commit": self.commit,
-            "ref": f"{HUB_SCHEME}{self.repo_id}@{self.commit}",
-        }
 
 
 @dataclass(frozen=True)
@@ -90,152 +59,6 @@ class PushResult:
     url: str
     files: tuple[str, ...]
     source: Path
-
-
-def is_hub_ref(ref: object) -> bool:
-    """True for ``hf://ORG/NAME[@REVISION]`` strings."""
-    return isinstance(ref, str) and ref.startswith(HUB_SCHEME)
-
-
-def parse_hub_ref(text: str) -> HubRef:
-    """Parse ``[hf://]ORG/NAME[@REVISION]``; a malformed reference is a one-line ``CheckpointError``."""
-    body = text.removeprefix(HUB_SCHEME).strip()
-    repo_id, _, revision = body.partition("@")
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or (_ and not revision):
-        raise CheckpointError(
-            f"malformed Hub reference {text!r}; expected ORG/NAME or ORG/NAME@REVISION "
-            "(REVISION: a branch, tag or commit sha), e.g. hf://my-org/cub-resnet50-512@main"
-        )
-    return HubRef(repo_id, revision or None)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _endpoint(endpoint: str | None) -> str:
-    from huggingface_hub import constants
-
-    return endpoint or constants.ENDPOINT
-
-
-def _is_offline(error: BaseException) -> bool:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    cause = error.__cause__ or error.__context__
-    return bool(constants.HF_HUB_OFFLINE) or isinstance(cause, OfflineModeIsEnabled)
-
-
-def _download_error(ref: HubRef, error: Exception, endpoint: str | None) -> CheckpointError | None:
-    """Translate a ``huggingface_hub`` / transport exception into one line naming the repository."""
-    import httpx2
-    from huggingface_hub import errors
-
-    name, where = str(ref), _endpoint(endpoint)
-    if isinstance(error, errors.RevisionNotFoundError):
-        return CheckpointError(
-            f"revision {ref.revision or 'main'!r} does not exist in Hub repository {ref.repo_id} at {where}; "
-            f"pass a branch, tag or commit sha of it ({HUB_SCHEME}{ref.repo_id}@REVISION)"
-        )
-    if isinstance(error, errors.GatedRepoError):
-        return CheckpointError(
-            f"Hub repository {ref.repo_id} is gated: accept its terms on the Hub, then log "
-            "in (`hf auth login` or HF_TOKEN)"
-        )
-    if isinstance(error, errors.RepositoryNotFoundError):
-        return CheckpointError(
-            f"Hub repository {ref.repo_id} was not found at {where} (or it is private and you are not logged "
-            "in); check the ORG/NAME spelling, or log in with `hf auth login` / set HF_TOKEN"
-        )
-    if isinstance(error, errors.LocalEntryNotFoundError) and _is_offline(error):
-        return CheckpointError(
-            f"{name} is not (completely) in the local Hub cache and HF_HUB_OFFLINE=1 forbids downloading; "
-            "unset HF_HUB_OFFLINE on a machine with network access to fetch it, or pass a local checkpoint "
-            "folder"
-        )
-    if isinstance(error, (errors.LocalEntryNotFoundError, httpx2.TransportError, ConnectionError)):
-        return CheckpointError(
-            f"no network: cannot reach the Hub at {where} to fetch {name}, and it is not in the local cache; "
-            "set HF_HUB_OFFLINE=1 to use the local cache, or pass a local checkpoint folder"
-        )
-    if isinstance(error, errors.HfHubHTTPError):
-        return CheckpointError(f"Hub request for {name} failed: {_one_line(error)}")
-    if isinstance(error, errors.HFValidationError):
-        return CheckpointError(f"invalid Hub reference {name!r}: {_one_line(error)}")
-    if isinstance(error, ValueError):  # huggingface_hub refuses unsafe file names listed by the repository
-        return CheckpointError(
-            f"Hub repository {name} lists a file name dmlkd will not write ({_one_line(error)}); only "
-            f"{CONFIG_FILE}, NAME.safetensors and {CARD_FILE} at the top of the repository are read: check the "
-            "repository or revision"
-        )
-    return None
-
-
-def download_snapshot(
-    ref: str | HubRef,
-    *,
-    cache_dir: str | Path | None = None,
-    endpoint: str | None = None,
-    token: str | bool | None = None,
-) -> Snapshot:
-    """Fetch ``config.json``, ``*.safetensors`` and ``README.md`` of a Hub repository at a revision.
-
-    Uses the Hub cache (``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` only the cache is read. The returned
-    snapshot folder is a checkpoint folder named by the resolved commit sha. Raises ``CheckpointError`` when
-    the repository, revision or network is unavailable, or the snapshot holds no ``config.json``.
-    """
-    from dmlkd import __version__
-
-    hub_ref = parse_hub_ref(ref) if isinstance(ref, str) else ref
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(
-            hub_ref.repo_id,
-            revision=hub_ref.revision,
-            cache_dir=cache_dir,
-            endpoint=endpoint,
-            token=token,
-            allow_patterns=list(ALLOW_PATTERNS),
-            library_name="dmlkd",
-            library_version=__version__,
-        )
-    except Exception as error:
-        translated = _download_error(hub_ref, error, endpoint)
-        if translated is None:
-            raise
-        raise translated from error
-    path = Path(folder)
-    snapshot = Snapshot(hub_ref.repo_id, hub_ref.revision or "main", path.name, path)
-    if not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(
-            f"Hub repository {hub_ref.repo_id} at commit {snapshot.commit} has no {CONFIG_FILE}: it is not a "
-            f"dmlkd checkpoint (expected {CONFIG_FILE} + {MODEL_FILE}); check the repository or revision"
-        )
-    logger.info("%s resolved to commit %s (%s)", hub_ref, snapshot.commit, path)
-    return snapshot
-
-
-def resolve_hub_ref(ref: str) -> Path:
-    """The local snapshot folder of ``hf://ORG/NAME[@REVISION]``, downloaded if needed."""
-    return download_snapshot(ref).path
-
-
-def hub_provenance(directory: str | Path) -> dict[str, str] | None:
-    """Repository and commit of a checkpoint folder that is a Hub cache snapshot, else None.
-
-    Recognises ``.../models--ORG--NAME/snapshots/<commit>`` (Hub repo ids cannot contain ``--``).
-    """
-    path = Path(directory)
-    repo_folder = path.parent.parent.name
-    if path.parent.name != "snapshots" or not repo_folder.startswith("models--"):
-        return None
-    parts = repo_folder.removeprefix("models--").split("--")
-    if len(parts) != 2:
-        return None
-    repo_id = "/".join(parts)
-    return {"repo_id": repo_id, "commit": path.name, "ref": f"{HUB_SCHEME}{repo_id}@{path.name}"}
 
 
 def load_from_hub(ref: str, device: str = "cpu", **download: Any) -> tuple[Any, dict[str, Any]]:
@@ -378,7 +201,6 @@ def push(
 
 
 def _write_preview(target: Path, folder: Path, names: list[str], card: str, repo_id: str) -> PushResult:
-    from dmlkd.checkpoints.io import write_folder_atomically
 
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"dry-run folder {str(target)!r} already exists and is not empty; choose another --out")
@@ -398,7 +220,7 @@ def _push_error(repo_id: str, error: Exception, endpoint: str | None) -> Excepti
     import httpx2
     from huggingface_hub import errors
 
-    where = _endpoint(endpoint)
+    where = hub_endpoint(endpoint)
     preview = "`dmlkd hub push --dry-run` writes the upload with its model card to a local folder"
     if isinstance(error, errors.OfflineModeIsEnabled):
         return CheckpointError(
@@ -411,7 +233,7 @@ def _push_error(repo_id: str, error: Exception, endpoint: str | None) -> Excepti
         )
     if isinstance(error, (errors.HfHubHTTPError, errors.LocalTokenNotFoundError, errors.HFValidationError)):
         return CheckpointError(
-            f"push to Hub repository {repo_id} at {where} failed: {_one_line(error)}; log in with "
+            f"push to Hub repository {repo_id} at {where} failed: {one_line(error)}; log in with "
             "`hf auth login` or set HF_TOKEN to a token with write access to ORG"
         )
     return error

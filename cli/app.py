@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from dmlkd import __version__
 from dmlkd.errors import DmlkdError, Interrupted
+from dmlkd.version import __version__
 
 
 class _Group(click.Group):

@@ -63,7 +63,7 @@ def cache_build_command(
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def cache_ls_command(folder: str | None, as_json: bool) -> None:
     """List the teacher caches: size, age, mode, images x views x dim and teacher digest."""
-    from dmlkd.transfer.cache_admin import default_cache_dir, list_caches
+    from dmlkd.transfer.cache.admin import default_cache_dir, list_caches
 
     where = Path(folder) if folder else default_cache_dir()
     entries = list_caches(where)
@@ -103,7 +103,7 @@ def cache_clean_command(folder: str | None, older_than: str | None, everything: 
     """
     if older_than is None and not everything:
         raise ConfigError("cache clean needs --older-than AGE (e.g. 30d) or --all")
-    from dmlkd.transfer.cache_admin import default_cache_dir, list_caches, parse_age
+    from dmlkd.transfer.cache.admin import default_cache_dir, list_caches, parse_age
 
     limit = parse_age(older_than) if older_than is not None else 0.0
     where = Path(folder) if folder else default_cache_dir()

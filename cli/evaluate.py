@@ -66,8 +66,8 @@ def eval_command(
     }
     config = load_config(EvalCommandConfig, {}, shortcut_overrides(shortcuts, overrides))
 
-    from dmlkd.engine.evaluate import describe_selection, run_eval_command
     from dmlkd.evaluation import format_table
+    from dmlkd.evaluation.run import describe_selection, run_eval_command
 
     results = run_eval_command(config)
     if as_json:

@@ -34,7 +34,7 @@ def export_command(
     \b
     Example: dmlkd export runs/cub-r18 --format onnx --normalize --out exports/cub-r18-onnx
     """
-    from dmlkd.student.export import export_model
+    from dmlkd.inference.export import export_model
 
     record = export_model(ref, out, export_format, normalize=normalize, image_size=image_size, overwrite=overwrite)
     click.echo(
@@ -93,12 +93,12 @@ def embed_command(
     so `dmlkd search` can check that queries are embedded by the same model.
 
     The file holds a tensor "embeddings" (N, D) in the order of the "paths" list in its metadata; read it
-    with dmlkd.student.embed.read_embeddings or safetensors.safe_open.
+    with dmlkd.inference.embed.read_embeddings or safetensors.safe_open.
 
     \b
     Example: dmlkd embed runs/cub-r18 photos/ --out photos.safetensors --normalize
     """
-    from dmlkd.student.embed import embed_paths
+    from dmlkd.inference.embed import embed_paths
 
     count, dim, skipped = embed_paths(
         ref,
@@ -115,7 +115,7 @@ def embed_command(
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     left_out = f" ({len(skipped)} unreadable images skipped, listed above)" if skipped else ""
-    from dmlkd.student.embed import read_embeddings_metadata
+    from dmlkd.inference.embed import read_embeddings_metadata
 
     meta = read_embeddings_metadata(out)
     used = f"{meta.get('checkpoint')} ({meta.get('checkpoint_note') or 'checkpoint'})"
@@ -188,7 +188,7 @@ def search_command(
     """
     import json
 
-    from dmlkd.student.search import format_results, search_images
+    from dmlkd.inference.search import format_results, search_images
 
     if batch_size < 1:
         raise click.BadParameter(f"must be a positive integer, got {batch_size}", param_hint="--batch-size")
@@ -206,7 +206,7 @@ def search_command(
         include_self=include_self,
         skip_bad_images=skip_bad_images,
     )
-    from dmlkd.student.search_render import write_grid, write_html
+    from dmlkd.inference.search_render import write_grid, write_html
 
     if grid:
         result["grid"] = str(write_grid(result, grid))

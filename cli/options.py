@@ -281,7 +281,10 @@ def run_stage_command(
         raise click.UsageError("Missing option '--out' (the run folder).")
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    from dmlkd.engine.report import summary_table
+    from dmlkd.engine.rundir import check_not_in_use
+
+    check_not_in_use(out)  # a busy folder is refused before the training code (torch, torchvision) loads
+    from dmlkd.engine.summary import summary_table
 
     if stage == "teacher":
         from dmlkd.teacher.trainer import run_teacher as run

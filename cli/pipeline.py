@@ -15,7 +15,7 @@ import click
 
 from dmlkd.cli.app import main
 from dmlkd.cli.options import pipeline_items, pipeline_teacher_options, run_options
-from dmlkd.pipelines.scenarios import DEMO_SRC, SCENARIOS
+from dmlkd.pipelines.scenarios import DEMO_TEACHER, SCENARIOS
 
 
 def _make_command(name: str) -> click.Command:
@@ -25,11 +25,11 @@ def _make_command(name: str) -> click.Command:
     @click.option(
         "--src",
         default=None,
-        help=f"Teacher: a model spec (default {defaults.src}"
-        + (f"; {DEMO_SRC[name]} on the glyphs demo" if name in DEMO_SRC else "")
+        help=f"Teacher: a model spec (default {defaults.teacher}"
+        + (f"; {DEMO_TEACHER[name]} on the glyphs demo" if name in DEMO_TEACHER else "")
         + "), a run or checkpoint folder, or hf://ORG/NAME[@REVISION].",
     )
-    @click.option("--dst", default=None, help=f"Student model spec (default {defaults.dst}).")
+    @click.option("--dst", default=None, help=f"Student model spec (default {defaults.student}).")
     @click.option("--dataset", default=None, help="Dataset name; default: the built-in glyphs demo.")
     @click.option("--data-root", default=None, help="Dataset folder (or CSV file).")
     @click.option("--out", default=None, help=f"Pipeline folder (default runs/{name}-<dataset>).")
@@ -128,7 +128,7 @@ def _make_command(name: str) -> click.Command:
             click.echo(f"report: {folder / 'report.md'}")
 
     command.help = (
-        f"{defaults.summary.capitalize()}: {defaults.src} -> {defaults.dst} by default.\n\n"
+        f"{defaults.summary.capitalize()}: {defaults.teacher} -> {defaults.student} by default.\n\n"
         f"Trains (or pulls) the teacher, re-checks it, caches its outputs, trains one student per "
         f"method, exports them and writes report.md, results.json and plots into --out."
     )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dmlkd.data.decode import ImageSource, open_image_file
 from dmlkd.errors import DataError
 
 _ALPHA_MODES = {"RGBA": "RGBA", "LA": "LA", "PA": "RGBA", "La": "LA", "RGBa": "RGBA"}
@@ -59,23 +60,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-class ImageSource:
-    """One image, opened but possibly not yet decoded: ``size`` is known, ``decode(scale)`` gives the pixels.
-
-    ``decode(scale)`` returns ``(image, actual)``: the RGB image decoded at ``1 / actual`` of its size on each
-    axis (``ceil(W / actual)`` x ``ceil(H / actual)``), where ``actual`` is ``scale`` when the format can
-    decode at reduced size (JPEG DCT scaling by 2, 4 or 8) and 1 otherwise. This base class holds an already
-    decoded image and always answers ``actual = 1``.
-    """
-
-    def __init__(self, image: Image.Image) -> None:
-        self.image = image
-        self.size = image.size
-
-    def decode(self, scale: int = 1) -> tuple[Image.Image, int]:
-        return self.image, 1
 
 
 class ImageCollection:
@@ -145,8 +129,6 @@ class FileImageCollection(ImageCollection):
             raise DataError(f"cannot read image {str(path)!r}: {error}; fix or remove the file") from None
 
     def open(self, index: int) -> ImageSource:
-        from dmlkd.data.decode import open_image_file
-
         return open_image_file(self.path(index))
 
 

@@ -10,6 +10,7 @@ from dmlkd.config import DataConfig
 from dmlkd.data import glyphs as _glyphs  # noqa: F401  (registers "glyphs")
 from dmlkd.data import readers as _readers  # noqa: F401  (registers cub, cars, sop, inshop, folder, csv)
 from dmlkd.data.base import DatasetSplits
+from dmlkd.data.checks import check_duplicates, drop_bad_images
 from dmlkd.registry import DATASETS
 
 
@@ -18,13 +19,9 @@ def build_splits(config: DataConfig) -> tuple[DatasetSplits, list[tuple[str, str
     root = Path(config.root).expanduser() if config.root else None
     splits = DATASETS.build(config.name, root, **config.options)
     if not config.allow_duplicates:
-        from dmlkd.data.checks import check_duplicates
-
         check_duplicates(splits, by_content=config.name in ("csv", "folder"))
     bad: list[tuple[str, str]] = []
     if config.skip_bad_images:
-        from dmlkd.data.checks import drop_bad_images
-
         splits, bad = drop_bad_images(splits)
     return splits, bad
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmlkd.data.base import ImageSource
 from dmlkd.errors import DataError
 
 try:  # optional: dmlkd[fastjpeg]
@@ -30,6 +29,23 @@ except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
 SCALES = (1, 2, 4, 8)
+
+
+class ImageSource:
+    """One image, opened but possibly not yet decoded: ``size`` is known, ``decode(scale)`` gives the pixels.
+
+    ``decode(scale)`` returns ``(image, actual)``: the RGB image decoded at ``1 / actual`` of its size on each
+    axis (``ceil(W / actual)`` x ``ceil(H / actual)``), where ``actual`` is ``scale`` when the format can
+    decode at reduced size (JPEG DCT scaling by 2, 4 or 8) and 1 otherwise. This base class holds an already
+    decoded image and always answers ``actual = 1``.
+    """
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+        self.size = image.size
+
+    def decode(self, scale: int = 1) -> tuple[Image.Image, int]:
+        return self.image, 1
 
 
 def decoder_name() -> str:

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dmlkd.data.base import ArrayImageCollection, DatasetSplits
 from dmlkd.errors import ConfigError, DataError
+from dmlkd.paths import cache_folder
 from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -208,16 +209,6 @@ def render_instances(renderer: GlyphRenderer, codes: list[int], renders_per_face
                 rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(code, face, k)))
                 out[c, face, k] = renderer.render(face, code, sample_distortion(rng))
     return out
-
-
-def cache_folder(root: str | Path | None = None) -> Path:
-    """``root``, else ``$DMLKD_CACHE``, else ``$XDG_CACHE_HOME/dmlkd``, else ``~/.cache/dmlkd``."""
-    if root is not None:
-        return Path(root)
-    if os.environ.get("DMLKD_CACHE"):
-        return Path(os.environ["DMLKD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dmlkd"
 
 
 def cache_key(paths: list[Path], candidates: list[int], options: GlyphOptions) -> str:

@@ -35,8 +35,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmlkd.data.base import ImageCollection
+from dmlkd.data.batch import Batch
+from dmlkd.data.decode import as_uint8_array
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch
 
 _REPLAY_CHOICE = 1  # spawn key that separates replay choices from view parameter streams
 
@@ -183,7 +184,6 @@ def render_view(image: Image.Image, scale: int, params: ViewParams, size: int) -
         view = image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(value / scale for value in box))
     if params.flip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    from dmlkd.data.decode import as_uint8_array
 
     return as_uint8_array(view)
 

@@ -2,8 +2,8 @@
 
 from typing import Any
 
+from dmlkd.lazy import submodule
+
 
 def __getattr__(name: str) -> Any:
-    from dmlkd import _submodule
-
-    return _submodule(__name__, name)  # e.g. dmlkd.engine.<module> without importing it first
+    return submodule(__name__, name)  # e.g. dmlkd.engine.<module> without importing it first

@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.devices import resolve_device
+from dmlkd.errors import ConfigError
+from dmlkd.models.outputs import ModelOutput
 
 T = TypeVar("T")
 
@@ -63,8 +66,6 @@ def init_processes(device_name: str = "auto") -> ProcessInfo:
     process takes the GPU of its local rank and NCCL.
     """
     from accelerate import PartialState
-
-    from dmlkd.engine.evaluate import resolve_device
 
     cpu = resolve_device(device_name).type == "cpu"
     kwargs: dict[str, Any] = {}
@@ -259,8 +260,6 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     The parameters are reused, so optimiser groups built earlier stay valid. Needs CUDA (NCCL); on CPU
     processes BN statistics stay per process.
     """
-    from dmlkd.errors import ConfigError
-
     if world_size() == 1:
         return module
     if device.type != "cuda":

@@ -28,17 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.config import EvalConfig, OptimConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits
+from dmlkd.devices import resolve_device
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.engine import tracking
-from dmlkd.engine.evaluate import evaluate_model, resolve_device
 from dmlkd.engine.memory_format import use_channels_last
 from dmlkd.engine.optim import ParamGroup, build_optimizer, build_scheduler, configure_epoch, current_lrs
 from dmlkd.engine.state import Progress, enable_determinism, has_state, load_state, save_state
 from dmlkd.engine.tracking import Watcher
 from dmlkd.errors import ConfigError, DmlkdError, Interrupted
+from dmlkd.evaluation.run import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _nonfinite_error(terms: dict[str, torch.Tensor], step: int) -> NonFiniteLoss
     )
 
 
-class _Run:
+class FitBookkeeping:
     """Bookkeeping of one ``fit`` call (files in the run folder, metrics, checkpoints)."""
 
     def __init__(self, stage: Stage, run_dir: Path) -> None:
@@ -263,7 +264,7 @@ def fit(
         # Buffers were synced when DDP wrapped the module; no re-broadcast before every forward: the gathered
         # losses keep loss buffers (CRD memory) identical, and BN statistics are synced before evaluation.
         module.broadcast_buffers = False
-    run = _Run(stage, run_dir)
+    run = FitBookkeeping(stage, run_dir)
     if on_saved is not None:
         run.on_saved = on_saved
     total_steps = stage.batches_per_epoch * train.epochs
@@ -376,7 +377,7 @@ def _step(
 
 
 def _evaluate_and_save(
-    run: _Run, progress: Progress, device: torch.device, train: TrainConfig, primary: str
+    run: FitBookkeeping, progress: Progress, device: torch.device, train: TrainConfig, primary: str
 ) -> dict[str, float]:
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
     step = progress.global_step
@@ -438,7 +439,7 @@ def recorded_result(run_dir: Path, seconds: float = 0.0) -> FitResult:
     )
 
 
-def _result(run: _Run, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
+def _result(run: FitBookkeeping, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
     best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
     strip = ("epoch", "step", "eval_seconds")
     best = {k: v for k, v in (best_entry or {}).items() if k not in strip}

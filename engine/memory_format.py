@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmlkd.models.embedding import EmbeddingNet
+
 
 def use_channels_last(module: nn.Module, mixed_precision: str, device: torch.device) -> bool:
     """Convert ``module`` (and the inputs of its ``EmbeddingNet`` s) to channels_last when it pays.
@@ -13,7 +15,6 @@ def use_channels_last(module: nn.Module, mixed_precision: str, device: torch.dev
     their numerics do not change. Parameters are converted in place (the optimiser's references stay valid).
     Returns whether the module was converted.
     """
-    from dmlkd.models.embedding import EmbeddingNet
 
     if mixed_precision not in ("fp16", "bf16") or device.type != "cuda":
         return False

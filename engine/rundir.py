@@ -34,8 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dmlkd import __version__, jsondata
+import dmlkd.jsondata as jsondata
+from dmlkd.config import read_json
 from dmlkd.errors import ConfigError, Interrupted
+from dmlkd.version import __version__
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "run_config.json"
@@ -98,6 +100,28 @@ def _check_writable(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------- the lock
 
 
+def _in_use(folder: Path, what: str, holder: str) -> ConfigError:
+    return ConfigError(
+        f"{what} {str(folder)!r} is in use by {holder}; wait for that run to end or stop it, or choose another --out"
+    )
+
+
+def check_not_in_use(folder: str | Path, what: str = "run folder") -> None:
+    """Read-only and torch-free: the refusal ``RunLock.acquire`` would give while another process holds the
+    folder's lock, so a command refuses a busy folder before it loads the training code."""
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _in_use(Path(folder), what, _describe_holder(handle.read())) from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/.lock``; the file records the holder for the refusal message."""
 
@@ -118,10 +142,7 @@ class RunLock:
             handle.seek(0)
             holder = _describe_holder(handle.read())
             handle.close()
-            raise ConfigError(
-                f"{what} {str(folder)!r} is in use by {holder}; wait for that run to end or stop it, "
-                "or choose another --out"
-            ) from None
+            raise _in_use(folder, what, holder) from None
         handle.seek(0)
         handle.truncate()
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -293,7 +314,6 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
         )
     if existing.get("stage") != stage:
         raise ConfigError(f"--resume: {str(run_dir)!r} holds a {existing.get('stage')} run, not a {stage} run")
-    from dmlkd.config import read_json
     from dmlkd.engine.state import check_resumable  # run_config.json and state/ validated as data
 
     check_resumable(run_dir, stage)
@@ -301,7 +321,6 @@ def _check_allowed(run_dir: Path, stage: str, resume: bool, overwrite: bool, giv
 
 
 def _open_resumed(run_dir: Path, stage: str, given: dict[str, Any]) -> dict[str, Any]:
-    from dmlkd.config import read_json
 
     existing = read_run(run_dir) or {}
     saved = read_json(run_dir / CONFIG_FILE)

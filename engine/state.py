@@ -21,9 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from dmlkd import jsondata
-from dmlkd.checkpoints.io import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
-from dmlkd.errors import CheckpointError
+import dmlkd.jsondata as jsondata
+from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
+from dmlkd.config import from_dict
+from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.teacher.config import TeacherConfig
+from dmlkd.transfer.config import TransferConfig
 
 TENSORS = "tensors.safetensors"
 PROGRESS = "progress.json"
@@ -260,8 +263,6 @@ def check_resumable(run_dir: Path, stage: str) -> None:
     ``tensors.safetensors`` (when a state was saved) are checked by ``read_state_record``. Each problem is one
     line naming the file and the key.
     """
-    from dmlkd.config import from_dict
-    from dmlkd.errors import ConfigError
 
     run_dir = Path(run_dir)
     path = run_dir / "run_config.json"
@@ -293,11 +294,7 @@ def check_resumable(run_dir: Path, stage: str) -> None:
 
 def _stage_config(stage: str) -> Any:
     if stage == "teacher":
-        from dmlkd.teacher.config import TeacherConfig
-
         return TeacherConfig
     if stage == "transfer":
-        from dmlkd.transfer.config import TransferConfig
-
         return TransferConfig
     return None

@@ -1,4 +1,4 @@
-"""Convolutional backbones that return their tapped stage maps (seed-spec §3).
+"""Convolutional backbones that return their tapped feature maps (seed-spec §3).
 
 Every backbone is registered in ``dmlkd.registry.BACKBONES`` as a builder
 ``builder(pretrained=False, bn_momentum=None) -> Backbone``. ``pretrained`` is ``False`` (random init),

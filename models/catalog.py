@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dmlkd.models.spec import DEFAULT_PREPROCESSING
+from dmlkd.models.timm_backbone import TimmBackbone, default_timm_kwargs, pretrained_config
 from dmlkd.registry import BACKBONES
 
 
@@ -35,7 +36,6 @@ def describe_architectures() -> list[dict[str, Any]]:
 
 def describe_timm_model(arch: str) -> dict[str, Any]:
     """Facts about one timm model (``timm/NAME[.TAG]``), built on the meta device: no memory, no download."""
-    from dmlkd.models.timm_backbone import TimmBackbone, default_timm_kwargs, pretrained_config
 
     cfg = pretrained_config(arch)
     with torch.device("meta"):

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 
 from dmlkd.errors import ConfigError
 from dmlkd.models.backbones import Backbone
+from dmlkd.models.inputs import embed_images
 from dmlkd.models.outputs import ModelOutput
-from dmlkd.models.spec import ModelConfig, input_size_problem
+from dmlkd.models.spec import ModelConfig, Preprocessing, input_size_problem
+from dmlkd.models.timm_backbone import build_timm_backbone, timm_preprocessing
 from dmlkd.registry import BACKBONES
 
 
@@ -39,6 +41,14 @@ def init_head(layer: nn.Linear, method: str) -> None:
     nn.init.zeros_(layer.bias)
 
 
+def preprocessing_of(config: ModelConfig) -> Preprocessing:
+    """The preprocessing ``config``'s model applies: the recorded one, else the timm pretrained config's (timm
+    models), else the architecture default."""
+    if config.preprocessing is None and config.is_timm:
+        return timm_preprocessing(config.arch)
+    return config.resolved_preprocessing()
+
+
 class EmbeddingNet(nn.Module):
     """Backbone + global pooling + ``Linear(out_channels, D)`` + optional L2 normalisation.
 
@@ -50,14 +60,12 @@ class EmbeddingNet(nn.Module):
         config: the ``ModelConfig`` this model was built from.
         embedding_dim: ``D``.
         pooled_dim: channels of the pooled feature (the backbone's last map).
-        tap_channels: channels of the tapped stage maps returned with ``with_features=True``.
+        tap_channels: channels of the tapped feature maps returned with ``with_features=True``.
     """
 
     def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
         super().__init__()
         if backbone is None and config.is_timm:
-            from dmlkd.models.timm_backbone import build_timm_backbone
-
             backbone, config = build_timm_backbone(config)
         elif backbone is None:
             extra = {"zero_init_residual": True} if config.zero_init_residual else {}
@@ -77,7 +85,7 @@ class EmbeddingNet(nn.Module):
             self.embedding_dim = config.embedding_dim
             self.embedding = nn.Linear(self.pooled_dim, self.embedding_dim)
             init_head(self.embedding, config.head_init)
-        prep = config.resolved_preprocessing()
+        prep = preprocessing_of(config)
         self.flip_to_bgr = prep.color_order == "BGR"
         self.value_range = float(prep.value_range)
         self.register_buffer("input_mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
@@ -106,7 +114,7 @@ class EmbeddingNet(nn.Module):
 
         Args:
             images: RGB ``(B, 3, H, W)``, float in [0, 1] (not normalised; the model does that).
-            with_features: also return the tapped stage maps (FitNet / attention transfer need them).
+            with_features: also return the tapped feature maps (FitNet / attention transfer need them).
 
         Returns:
             ``ModelOutput`` with ``embedding`` ``(B, D)`` (unit norm if ``config.l2_norm``), ``pooled``
@@ -141,9 +149,8 @@ class EmbeddingNet(nn.Module):
         PIL images and paths get the eval view at ``image_size`` (None: the size recorded with the
         checkpoint, else 224) and ``resize_ratio`` (``"recorded"``: the checkpoint's, else 256/224); tensors
         ``(B, 3, H, W)`` in [0, 1] (or uint8 0-255) are used as given. Runs in eval mode under ``no_grad`` on
-        this model's device; ``normalize`` L2-normalises the rows. See ``dmlkd.student.embed.embed_images``.
+        this model's device; ``normalize`` L2-normalises the rows. See ``dmlkd.inference.embed.embed_images``.
         """
-        from dmlkd.student.embed import embed_images
 
         return embed_images(
             self,

@@ -13,16 +13,13 @@ import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dmlkd.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from dmlkd.models.backbones import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +117,9 @@ def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]
         raise CheckpointError(f"{source} does not fit the model: shape mismatch (file vs model) {_listing(shapes)}")
 
 
-def load_backbone_state_dict(backbone: Backbone, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Adapt ``state_dict`` to ``backbone`` (drop classifiers, squeeze ...), check it strictly, load it."""
+def load_backbone_state_dict(backbone: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Adapt ``state_dict`` to ``backbone`` (a ``Backbone``: its ``adapt_checkpoint`` drops classifiers,
+    squeezes ...), check it strictly, load it. Typed as a module so this file does not import ``backbones``."""
     state = backbone.adapt_checkpoint(state_dict)
     expected = backbone.state_dict()
     check_state_dict(expected, state, source)
@@ -130,7 +128,7 @@ def load_backbone_state_dict(backbone: Backbone, state_dict: Mapping[str, Tensor
     backbone.load_state_dict(state, strict=True)
 
 
-def load_pretrained(backbone: Backbone, pretrained: bool | str, url: str) -> None:
+def load_pretrained(backbone: nn.Module, pretrained: bool | str, url: str) -> None:
     """Load ImageNet weights into ``backbone``: nothing for ``False``, ``url`` for ``True``, else a file."""
     if pretrained is False:
         return

@@ -300,9 +300,10 @@ class ModelConfig:
         if self.preprocessing is not None:
             return self.preprocessing
         if self.is_timm:  # needs timm (and so torch); built timm models record theirs in ``preprocessing``
-            from dmlkd.models.timm_backbone import timm_preprocessing
-
-            return timm_preprocessing(self.arch)
+            raise ModelSpecError(
+                f"the preprocessing of timm model {self.arch!r} comes from its pretrained config; build the model "
+                "(dmlkd.models.create_model) or use dmlkd.models.embedding.preprocessing_of(config)"
+            )
         return DEFAULT_PREPROCESSING[self.arch]
 
     def weights_source(self) -> bool | str:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dmlkd.errors import CheckpointError, ConfigError, ModelSpecError, choices
+from dmlkd.hub_access import HubRef, download_error, one_line
 from dmlkd.models.backbones import Backbone
 from dmlkd.models.spec import TIMM_PREFIX, Preprocessing, split_timm_arch
 
@@ -95,7 +96,7 @@ def pretrained_config(arch: str) -> Any:
     return cfg
 
 
-def _hub_id(cfg: Any) -> str | None:
+def hub_id_of(cfg: Any) -> str | None:
     return cfg.hf_hub_id or None
 
 
@@ -151,15 +152,9 @@ def default_timm_kwargs(arch: str, given: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def download_weights(repo_id: str, revision: str | None) -> Path:
     """``model.safetensors`` of Hub repository ``repo_id`` (from the local cache when offline)."""
     from huggingface_hub import errors, hf_hub_download
-
-    from dmlkd.checkpoints.hub import HubRef, _download_error
 
     try:
         return Path(hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision))
@@ -174,16 +169,16 @@ def download_weights(repo_id: str, revision: str | None) -> Path:
                     "machine with network access (unset HF_HUB_OFFLINE), or pass a local .safetensors file "
                     "(model.weights_path)"
                 ) from None
-            translated = _download_error(HubRef(repo_id, revision), error, None)
-            raise (translated or CheckpointError(_one_line(error))) from None
+            translated = download_error(HubRef(repo_id, revision), error, None)
+            raise (translated or CheckpointError(one_line(error))) from None
         raise CheckpointError(
             f"Hub repository {repo_id} (revision {revision or 'main'}) has no {WEIGHTS_FILE}; dmlkd loads "
             "safetensors weights only (never pickled .bin/.pth files from the network)"
         ) from None
     except Exception as error:
-        translated = _download_error(HubRef(repo_id, revision), error, None)
+        translated = download_error(HubRef(repo_id, revision), error, None)
         if translated is None:
-            raise CheckpointError(f"cannot fetch {WEIGHTS_FILE} of {repo_id}: {_one_line(error)}") from None
+            raise CheckpointError(f"cannot fetch {WEIGHTS_FILE} of {repo_id}: {one_line(error)}") from None
         raise translated from None
 
 
@@ -207,7 +202,7 @@ def _read_safetensors(path: Path, source: str) -> dict[str, Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # SafetensorError, OSError
-        raise CheckpointError(f"cannot read {source} {str(path)!r}: {_one_line(error)}") from None
+        raise CheckpointError(f"cannot read {source} {str(path)!r}: {one_line(error)}") from None
 
 
 def _snapshot_commit(path: Path) -> str | None:
@@ -227,7 +222,7 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 class TimmBackbone(Backbone):
-    """A timm model without its classifier; pools as timm does and taps stage maps for feature methods.
+    """A timm model without its classifier; pools as timm does and taps feature maps for feature methods.
 
     Args:
         arch: ``timm/NAME[.TAG]``.
@@ -238,7 +233,7 @@ class TimmBackbone(Backbone):
 
     Attributes:
         tap_channels, tap_strides: channels and strides of the maps ``with_features`` returns.
-        tap_kind: ``conv`` (CNN stage maps) or ``tokens`` (ViT patch tokens laid out as maps).
+        tap_kind: ``conv`` (CNN feature maps) or ``tokens`` (ViT patch tokens laid out as maps).
         pooled_dim: width of the pooled feature (timm's pre-logits width).
         preprocessing: what the pretrained config asks for.
         weights: where the weights came from (``repo_id``, ``revision``, ``commit``, ``sha256``), or None.
@@ -271,10 +266,10 @@ class TimmBackbone(Backbone):
             )
         except TypeError as error:
             raise ConfigError(
-                f"model.timm_kwargs {self.timm_kwargs!r} do not fit timm model {self.timm_name!r}: {_one_line(error)}"
+                f"model.timm_kwargs {self.timm_kwargs!r} do not fit timm model {self.timm_name!r}: {one_line(error)}"
             ) from None
         except RuntimeError as error:  # timm's strict load of the pretrained state dict
-            raise CheckpointError(f"pretrained weights of {arch} do not fit the model: {_one_line(error)}") from None
+            raise CheckpointError(f"pretrained weights of {arch} do not fit the model: {one_line(error)}") from None
         self.preprocessing = _preprocessing_of(self.cfg)
         self.pooled_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         self.patch_size = _patch_size(self.model)
@@ -284,7 +279,7 @@ class TimmBackbone(Backbone):
 
     def _weights(self, pretrained: bool | str, revision: str | None) -> dict[str, Tensor]:
         if pretrained is True:
-            repo_id = _hub_id(self.cfg)
+            repo_id = hub_id_of(self.cfg)
             if repo_id is None:
                 raise CheckpointError(
                     f"{self.arch} has no Hugging Face Hub weights in timm {timm_version()}; "
@@ -342,7 +337,7 @@ class TimmBackbone(Backbone):
         return {
             "name": self.timm_name,
             "pretrained_tag": self.pretrained_tag or self.cfg.tag,
-            "hf_hub_id": _hub_id(self.cfg),
+            "hf_hub_id": hub_id_of(self.cfg),
             "timm_version": timm_version(),
             "timm_kwargs": dict(self.timm_kwargs),
             "weights": self.weights,
@@ -369,83 +364,3 @@ def build_timm_backbone(config: Any) -> tuple[TimmBackbone, Any]:
         preprocessing=config.preprocessing if config.preprocessing is not None else backbone.preprocessing,
     )
     return backbone, built
-
-
-HUB_REF_HELP = (
-    "timm/NAME[.TAG][@REVISION][-0] such as timm/vit_small_patch14_dinov2.lvd142m (the published model, no "
-    "embedding head: its pooled feature, L2-normalised, is the embedding)"
-)
-
-
-def parse_hub_model_ref(ref: str) -> Any:
-    """The ``ModelConfig`` of a published timm model used as is (a frozen teacher, ``dmlkd.load``).
-
-    ``DIM`` may be left out and must be 0: a head on top of published weights would be untrained.
-    """
-    from dmlkd.models.spec import ModelConfig, parse_timm_spec
-
-    spec = parse_timm_spec(ref, default_dim=0)
-    if spec.dim != 0:
-        raise ModelSpecError(
-            f"{ref!r} would put an untrained {spec.dim}-d embedding head on published weights; use "
-            f"{spec.arch}{'@' + spec.revision if spec.revision else ''}-0 (the pooled feature), or train a head "
-            f"first with dmlkd teacher train --model {ref}"
-        )
-    return ModelConfig(arch=spec.arch, embedding_dim=0, l2_norm=True, pretrained=True, revision=spec.revision)
-
-
-def check_hub_model_ref(ref: str) -> None:
-    """Fail early (one line) when ``ref`` is malformed, names no timm model, or its weights are not reachable."""
-    config = parse_hub_model_ref(ref)
-    cfg = pretrained_config(resolve_arch(config.arch, True))
-    repo_id = _hub_id(cfg)
-    if repo_id is None:
-        raise CheckpointError(f"{config.arch} has no Hugging Face Hub weights in timm {timm_version()}")
-    download_weights(repo_id, config.revision)
-
-
-def load_hub_model(ref: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a published timm model (``timm/NAME[.TAG][@REV][-0]``) with its Hub weights, and a record.
-
-    The record has the shape of a checkpoint's ``config.json``: ``files["model.safetensors"]`` is a digest of
-    the weights file and the built model config (it keys the teacher-output cache), and
-    ``provenance["timm"]`` names the model, tag, timm version, repository, revision and resolved commit.
-    """
-    from dmlkd import __version__
-    from dmlkd.config import to_dict
-    from dmlkd.models.embedding import build_model
-
-    model = build_model(parse_hub_model_ref(ref))
-    timm_record = model.backbone.timm_record()
-    model_dict = to_dict(model.config)
-    digest = hashlib.sha256(
-        repr((timm_record["weights"]["sha256"], sorted(model_dict.items(), key=str))).encode()
-    ).hexdigest()
-    record = {
-        "format": "dmlkd-checkpoint",
-        "format_version": 1,
-        "dmlkd_version": __version__,
-        "model": model_dict,
-        "files": {"model.safetensors": digest},
-        "train_config": {},
-        "metrics": {},
-        "provenance": {"timm": timm_record, "source": ref},
-    }
-    return model.eval(), record
-
-
-def hub_model_folder(ref: str) -> Path:
-    """A dmlkd checkpoint folder holding the published timm model ``ref`` (written once, in the dmlkd cache).
-
-    Lets every command that takes a checkpoint folder (``dmlkd embed``, ``dmlkd export``, ...) take
-    ``timm/NAME[.TAG][@REV]`` too: ``<dmlkd cache>/timm-models/<digest>`` is keyed by the weights file and the
-    built model config, so another revision or tag gets its own folder.
-    """
-    from dmlkd.checkpoints.io import CONFIG_FILE, save_checkpoint
-    from dmlkd.data.glyphs import cache_folder
-
-    model, record = load_hub_model(ref)
-    folder = cache_folder() / "timm-models" / record["files"]["model.safetensors"][:20]
-    if not (folder / CONFIG_FILE).is_file():
-        save_checkpoint(folder, model, provenance=record["provenance"])
-    return folder

@@ -26,7 +26,7 @@ from dmlkd.config import (
 )
 from dmlkd.errors import ConfigError
 from dmlkd.models.spec import parse_spec
-from dmlkd.pipelines.scenarios import DEMO_SRC, MIN_IMAGE_SIZE, SCENARIOS, scenario
+from dmlkd.pipelines.scenarios import DEMO_TEACHER, MIN_IMAGE_SIZE, SCENARIOS, scenario
 from dmlkd.teacher.config import TeacherConfig
 from dmlkd.teacher.config import start_tree as teacher_start_tree
 from dmlkd.transfer.config import TransferConfig
@@ -107,10 +107,10 @@ def split_sets(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
 
 
 def default_src(name: str, dataset: str) -> str:
-    """The scenario's teacher spec; the demo data has its own for compress (see ``DEMO_SRC``)."""
-    if dataset == "glyphs" and name in DEMO_SRC:
-        return DEMO_SRC[name]
-    return SCENARIOS[name].src
+    """The scenario's teacher spec; the demo data has its own for compress (see ``DEMO_TEACHER``)."""
+    if dataset == "glyphs" and name in DEMO_TEACHER:
+        return DEMO_TEACHER[name]
+    return SCENARIOS[name].teacher
 
 
 def _image_size_items(arch: str, dataset: str) -> list[str]:
@@ -151,7 +151,7 @@ def build_pipeline_config(
     data_config = from_dict(DataConfig, data_tree)
     dataset = data_config.name
     src = src or file_tree.get("src") or default_src(name, dataset)
-    dst = dst or file_tree.get("dst") or SCENARIOS[name].dst
+    dst = dst or file_tree.get("dst") or SCENARIOS[name].student
     methods = methods or file_tree.get("methods") or ["relaxed_contrastive"]
     common = [
         f"data={json.dumps(to_dict(data_config))}",

@@ -24,14 +24,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dmlkd.checkpoints.folder import read_checkpoint_config
+from dmlkd.checkpoints.io import load_checkpoint
+from dmlkd.checkpoints.selection import selection_note
 from dmlkd.config import EvalConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.evaluation import evaluate_embeddings
+from dmlkd.evaluation.run import embed_collection, eval_image_size, eval_resize_ratio
 from dmlkd.pipelines.paper import PAPER_CITATION, canonical_method, paper_result
 from dmlkd.pipelines.plots import ModelEmbeddings, write_plots
 from dmlkd.pipelines.report_text import format_summary as format_summary
 from dmlkd.pipelines.report_text import render_markdown
 from dmlkd.pipelines.report_text import summary_rows as summary_rows
+from dmlkd.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,6 @@ def write_report(
         device: where models are embedded and timed.
         progress: show embedding progress bars.
     """
-    from dmlkd.engine.evaluate import eval_image_size
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,9 +127,6 @@ def _entry_results(
     device: torch.device,
     progress: bool,
 ) -> tuple[dict[str, Any], ModelEmbeddings, list[dict[str, Any]]]:
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.checkpoints.io import selection_note
-    from dmlkd.evaluation import evaluate_embeddings
 
     run_dir = Path(entry.run_dir)
     folders = checkpoint_folders(run_dir)
@@ -233,7 +235,6 @@ def _recorded_metrics(
     folders: dict[str, Path | None], checkpoint: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The metrics stored in ``last/`` and ``best/``; a bare checkpoint counts as what it was saved as."""
-    from dmlkd.checkpoints import read_checkpoint_config
 
     def metrics_of(folder: Path | None) -> dict[str, Any] | None:
         return read_checkpoint_config(folder).get("metrics") or None if folder else None
@@ -300,7 +301,6 @@ def _synchronize(device: torch.device) -> None:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    from dmlkd import __version__
 
     info = {
         "torch": torch.__version__,
@@ -324,7 +324,6 @@ def _embed(
     device: torch.device,
     progress: bool,
 ) -> ModelEmbeddings:
-    from dmlkd.engine.evaluate import embed_collection, eval_resize_ratio
 
     resize_ratio = eval_resize_ratio(eval_config, splits)
     if splits.query is not None and splits.gallery is not None:

@@ -17,11 +17,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmlkd.config import from_dict, to_dict
+from dmlkd.checkpoints.folder import is_timm_ref, read_checkpoint_config, save_checkpoint
+from dmlkd.checkpoints.io import check_model_ref, load_checkpoint, resolve_checkpoint_dir
+from dmlkd.checkpoints.timm_hub import load_hub_model
+from dmlkd.checkpoints.zoo import find_teacher
+from dmlkd.config import EvalConfig, from_dict, to_dict
+from dmlkd.data.catalog import build_splits
+from dmlkd.devices import resolve_device
+from dmlkd.engine.distributed import call_on_main, init_processes, is_main, launched
+from dmlkd.engine.rundir import RUNTIME_KEYS, failed_without_progress, read_run, sigterm_as_interrupt
+from dmlkd.engine.tracking import progress_logger
 from dmlkd.errors import DmlkdError
+from dmlkd.evaluation.run import evaluate_model
+from dmlkd.inference.export import export_model
+from dmlkd.models.spec import parse_spec
 from dmlkd.pipelines.config import PipelineConfig
+from dmlkd.pipelines.report import ReportEntry, write_report
 from dmlkd.pipelines.state import PipelineState
+from dmlkd.registry import DATASETS, TRANSFER_METHODS
+from dmlkd.teacher.trainer import run_teacher
 from dmlkd.transfer.config import TransferConfig
+from dmlkd.transfer.trainer import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +49,12 @@ class TeacherCheckError(DmlkdError):
 def student_config(config: PipelineConfig, teacher_ref: Path | str, method: str) -> TransferConfig:
     """The config of the student trained with ``method``: the pipeline's transfer config, that method (its
     options only), and the resolved teacher."""
-    from dmlkd.registry import TRANSFER_METHODS
 
     options = TRANSFER_METHODS.options(method)
     return config.transfer.with_method(method, options).with_teacher(str(teacher_ref))
 
 
 def _should_resume(run_dir: Path) -> bool:
-    from dmlkd.engine.rundir import failed_without_progress, read_run
 
     existing = read_run(run_dir)
     return existing is not None and not failed_without_progress(run_dir, existing)
@@ -48,7 +62,6 @@ def _should_resume(run_dir: Path) -> bool:
 
 def _runtime_given(tree: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed stage takes from this command (progress bars, workers): see ``RUNTIME_KEYS``."""
-    from dmlkd.engine.rundir import RUNTIME_KEYS
 
     given: dict[str, Any] = {}
     for dotted in RUNTIME_KEYS:
@@ -63,7 +76,6 @@ def _train_stage(run_dir: Path, run: Callable[..., Any], config: Any, state: Pip
 
     An attempt that failed before writing any checkpoint or state starts again from scratch.
     """
-    from dmlkd.engine.distributed import call_on_main
 
     resume = call_on_main(_should_resume, run_dir)  # decided once, before the main process writes run.json
     given = _runtime_given(to_dict(config)) if resume else None
@@ -72,8 +84,6 @@ def _train_stage(run_dir: Path, run: Callable[..., Any], config: Any, state: Pip
 
 def _header(text: str) -> None:
     """A stage header on stdout (main process): what the pipeline is doing now, also under nohup."""
-    from dmlkd.engine.distributed import is_main
-    from dmlkd.engine.tracking import progress_logger
 
     if is_main():
         progress_logger().info("== pipeline: %s", text)
@@ -81,20 +91,15 @@ def _header(text: str) -> None:
 
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
-    from dmlkd.engine.distributed import call_on_main
 
     src = config.src
-    from dmlkd.checkpoints.io import is_timm_ref
 
     if is_timm_ref(src):  # a published timm model, used as is (no head): stage 1 is skipped
         return call_on_main(_save_hub_teacher, src, state.out / "teacher")
     if src.startswith("hf://") or Path(src).expanduser().exists():
         return call_on_main(resolve_checkpoint_dir, src if src.startswith("hf://") else Path(src).expanduser())
-    from dmlkd.models.spec import parse_spec
 
     spec = parse_spec(src)
-    from dmlkd.checkpoints.zoo import find_teacher
 
     entry = find_teacher(config.data.name, str(spec))
     if entry is not None:
@@ -102,8 +107,6 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
         return call_on_main(resolve_checkpoint_dir, entry.reference)  # one download
     run_dir = state.out / "teacher"
     if not state.done("teacher"):
-        from dmlkd.teacher.trainer import run_teacher
-
         _header(f"teacher: training {src} on {config.data.name} into {run_dir}")
 
         assert config.teacher is not None  # a model spec SRC always has a teacher config
@@ -114,8 +117,6 @@ def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
 
 def _save_hub_teacher(src: str, folder: Path) -> Path:
     """Write the published timm teacher ``src`` as a checkpoint folder (once; kept when a run resumes)."""
-    from dmlkd.checkpoints import read_checkpoint_config, save_checkpoint
-    from dmlkd.models.timm_backbone import load_hub_model
 
     if (folder / "config.json").is_file() and read_checkpoint_config(folder)["provenance"].get("source") == src:
         return folder
@@ -125,7 +126,6 @@ def _save_hub_teacher(src: str, folder: Path) -> Path:
 
 def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineState) -> dict[str, Any]:
     """Re-evaluate the teacher (on the main process); stop if it falls far below the metrics recorded with it."""
-    from dmlkd.engine.distributed import call_on_main
 
     if (done := state.done("teacher_check")) is not None:
         return done
@@ -136,10 +136,6 @@ def check_teacher(config: PipelineConfig, teacher_dir: Path, state: PipelineStat
 
 
 def _measure_teacher(config: PipelineConfig, teacher_dir: Path) -> dict[str, Any]:
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.config import EvalConfig
-    from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import evaluate_model, resolve_device
 
     model, record = load_checkpoint(teacher_dir)
     recorded = record.get("metrics", {})
@@ -171,7 +167,6 @@ def _measure_teacher(config: PipelineConfig, teacher_dir: Path) -> dict[str, Any
 
 
 def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineState) -> list[Path]:
-    from dmlkd.transfer.trainer import run_transfer
 
     run_dirs = []
     for method in config.methods:
@@ -190,8 +185,6 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
 
 
 def export_students(config: PipelineConfig, run_dirs: list[Path], state: PipelineState) -> list[Path]:
-    from dmlkd.engine.distributed import call_on_main
-    from dmlkd.student.export import export_model
 
     exported = []
     for method, run_dir in zip(config.methods, run_dirs):
@@ -205,7 +198,6 @@ def export_students(config: PipelineConfig, run_dirs: list[Path], state: Pipelin
 
 
 def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
-    from dmlkd.engine.distributed import call_on_main
 
     _header(f"writing the report ({state.out / 'report.md'}): the teacher and {len(run_dirs)} student(s) evaluated")
 
@@ -215,10 +207,6 @@ def make_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path],
 
 
 def _write_report(config: PipelineConfig, teacher_dir: Path, run_dirs: list[Path], state: PipelineState) -> dict:
-    from dmlkd.config import EvalConfig
-    from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import resolve_device
-    from dmlkd.pipelines.report import ReportEntry, write_report
 
     teacher_run = teacher_dir.parent if teacher_dir.name in ("best", "last") else teacher_dir
     entries = [ReportEntry("teacher", "teacher", teacher_run)]
@@ -247,8 +235,6 @@ def run_pipeline(
     The folder is locked for the whole run; ``overwrite`` keeps the old pipeline until the new one saved
     its first state (see ``dmlkd.pipelines.state``). ``regenerate_report`` writes the report again.
     """
-    from dmlkd.engine.distributed import call_on_main, init_processes, is_main, launched
-    from dmlkd.engine.rundir import sigterm_as_interrupt
 
     if launched():
         init_processes(config.device)
@@ -277,10 +263,8 @@ def run_pipeline(
 def validate_pipeline(config: PipelineConfig) -> None:
     """Fail before any training on names that cannot work (one-line errors); the stage configs are typed
     already, and each stage validates its data and options again before its run folder is touched."""
-    from dmlkd.registry import DATASETS
 
     DATASETS.get(config.data.name)
-    from dmlkd.checkpoints.io import check_model_ref, is_timm_ref
 
     if is_timm_ref(config.src):
         check_model_ref(config.src)  # malformed, unknown or weights not reachable: one line, before training

@@ -10,8 +10,8 @@ from dmlkd.errors import ConfigError, choices
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    src: str  # default teacher spec
-    dst: str  # default student spec
+    teacher: str  # default teacher spec (the pipeline's --src)
+    student: str  # default student spec (the pipeline's --dst)
     summary: str
 
 
@@ -37,7 +37,7 @@ SCENARIOS: dict[str, Scenario] = {
 # untrained, 15.5 after 4 epochs with proxy-anchor or normalised softmax), so on the demo data the compression
 # scenario defaults to a ResNet-34 teacher; on real datasets (ImageNet weights, 224 px) it is ResNet-50.
 # `--src resnet50-512` on the demo trains with its own recipe (teacher/config.py DEMO_GLYPHS_BY_ARCH).
-DEMO_SRC = {"compress": "resnet34-512"}
+DEMO_TEACHER = {"compress": "resnet34-512"}
 
 # BN-Inception's stride-2 branches need inputs of at least 64 px (and sizes where they line up).
 MIN_IMAGE_SIZE = {"bn_inception": 64, "googlenet": 64}

@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dmlkd import __version__
 from dmlkd.config import from_dict, to_dict
 from dmlkd.engine.rundir import PREVIOUS_PREFIX, RunLock, move_aside, restore_previous
 from dmlkd.errors import ConfigError
+from dmlkd.version import __version__
 
 STATE_FILE = "pipeline.json"
 PIPELINE_CONTENT = frozenset(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dmlkd.lazy import submodule
+
 __all__ = [
     "ArcMarginLoss",
     "ContrastiveLoss",
@@ -36,6 +38,4 @@ def __getattr__(name: str) -> Any:
         from dmlkd.registry import TEACHER_LOSSES
 
         return next(TEACHER_LOSSES.get(n) for n in TEACHER_LOSSES.names() if TEACHER_LOSSES.get(n).__name__ == name)
-    from dmlkd import _submodule
-
-    return _submodule(__name__, name)  # e.g. dmlkd.teacher.<module> without importing it first
+    return submodule(__name__, name)  # e.g. dmlkd.teacher.<module> without importing it first

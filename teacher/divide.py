@@ -31,11 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dmlkd.data.loading import make_train_loader
 from dmlkd.data.samplers import _check_positive, _GlobalBatchSampler, _rng
 from dmlkd.engine import distributed as dist_utils
 from dmlkd.errors import ConfigError, DataError
+from dmlkd.evaluation.kmeans import kmeans
+from dmlkd.evaluation.run import embed_collection, eval_image_size
 from dmlkd.teacher.config import DivideConfig, TeacherConfig
-from dmlkd.teacher.trainer import TeacherModule, build_criterion
+from dmlkd.teacher.module import TeacherModule, build_criterion
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +247,6 @@ def cluster_embeddings(
     embeddings: Tensor, nb_clusters: int, seed: int, previous: np.ndarray | None = None
 ) -> np.ndarray:
     """k-means ids ``(N,)`` of L2-normalised ``(N, D)`` embeddings, renamed to match ``previous`` if given."""
-    from dmlkd.evaluation.kmeans import kmeans
 
     points = F.normalize(embeddings.float(), dim=1)
     assignment = kmeans(points, nb_clusters, seed=seed, backend="torch").cpu().numpy().astype(np.int64)
@@ -298,7 +300,6 @@ class DivideSchedule:
     @torch.no_grad()
     def recluster(self, epoch: int) -> None:
         """Embed the train split with the current network, cluster it and store the assignment."""
-        from dmlkd.engine.evaluate import embed_collection, eval_image_size
 
         device = next(self.model.parameters()).device
         embeddings, _ = embed_collection(
@@ -329,7 +330,6 @@ def build_divide(
 
     ``data`` is the run's ``TrainData`` (its sampler and loader serve the full-embedding phase).
     """
-    from dmlkd.data.loading import make_train_loader
 
     divide: DivideConfig = config.divide
     dim, k = config.model.embedding_dim, divide.nb_clusters

@@ -10,53 +10,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmlkd.checkpoints.folder import load_state_strict, read_checkpoint_config
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
 from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
 from dmlkd.data.base import DatasetSplits
-from dmlkd.engine.data import build_train_data
-from dmlkd.engine.distributed import gather_view_major, init_processes, is_main, world_size_of_launch
+from dmlkd.data.catalog import build_splits
+from dmlkd.data.training import build_train_data
+from dmlkd.engine.distributed import init_processes, is_main, world_size_of_launch
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
 from dmlkd.engine.rundir import failure_recorded, mark_status
 from dmlkd.engine.stage_run import run_stage
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch
+from dmlkd.evaluation.run import run_input_record
+from dmlkd.models import build_model
 from dmlkd.registry import TEACHER_LOSSES
 from dmlkd.teacher.config import TeacherConfig
+from dmlkd.teacher.divide import build_divide
+from dmlkd.teacher.module import TeacherModule, build_criterion
 
 log = logging.getLogger(__name__)
-
-
-class TeacherModule(nn.Module):
-    """The embedding network and the loss's class vectors: the one module the optimiser and DDP see.
-
-    With several processes the loss sees the gathered global batch (embeddings with gradient, labels), in
-    single-process row order (``views`` view-major blocks), so every process computes the single-process
-    loss (``dmlkd.engine.distributed``).
-    """
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, loss_name: str, views: int = 1) -> None:
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-        self.loss_name = loss_name
-        self.views = views
-
-    def forward(self, batch: Batch, replay_k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        output = self.model(batch.images)
-        embedding = gather_view_major(output.embedding, self.views, with_grad=True)
-        loss = self.criterion(embedding, gather_view_major(batch.labels, self.views))
-        return {"loss": loss, self.loss_name: loss.detach()}
-
-
-def build_criterion(config: TeacherConfig, num_classes: int, embedding_dim: int | None = None) -> nn.Module:
-    """The configured loss (IAA-wrapped if enabled) on ``embedding_dim`` dimensions (default: the model's)."""
-    size = embedding_dim or config.model.embedding_dim
-    criterion = TEACHER_LOSSES.build(config.loss.name, num_classes, size, **config.loss.kwargs)
-    if config.iaa.enabled:
-        from dmlkd.teacher.iaa import IntraClassAugmentation
-
-        options = {k: v for k, v in to_dict(config.iaa).items() if k != "enabled"}
-        criterion = IntraClassAugmentation(criterion, num_classes, size, seed=config.train.seed, **options)
-    return criterion
 
 
 def epoch_aware(loader_factory: Any, criterion: nn.Module, epochs: int) -> Any:
@@ -99,7 +71,6 @@ class PreparedTeacher:
 def prepare_teacher(config: TeacherConfig) -> PreparedTeacher:
     """Every check that needs no training: loss and its options, data layout and counts, the P x K sampler
     for the batch, ``--init`` compatibility. Returns the config with the dataset's defaults filled in."""
-    from dmlkd.data.catalog import build_splits
 
     TEACHER_LOSSES.check_options(config.loss.name, config.loss.kwargs)  # name and options, before any data
     if config.init:
@@ -155,8 +126,6 @@ def train_teacher(
 def _train_teacher(
     config: TeacherConfig, run_dir: Path, resume: bool, prepared: PreparedTeacher | None, on_saved: Any
 ) -> TeacherResult:
-    from dmlkd.data.catalog import build_splits
-    from dmlkd.models import build_model
 
     torch.manual_seed(config.train.seed)
     if prepared is not None:
@@ -170,8 +139,6 @@ def _train_teacher(
     model = build_model(config.model)
     init_digest = initialise_from(model, config.init) if config.init else None
     if config.divide.nb_clusters > 1:  # divide and conquer: K learners on sub-embeddings
-        from dmlkd.teacher.divide import build_divide
-
         module, groups, loader_factory = build_divide(
             config, model, splits, data, rank=processes.rank, world_size=processes.world_size
         )
@@ -204,7 +171,6 @@ def _train_teacher(
 
 def check_init(config: TeacherConfig) -> None:
     """``--init`` must name a checkpoint of the same architecture and embedding dimension."""
-    from dmlkd.checkpoints import read_checkpoint_config, resolve_checkpoint_dir
 
     record = read_checkpoint_config(resolve_checkpoint_dir(config.init))
     found = record.get("model", {})
@@ -219,7 +185,6 @@ def check_init(config: TeacherConfig) -> None:
 
 def initialise_from(model: nn.Module, ref: str) -> str:
     """Load the embedding network's weights from a checkpoint (same architecture and dimension, strictly)."""
-    from dmlkd.checkpoints import load_checkpoint, load_state_strict
 
     source, record = load_checkpoint(ref)
     wanted, found = model.config, source.config
@@ -233,7 +198,6 @@ def initialise_from(model: nn.Module, ref: str) -> str:
 
 
 def _provenance(config: TeacherConfig, splits: Any, bad: list[tuple[str, str]]) -> dict[str, Any]:
-    from dmlkd.student.embed import run_input_record
 
     return {
         "input": run_input_record(config.train, config.eval, splits),  # what embed/export/eval use by default

@@ -34,7 +34,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.cli import main as cli_main
 from dmlkd.models import create_model
 
@@ -1043,7 +1043,7 @@ def _mode_images(folder: Path) -> list[tuple[Path, Path]]:
 def test_every_image_mode_arrives_as_its_8bit_rgb_image(tmp_path: Path) -> None:
     """Point 4 through `dmlkd embed`: each unusual mode embeds like its 8-bit RGB reference (16-bit PNG, I, F, LA,
     P with transparency, CMYK, 16-bit RGB TIFF); before the fix a 16-bit PNG arrived 99 % white."""
-    from dmlkd.student.embed import read_embeddings
+    from dmlkd.inference.embed import read_embeddings
 
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "ckpt", create_model("resnet18-16"))

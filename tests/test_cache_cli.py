@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from dmlkd.cli import main
-from dmlkd.transfer.cache_file import FORMAT_NAME
+from dmlkd.transfer.cache.storage import FORMAT_NAME
 
 
 def _cache(folder: Path, name: str, images: int, age_days: float) -> Path:

@@ -11,8 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 import dmlkd
-from dmlkd.checkpoints import load_checkpoint, read_checkpoint_config, read_tensors, save_checkpoint
-from dmlkd.checkpoints.io import sha256_file, write_folder_atomically
+from dmlkd.checkpoints.folder import (
+    read_checkpoint_config,
+    read_tensors,
+    save_checkpoint,
+    sha256_file,
+    write_folder_atomically,
+)
+from dmlkd.checkpoints.io import load_checkpoint
 from dmlkd.errors import CheckpointError
 from dmlkd.models import create_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.cli import main
 from dmlkd.models import create_model
 
@@ -154,10 +154,10 @@ def test_real_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(
     tmp_path: Path, tiny_glyph_args: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dmlkd.checkpoints.io as checkpoint_io
+    import dmlkd.checkpoints.folder as checkpoint_folder
 
     out = tmp_path / "run"
-    real_save_file = checkpoint_io.save_file
+    real_save_file = checkpoint_folder.save_file
     kept: dict[str, bytes] = {}
 
     def save_file_until_full(tensors: object, filename: str, **kwargs: object) -> None:
@@ -168,7 +168,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_chec
         Path(filename).write_bytes(b"partial")  # the next write runs out of space half-way
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(checkpoint_io, "save_file", save_file_until_full)
+    monkeypatch.setattr(checkpoint_folder, "save_file", save_file_until_full)
     args = ["teacher", "train", "--out", str(out), "--epochs", "2", "--max-steps", "4", *tiny_glyph_args]
     result = CliRunner().invoke(main, [*args, "--set", "train.eval_every=1"])
     lines = [line for line in result.stderr.splitlines() if line.strip()]

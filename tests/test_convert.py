@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import torchvision
 from click.testing import CliRunner
 
-from dmlkd.checkpoints import load_checkpoint
+from dmlkd.checkpoints.card import model_card
 from dmlkd.checkpoints.convert import SOURCE_NOTE, convert_reference_checkpoint
-from dmlkd.checkpoints.hub import model_card
+from dmlkd.checkpoints.io import load_checkpoint
 from dmlkd.cli.app import _Group
 from dmlkd.cli.hub import convert_command
 from dmlkd.errors import CheckpointError, ConfigError

@@ -26,7 +26,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dmlkd.checkpoints import load_checkpoint, save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
+from dmlkd.checkpoints.io import load_checkpoint
 from dmlkd.cli import main
 from dmlkd.config import from_dict
 from dmlkd.engine.optim import build_optimizer, build_scheduler
@@ -34,7 +35,8 @@ from dmlkd.engine.state import Progress, enable_determinism, has_state, load_sta
 from dmlkd.errors import CheckpointError
 from dmlkd.models import build_model, create_model
 from dmlkd.teacher.config import TeacherConfig
-from dmlkd.teacher.trainer import TeacherModule, build_criterion, param_groups
+from dmlkd.teacher.module import TeacherModule, build_criterion
+from dmlkd.teacher.trainer import param_groups
 
 STEPS = 6
 TINY = [

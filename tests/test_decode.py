@@ -136,7 +136,7 @@ def test_channels_last_only_for_mixed_precision_on_cuda():
 def test_train_data_path_is_a_config_field_and_the_cpu_loader_is_not_pinned(data_path):
     from dmlkd.config import TrainConfig
     from dmlkd.data.base import DatasetSplits
-    from dmlkd.engine.data import build_train_data
+    from dmlkd.data.training import build_train_data
 
     images = np.random.default_rng(0).integers(0, 256, (8, 20, 24, 3), dtype=np.uint8)
     collection = ArrayImageCollection(images, [str(i) for i in range(8)], [0, 0, 1, 1, 2, 2, 3, 3])

@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 def _teacher_checkpoint(folder: Path) -> Path:
-    from dmlkd.checkpoints import save_checkpoint
+    from dmlkd.checkpoints.folder import save_checkpoint
     from dmlkd.models import create_model
 
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.evaluation import (
     evaluate_embeddings,
@@ -28,7 +29,7 @@ from dmlkd.evaluation import (
 from dmlkd.evaluation import metrics as evaluation_metrics
 from dmlkd.evaluation import ranks as ranks_module
 from dmlkd.evaluation.knn import chunk_rows
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 
 # ----------------------------------------------------------------------------------------------- oracles
 

@@ -15,16 +15,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 import dmlkd
-from dmlkd.checkpoints import load_checkpoint, save_checkpoint
-from dmlkd.checkpoints.io import sha256_file
+from dmlkd.checkpoints.folder import save_checkpoint, sha256_file
+from dmlkd.checkpoints.io import load_checkpoint
 from dmlkd.cli.inference import embed_command, export_command
 from dmlkd.data.transforms import eval_view
 from dmlkd.errors import ConfigError, DataError, DmlkdError
+from dmlkd.inference import export as export_module
+from dmlkd.inference.embed import read_embeddings
+from dmlkd.inference.export import export_model
 from dmlkd.models import create_model
-from dmlkd.student import embed as embed_module
-from dmlkd.student import export as export_module
-from dmlkd.student.embed import attach_embed_defaults, read_embeddings, recorded_image_size
-from dmlkd.student.export import export_model
+from dmlkd.models import inputs as model_inputs
+from dmlkd.models.inputs import attach_embed_defaults, recorded_image_size
 
 SIZE = 32
 FORMATS = ["safetensors", "onnx", "torch.export"]
@@ -277,12 +278,12 @@ def test_embed_image_size_defaults_to_the_recorded_one(checkpoint: Path) -> None
     model, record = load_checkpoint(checkpoint)
     assert recorded_image_size(record) == SIZE
     assert recorded_image_size({"train_config": {"train": {"image_size": None}, "eval": {"image_size": 48}}}) == 48
-    assert recorded_image_size({}) is None and embed_module.default_image_size(model) in (SIZE, 224)
+    assert recorded_image_size({}) is None and model_inputs.default_image_size(model) in (SIZE, 224)
     attach_embed_defaults(model, record)
     image = _pil_images()[0]
     torch.testing.assert_close(model.embed(image), model.embed(image, image_size=SIZE))
     attach_embed_defaults(model, {})
-    assert embed_module.default_image_size(model) == 224
+    assert model_inputs.default_image_size(model) == 224
 
 
 def test_dmlkd_load_of_safetensors_export_embeds(exports, model) -> None:
@@ -327,8 +328,8 @@ def test_embed_cli_writes_embeddings_and_paths(checkpoint: Path, model, tmp_path
 
 def test_importing_student_and_its_cli_does_not_import_torch() -> None:
     code = (
-        "import sys, dmlkd.student, dmlkd.cli.inference; "
+        "import sys, dmlkd.inference, dmlkd.cli.inference; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert callable(dmlkd.student.export_model) and callable(dmlkd.student.embed_images)"
+        "assert callable(dmlkd.inference.export_model) and callable(dmlkd.inference.embed_images)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

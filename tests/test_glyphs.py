@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmlkd import paths
 from dmlkd.data import glyphs
 from dmlkd.errors import ConfigError
 from dmlkd.registry import DATASETS
@@ -180,13 +181,13 @@ def test_cache_key_depends_on_options():
 def test_cache_folder_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("DMLKD_CACHE", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert glyphs.cache_folder(tmp_path / "root") == tmp_path / "root"
-    assert glyphs.cache_folder() == tmp_path / "explicit"
+    assert paths.cache_folder(tmp_path / "root") == tmp_path / "root"
+    assert paths.cache_folder() == tmp_path / "explicit"
     monkeypatch.delenv("DMLKD_CACHE")
-    assert glyphs.cache_folder() == tmp_path / "xdg" / "dmlkd"
+    assert paths.cache_folder() == tmp_path / "xdg" / "dmlkd"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert glyphs.cache_folder() == tmp_path / "home" / ".cache" / "dmlkd"
+    assert paths.cache_folder() == tmp_path / "home" / ".cache" / "dmlkd"
 
 
 def test_unwritable_cache_still_returns_data(tmp_path: Path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dmlkd.data.batch import Batch
 from dmlkd.evaluation import knn
 from dmlkd.models import create_model
-from dmlkd.models.outputs import Batch
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
 from dmlkd.transfer.trainer import TeacherSource, TransferModule

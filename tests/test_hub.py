@@ -26,19 +26,15 @@ import yaml
 from click.testing import CliRunner
 
 import dmlkd
-from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
-from dmlkd.checkpoints.hub import (
-    HubRef,
-    hub_provenance,
-    load_from_hub,
-    model_card,
-    parse_hub_ref,
-    pull,
-    push,
-)
+from dmlkd.checkpoints.card import model_card
+from dmlkd.checkpoints.folder import save_checkpoint
+from dmlkd.checkpoints.hub import load_from_hub, pull, push
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
+from dmlkd.checkpoints.snapshot import hub_provenance
 from dmlkd.checkpoints.zoo import find_teacher, zoo_entries
 from dmlkd.cli.hub import hub_group, zoo_command
 from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.hub_access import HubRef, parse_hub_ref
 from dmlkd.models import create_model
 
 REPO = "dmlkd-test/tiny-embedder"

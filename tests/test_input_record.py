@@ -15,7 +15,8 @@ import dmlkd
 from dmlkd.cli import main
 from dmlkd.data.glyphs import build_glyphs
 from dmlkd.evaluation.metrics import evaluate_embeddings
-from dmlkd.student.embed import read_embeddings, recorded_image_size
+from dmlkd.inference.embed import read_embeddings
+from dmlkd.models.inputs import recorded_image_size
 
 
 def _cli(*args: str) -> str:
@@ -79,7 +80,7 @@ def test_another_size_is_used_when_asked_with_a_warning(trained, caplog):
     run, folder, _labels, _ = trained
     model = dmlkd.load(str(run / "last"))
     paths = sorted(folder.glob("*.png"))[:3]
-    with caplog.at_level(logging.WARNING, logger="dmlkd.student.embed"):
+    with caplog.at_level(logging.WARNING, logger="dmlkd.models.inputs"):
         embeddings = model.embed(paths, image_size=48)
     assert "48 px" in caplog.text and "32 px" in caplog.text
     assert not torch.allclose(embeddings, model.embed(paths))

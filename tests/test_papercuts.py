@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import dmlkd
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.cli import main
 from dmlkd.errors import CheckpointError, ConfigError
 
@@ -50,7 +50,7 @@ def test_load_of_org_name_suggests_hf_prefix(tmp_path: Path, monkeypatch: pytest
 def test_missing_onnx_hint_works_from_a_clone(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from dmlkd.student.export import export_model
+    from dmlkd.inference.export import export_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.config import DataConfig, EvalConfig
 from dmlkd.data.base import DatasetSplits, Subset
 from dmlkd.data.catalog import build_splits
-from dmlkd.engine.evaluate import evaluate_model
 from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.evaluation.run import evaluate_model
 from dmlkd.models import create_model
 from dmlkd.pipelines import paper
 from dmlkd.pipelines.plots import ModelEmbeddings, grid_rows
@@ -139,7 +139,7 @@ def test_results_json_fields(cub_report, runs):
 
 
 def test_recall_curve_is_a_real_evaluation_of_the_last_checkpoint(cub_report, runs, splits):
-    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import load_checkpoint
 
     _, results = cub_report
     student = results["entries"][1]

@@ -457,7 +457,7 @@ def test_augmentation_settings_are_config_fields_shown_in_run_config(reference: 
     printed = yaml.safe_load(_print_config([*RUN, "--set", "train.flip_p=0.5", "--set", "train.crop_ratio=[0.9,1.1]"]))
     assert printed["train"]["flip_p"] == 0.5 and printed["train"]["crop_ratio"] == [0.9, 1.1]
     from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.data import augmentation
+    from dmlkd.data.training import augmentation
     from dmlkd.teacher.config import TeacherConfig
 
     config = TeacherConfig(**{})

@@ -16,10 +16,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.evaluation.knn import knn
+from dmlkd.inference.embed import read_embeddings
 from dmlkd.models import create_model
-from dmlkd.student.embed import read_embeddings
 
 SIZE = 32
 TRAIN = {"train": {"image_size": SIZE}}

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.data.base import ArrayImageCollection
 from dmlkd.data.transforms import ReplaySpec, TrainDataset, collate_views, eval_view
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models import create_model
-from dmlkd.transfer import cache as cache_module
-from dmlkd.transfer import cache_file as cache_file_module
-from dmlkd.transfer.cache import (
+from dmlkd.transfer.cache import storage as cache_file_module
+from dmlkd.transfer.cache import teacher_cache as cache_module
+from dmlkd.transfer.cache.teacher_cache import (
     CacheSpec,
     TeacherCache,
     build_cache,
@@ -246,7 +246,7 @@ def test_cache_file_of_another_teacher_is_not_used(teacher, collection, tmp_path
     other = _load(other_teacher, collection, tmp_path, digest=teacher_digest(other_teacher))
     wanted_key = cache_key(SPEC, teacher_digest(teacher), collection)
     shutil.copy(cache_path(tmp_path, other.key), cache_path(tmp_path, wanted_key))  # wrong content, right name
-    with caplog.at_level(logging.WARNING, logger="dmlkd.transfer.cache"):
+    with caplog.at_level(logging.WARNING, logger="dmlkd.transfer.cache.teacher_cache"):
         cache = _load(teacher, collection, tmp_path)
     assert counter.builds == 2 and "teacher_digest" in caplog.text
     own = build_cache(teacher, collection, SPEC, tmp_path / "own" / "c.safetensors", progress=False)
@@ -255,7 +255,7 @@ def test_cache_file_of_another_teacher_is_not_used(teacher, collection, tmp_path
 
 def test_stale_sibling_caches_are_reported(teacher, collection, tmp_path, caplog):
     _load(teacher, collection, tmp_path)
-    with caplog.at_level(logging.INFO, logger="dmlkd.transfer.cache"):
+    with caplog.at_level(logging.INFO, logger="dmlkd.transfer.cache.teacher_cache"):
         _load(teacher, collection, tmp_path, dataclasses.replace(SPEC, seed=9))
     assert "spec.seed 7 -> 9" in caplog.text
 

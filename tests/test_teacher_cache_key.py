@@ -14,20 +14,26 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from dmlkd.checkpoints import save_checkpoint
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.cli import main
 from dmlkd.config import apply_overrides, from_dict
 from dmlkd.data.base import ArrayImageCollection, FileImageCollection
 from dmlkd.data.catalog import build_splits
+from dmlkd.data.training import build_train_data
 from dmlkd.data.transforms import ReplaySpec, TrainDataset, collate_views
-from dmlkd.engine.data import build_train_data
 from dmlkd.errors import ConfigError
 from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
-from dmlkd.transfer import cache as cache_module
-from dmlkd.transfer import cache_content
-from dmlkd.transfer.cache import CacheSpec, RefreshingCache, build_cache, describe_cache, load_or_build_cache
-from dmlkd.transfer.cache import teacher_digest as digest_of
+from dmlkd.transfer.cache import content as cache_content
+from dmlkd.transfer.cache import teacher_cache as cache_module
+from dmlkd.transfer.cache.teacher_cache import (
+    CacheSpec,
+    RefreshingCache,
+    build_cache,
+    describe_cache,
+    load_or_build_cache,
+)
+from dmlkd.transfer.cache.teacher_cache import teacher_digest as digest_of
 from dmlkd.transfer.config import TransferConfig, start_tree
 from dmlkd.transfer.trainer import build_teacher_source
 
@@ -179,7 +185,7 @@ def _config(teacher_folder: Path, cache_dir: Path, *items: str) -> TransferConfi
 
 
 def test_cached_equals_online_under_the_training_autocast(teacher_folder, tmp_path):
-    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import load_checkpoint
 
     config = _config(teacher_folder, tmp_path / "cache", "train.mixed_precision=bf16")
     splits, _ = build_splits(config.data)

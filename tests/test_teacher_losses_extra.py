@@ -33,7 +33,7 @@ from dmlkd.teacher import (
 from dmlkd.teacher.config import RECIPES, TeacherConfig, start_tree
 from dmlkd.teacher.losses.margin import distance_weighted_negatives, gumbel_noise
 from dmlkd.teacher.losses.multi_similarity import multi_similarity_mining
-from dmlkd.teacher.trainer import build_criterion
+from dmlkd.teacher.module import build_criterion
 
 NEW_LOSSES = {
     "triplet": TripletLoss,

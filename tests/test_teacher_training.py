@@ -21,7 +21,8 @@ from dmlkd.engine.optim import batchnorm_modules, build_optimizer, build_schedul
 from dmlkd.models import create_model
 from dmlkd.teacher.config import TeacherConfig, start_tree
 from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
-from dmlkd.teacher.trainer import TeacherModule, param_groups
+from dmlkd.teacher.module import TeacherModule
+from dmlkd.teacher.trainer import param_groups
 
 
 def _flags(model: torch.nn.Module) -> tuple[set[bool], set[bool], set[bool]]:

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 timm = pytest.importorskip("timm")  # the `timm` extra; CI installs it through the `test` extra
 
-from dmlkd.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from dmlkd.checkpoints.folder import save_checkpoint  # noqa: E402
+from dmlkd.checkpoints.io import load_checkpoint  # noqa: E402
 from dmlkd.cli import main  # noqa: E402
 from dmlkd.errors import CheckpointError, ConfigError, ModelSpecError  # noqa: E402
 from dmlkd.models import ModelConfig, create_model, parse_spec  # noqa: E402
@@ -289,7 +290,7 @@ def test_feature_methods_pair_timm_cnns_and_refuse_token_maps() -> None:
 
 
 def test_fitnet_step_between_timm_cnns_runs() -> None:
-    from dmlkd.models.outputs import Batch
+    from dmlkd.data.batch import Batch
     from dmlkd.registry import TRANSFER_METHODS
 
     student = create_model("timm/mobilenetv3_small_050-8")
@@ -368,7 +369,7 @@ def test_vit_input_must_be_a_multiple_of_the_patch_size() -> None:
 
 
 def test_published_model_embeds_at_its_pretrained_input_size() -> None:
-    from dmlkd.student.embed import default_image_size
+    from dmlkd.models.inputs import default_image_size
 
     assert default_image_size(load_checkpoint(f"timm/{VIT}")[0]) == 160  # test_vit.r160_in1k: 160 px
 
@@ -395,7 +396,7 @@ def test_zoo_lists_hub_teachers_that_timm_knows() -> None:
 @pytest.mark.parametrize("export_format", ["onnx", "torch.export"])
 def test_export_of_a_timm_student_passes_the_parity_gate(tmp_path: Path, export_format: str) -> None:
     pytest.importorskip("onnxscript")
-    from dmlkd.student.export import export_model
+    from dmlkd.inference.export import export_model
 
     model = create_model("timm/mobilenetv3_small_050-16", pretrained=True).eval()
     save_checkpoint(tmp_path / "ckpt", model, train_config={"train": {"image_size": 64}})
@@ -443,8 +444,8 @@ def test_label_free_transfer_from_a_timm_vit_teacher_into_a_timm_mobilenet(tmp_p
 
 def test_commands_taking_a_checkpoint_take_a_published_timm_model(tmp_path: Path) -> None:
     """dmlkd embed timm/<vit> photos/: written once as a checkpoint folder in the dmlkd cache, then used."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
-    from dmlkd.student.embed import read_embeddings
+    from dmlkd.checkpoints.io import resolve_checkpoint_dir
+    from dmlkd.inference.embed import read_embeddings
 
     images = _photos(tmp_path / "photos", 3)
     code, _stdout, stderr = _invoke("embed", f"timm/{VIT}", str(images), "--out", str(tmp_path / "e.safetensors"))

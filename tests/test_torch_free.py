@@ -29,6 +29,7 @@ def test_config_modules_import_with_torch_blocked() -> None:
     result = _run(
         "import dmlkd.config, dmlkd.teacher.config, dmlkd.transfer.config, dmlkd.pipelines.config\n"
         "import dmlkd.models.spec, dmlkd.cli.options, dmlkd.engine.rundir, dmlkd.pipelines.state\n"
+        "import dmlkd.engine.stage_run  # the lock check of a run folder comes before torch\n"
         "from dmlkd.teacher.config import resolve_teacher_config\n"
         "config, given, notes = resolve_teacher_config('pa-cub-resnet50', None, ['optim.lr=0.001'])\n"
         "assert config.optim.lr == 0.001 and config.model.arch == 'resnet50'\n"

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import dmlkd.transfer.methods  # noqa: F401  (registers the methods)
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 from dmlkd.transfer import functional

@@ -15,7 +15,7 @@ from dmlkd.config import DataConfig
 from dmlkd.data.catalog import build_splits
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.registry import TRANSFER_METHODS
-from dmlkd.transfer.cache import describe_cache
+from dmlkd.transfer.cache.teacher_cache import describe_cache
 from dmlkd.transfer.transfer_set import check_transfer_set_options, label_free_methods, read_transfer_set
 
 

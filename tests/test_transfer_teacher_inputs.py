@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import dmlkd.transfer.methods  # noqa: F401  (registers the methods)
+from dmlkd.data.batch import Batch
 from dmlkd.models import create_model
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
 

@@ -21,7 +21,7 @@ from dmlkd.cli import main
 from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
-from dmlkd.transfer.cache import describe_cache, teacher_digest
+from dmlkd.transfer.cache.teacher_cache import describe_cache, teacher_digest
 
 STUDENT = "resnet18-8"
 # Tiny runs: a 16-class glyph subset, 4 classes x 4 images x 2 views per step, 2 steps, no NMI.

@@ -12,6 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from dmlkd.data.base import ArrayImageCollection
+from dmlkd.data.batch import Batch
 from dmlkd.data.loading import make_eval_loader, make_train_loader
 from dmlkd.data.samplers import ClassBalancedBatchSampler
 from dmlkd.data.transforms import (
@@ -28,7 +29,6 @@ from dmlkd.data.transforms import (
     view_generator,
 )
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:

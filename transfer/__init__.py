@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dmlkd.lazy import submodule
+
 __all__ = ["TransferMethod", "functional"]
 
 
@@ -22,6 +24,4 @@ def __getattr__(name: str) -> Any:
         from dmlkd.transfer.base import TransferMethod
 
         return TransferMethod
-    from dmlkd import _submodule
-
-    return _submodule(__name__, name)  # e.g. dmlkd.transfer.<module> without importing it first
+    return submodule(__name__, name)  # e.g. dmlkd.transfer.<module> without importing it first

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.numerics import check_count, check_real
 from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 

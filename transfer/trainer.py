@@ -10,18 +10,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmlkd.checkpoints.folder import is_timm_ref, read_checkpoint_config
+from dmlkd.checkpoints.io import check_model_ref, load_checkpoint, resolve_checkpoint_dir
 from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
 from dmlkd.data.base import DatasetSplits
-from dmlkd.engine.data import augmentation, build_train_data
+from dmlkd.data.batch import Batch
+from dmlkd.data.catalog import build_splits
+from dmlkd.data.training import augmentation, build_train_data
+from dmlkd.data.transforms import ReplaySpec
 from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main, world_size_of_launch
-from dmlkd.engine.evaluate import eval_resize_ratio
 from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
 from dmlkd.engine.rundir import failure_recorded, mark_status, read_run
 from dmlkd.engine.stage_run import run_stage
 from dmlkd.errors import ConfigError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.evaluation.run import eval_resize_ratio, run_input_record
+from dmlkd.models import build_model
+from dmlkd.models.outputs import ModelOutput
+from dmlkd.models.spec import ModelConfig
+from dmlkd.paths import cache_folder
 from dmlkd.registry import TRANSFER_METHODS
+from dmlkd.transfer.base import ModelInfo, TransferContext
+from dmlkd.transfer.cache.teacher_cache import (
+    CacheSpec,
+    RefreshingCache,
+    cache_path,
+    describe_cache,
+    load_or_build_cache,
+    teacher_digest,
+)
 from dmlkd.transfer.config import TransferConfig
+from dmlkd.transfer.transfer_set import check_transfer_set_options, read_transfer_set, with_transfer_set
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +126,12 @@ def param_groups(module: TransferModule, config: TransferConfig) -> list[tuple[s
 
 def check_transfer_config(config: TransferConfig) -> str:
     """Checks made before the run folder exists (method, teacher mode, teacher folder); returns the mode."""
-    from dmlkd.checkpoints.io import check_model_ref
 
     mode = resolve_mode(config.teacher.mode, config.method.name)
     if not config.teacher.ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
     check_model_ref(config.teacher.ref)  # a folder, or a published timm model timm/NAME[.TAG][-0]
     if config.transfer_set:
-        from dmlkd.transfer.transfer_set import check_transfer_set_options, read_transfer_set
-
         check_transfer_set_options(config.method.name, config.train.ipc)
         read_transfer_set(config.transfer_set)
     return mode
@@ -124,12 +139,9 @@ def check_transfer_config(config: TransferConfig) -> str:
 
 def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[str, str]]]:
     """The dataset's splits, with the train split replaced by the transfer set if one is given."""
-    from dmlkd.data.catalog import build_splits
 
     splits, bad = build_splits(config.data)
     if config.transfer_set:
-        from dmlkd.transfer.transfer_set import check_transfer_set_options, with_transfer_set
-
         check_transfer_set_options(config.method.name, config.train.ipc)
         splits = with_transfer_set(splits, config.transfer_set)
         log.info("transfer set %s: %d images (no labels)", config.transfer_set, len(splits.train))
@@ -138,8 +150,6 @@ def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[
 
 def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
     """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.checkpoints.io import is_timm_ref, resolve_checkpoint_dir
 
     if not ref:
         raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
@@ -153,7 +163,6 @@ def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
 def _cache_folder(config: TransferConfig) -> Path:
     if config.teacher.cache_dir:
         return Path(config.teacher.cache_dir).expanduser()
-    from dmlkd.data.glyphs import cache_folder
 
     return Path(cache_folder()) / "teacher-outputs"
 
@@ -163,7 +172,6 @@ _TEACHER_AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
 
 def cache_spec_for(config: TransferConfig, splits: DatasetSplits, method_cls: Any, mode: str) -> Any:
     """The cache spec of a run: its views, and the teacher at the training precision (as the online teacher)."""
-    from dmlkd.transfer.cache import CacheSpec
 
     train = config.train
     views = augmentation(train, splits)
@@ -197,8 +205,6 @@ def build_teacher_source(
         if data is not None:
             data.dataset.replay = None
         return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
-    from dmlkd.data.transforms import ReplaySpec
-    from dmlkd.transfer.cache import RefreshingCache, load_or_build_cache, teacher_digest
 
     train = config.train
     spec = cache_spec_for(config, splits, method_cls, mode)
@@ -241,7 +247,6 @@ def build_method(
     config: TransferConfig, student: Any, teacher: Any, splits: DatasetSplits, num_classes: int
 ) -> nn.Module:
     """The configured method for ``student`` and ``teacher`` (models, or their ``ModelInfo``)."""
-    from dmlkd.transfer.base import ModelInfo, TransferContext
 
     context = TransferContext(
         student=student if isinstance(student, ModelInfo) else ModelInfo.from_model(student),
@@ -268,9 +273,6 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
     """Every check that needs no training: method and its options, teacher mode, teacher folder and its fit
     to the method (stage taps), transfer set, data layout and counts, the sampler for the batch, a writable
     cache folder. Returns the config with the dataset's defaults filled in."""
-    from dmlkd.checkpoints import read_checkpoint_config, resolve_checkpoint_dir
-    from dmlkd.models import build_model
-    from dmlkd.models.spec import ModelConfig
 
     mode = check_transfer_config(config)
     splits, bad = _training_splits(config)
@@ -279,7 +281,6 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
     record = read_checkpoint_config(resolve_checkpoint_dir(config.teacher.ref))
     teacher_config = from_dict(ModelConfig, {**record.get("model", {}), "pretrained": False})
     student_config = from_dict(ModelConfig, {**to_dict(config.student), "pretrained": False})
-    from dmlkd.transfer.base import ModelInfo
 
     with torch.device("meta"):  # shapes only: no weights are allocated or downloaded
         student_info = ModelInfo.from_model(build_model(student_config))
@@ -352,8 +353,6 @@ def train_transfer(
 def _train_transfer(
     config: TransferConfig, run_dir: Path, resume: bool, prepared: PreparedTransfer | None, on_saved: Any
 ) -> TransferResult:
-    from dmlkd.data.transforms import ReplaySpec
-    from dmlkd.models import build_model
 
     torch.manual_seed(config.train.seed)
     processes = init_processes(config.train.device)
@@ -408,7 +407,6 @@ def _train_transfer(
 
 
 def _input_record(config: TransferConfig, splits: DatasetSplits) -> dict[str, Any]:
-    from dmlkd.student.embed import run_input_record
 
     return run_input_record(config.train, config.eval, splits)
 
@@ -419,7 +417,6 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     """``dmlkd cache build``: build or verify the cache ``train_transfer`` would use; returns its description."""
-    from dmlkd.transfer.cache import cache_path, describe_cache
 
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, config.method.name, for_cache=True)

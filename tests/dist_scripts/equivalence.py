@@ -141,10 +141,10 @@ def _transfer(out: Path, teacher: str, mode: str, method: dict[str, Any], train:
 
 
 def _evaluate(out: Path, teacher: str) -> None:
-    from dmlkd.checkpoints import load_checkpoint
+    from dmlkd.checkpoints.io import load_checkpoint
     from dmlkd.config import DataConfig, EvalConfig
     from dmlkd.data.catalog import build_splits
-    from dmlkd.engine.evaluate import embed_collection, evaluate_model
+    from dmlkd.evaluation.run import embed_collection, evaluate_model
 
     model, _ = load_checkpoint(teacher)
     splits, _ = build_splits(DataConfig(**DATA))

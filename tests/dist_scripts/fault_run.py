@@ -63,14 +63,14 @@ def install(phase: str, n: int) -> None:
 
         loop.evaluate_model = evaluate_model
     elif phase == "before-best":
-        real_write = loop._Run._write
+        real_write = loop.FitBookkeeping._write
 
         def write(self, name, *args, **kwargs):
             if name == "best" and hit():
                 _die()
             return real_write(self, name, *args, **kwargs)
 
-        loop._Run._write = write
+        loop.FitBookkeeping._write = write
     else:
         raise SystemExit(f"unknown FAULT phase {phase!r}")
 

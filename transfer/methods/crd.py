@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmlkd.data.batch import Batch
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.numerics import autocast_disabled, check_count, check_real
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ProxyAnchorTerm, TransferContext, check_weight

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.numerics import autocast_disabled, check_count, check_real, compute_dtype
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer import functional

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dmlkd.models.outputs import Batch, ModelOutput
+from dmlkd.data.batch import Batch
+from dmlkd.models.outputs import ModelOutput
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer import functional
 from dmlkd.transfer.base import TransferContext, TransferMethod, check_weight

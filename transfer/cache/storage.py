@@ -1,8 +1,8 @@
 """Teacher-cache file helpers: content digests, atomic writes, metadata and tensor checks on reading.
 
-``dmlkd.transfer.cache`` builds, loads and describes caches (and does the logging); this module holds what it
-does with the safetensors file itself. A ``ValueError`` from ``_read_checked`` says in words why a file is not
-usable; ``_differences`` lists the key parts in which a file's metadata differs from the wanted ones.
+``dmlkd.transfer.cache.teacher_cache`` builds, loads and describes caches (and does the logging); this module
+holds what it does with the safetensors file itself. A ``ValueError`` from ``read_checked`` says in words why a
+file is not usable; ``differing_parts`` lists the key parts in which a file's metadata differs from the wanted ones.
 """
 
 from __future__ import annotations
@@ -14,30 +14,22 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dmlkd.checkpoints.io import safetensors_os_error
+from dmlkd.checkpoints.folder import safetensors_os_error
 from dmlkd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from dmlkd.transfer.cache_spec import CacheSpec
+from dmlkd.transfer.cache.spec import CacheSpec, sha256_json
 
 FORMAT_NAME = "dmlkd-teacher-cache"
 CHUNK_FORMAT_NAME = "dmlkd-teacher-cache-chunk"
-FORMAT_VERSION = 2  # 2: the key covers image contents and the full teacher digest
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError)
+READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _content_digest(tensors: Mapping[str, Tensor]) -> str:
+def content_digest(tensors: Mapping[str, Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
@@ -58,7 +50,7 @@ def check_writable_folder(folder: Path) -> None:
         ) from None
 
 
-def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -75,7 +67,7 @@ def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str
             os.unlink(temporary)
 
 
-def _differences(stored: Mapping[str, str], parts: Mapping[str, str]) -> list[str]:
+def differing_parts(stored: Mapping[str, str], parts: Mapping[str, str]) -> list[str]:
     """The key parts in which a file's metadata differs from the wanted ones, readable."""
     found = []
     for name, wanted in parts.items():
@@ -95,17 +87,17 @@ def _differences(stored: Mapping[str, str], parts: Mapping[str, str]) -> list[st
     return found
 
 
-def _read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a cache file that matches ``parts``; ``ValueError`` says why it does not."""
     with safe_open(str(path), framework="pt") as file:
         metadata = dict(file.metadata() or {})
         names = set(file.keys())
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError("not a dmlkd teacher cache")
-    differences = _differences(metadata, parts)
+    differences = differing_parts(metadata, parts)
     if differences:
         raise ValueError("it was built for different inputs: " + "; ".join(differences))
-    if metadata.get("key") != _sha256_json(dict(parts)):
+    if metadata.get("key") != sha256_json(dict(parts)):
         raise ValueError("its recorded key does not match its key parts")
     wanted = {"embeddings", "pooled"} if spec.with_pooled else {"embeddings"}
     if names != wanted:
@@ -115,32 +107,32 @@ def _read_checked(path: Path, parts: Mapping[str, str], spec: CacheSpec) -> tupl
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float16 or tensor.dim() != 3 or tuple(tensor.shape[:2]) != shape:
             raise ValueError(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected float16 {shape} + (D,)")
-    if _content_digest(tensors) != metadata.get("content_sha256"):
+    if content_digest(tensors) != metadata.get("content_sha256"):
         raise ValueError("its tensor bytes do not match the recorded SHA-256 (corrupt file)")
     return tensors, metadata
 
 
-def _chunk_path(folder: Path, start: int, stop: int) -> Path:
+def chunk_path(folder: Path, start: int, stop: int) -> Path:
     return folder / f"chunk-{start:09d}-{stop:09d}.safetensors"
 
 
-def _write_chunk(folder: Path, start: int, stop: int, tensors: dict[str, Tensor], key: str) -> None:
+def write_chunk(folder: Path, start: int, stop: int, tensors: dict[str, Tensor], key: str) -> None:
     """One finished range of rows of a cache being built, written atomically (a resumed build keeps it)."""
     metadata = {
         "format": CHUNK_FORMAT_NAME,
         "key": key,
         "start": str(start),
         "stop": str(stop),
-        "content_sha256": _content_digest(tensors),
+        "content_sha256": content_digest(tensors),
     }
-    _write_atomically(_chunk_path(folder, start, stop), tensors, metadata)
+    write_atomically(chunk_path(folder, start, stop), tensors, metadata)
 
 
-def _read_chunk(
+def read_chunk(
     folder: Path, start: int, stop: int, key: str, names: tuple[str, ...], sets: int
 ) -> dict[str, Tensor] | None:
     """The rows of a finished chunk of the build with ``key``, or None if it is missing or does not check out."""
-    path = _chunk_path(folder, start, stop)
+    path = chunk_path(folder, start, stop)
     if not path.is_file():
         return None
     try:
@@ -150,10 +142,10 @@ def _read_chunk(
         if any(metadata.get(name) != value for name, value in wanted.items()):
             return None
         tensors = load_file(str(path))
-        if set(tensors) != set(names) or _content_digest(tensors) != metadata.get("content_sha256"):
+        if set(tensors) != set(names) or content_digest(tensors) != metadata.get("content_sha256"):
             return None
         if any(t.dtype != torch.float16 or tuple(t.shape[:2]) != (stop - start, sets) for t in tensors.values()):
             return None
-    except _READ_ERRORS:
+    except READ_ERRORS:
         return None
     return tensors

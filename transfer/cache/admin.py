@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmlkd.data.glyphs import cache_folder
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.transfer.cache import describe_cache
+from dmlkd.paths import cache_folder
+from dmlkd.transfer.cache.teacher_cache import describe_cache
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

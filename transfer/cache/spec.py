@@ -2,8 +2,8 @@
 
 ``CacheSpec`` says which views are cached (exact-replay sets or the clean eval view) and how the teacher runs;
 ``cache_key`` hashes it together with the teacher's digest (weights and model config), the images (identifiers and
-*content*, ``dmlkd.transfer.cache_content``) and the library versions.
-See ``dmlkd.transfer.cache`` for the cache itself.
+*content*, ``dmlkd.transfer.cache.content``) and the library versions.
+See ``dmlkd.transfer.cache.teacher_cache`` for the cache itself.
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ import PIL
 import torch
 from torch import nn
 
+from dmlkd.checkpoints.folder import MODEL_FILE, read_checkpoint_config
+from dmlkd.checkpoints.io import resolve_checkpoint_dir
 from dmlkd.data.base import ImageCollection
+from dmlkd.data.decode import decoder_name
 from dmlkd.data.transforms import ReplaySpec
 from dmlkd.errors import ConfigError
-from dmlkd.transfer.cache_file import FORMAT_VERSION, _sha256_json
+from dmlkd.transfer.cache.content import images_digest as digest_images
+from dmlkd.version import __version__
 
+FORMAT_VERSION = 2  # 2: the key covers image contents and the full teacher digest
 _AUTOCAST_DTYPES = ("float16", "bfloat16")
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -109,12 +118,9 @@ def key_parts(
 ) -> dict[str, str]:
     """Every input the cached outputs depend on, as strings (the file metadata records them).
 
-    ``images_digest`` (from ``dmlkd.transfer.cache_content.images_digest``) is computed if not given;
+    ``images_digest`` (from ``dmlkd.transfer.cache.content.images_digest``) is computed if not given;
     ``index_folder`` holds the file-hash side index that makes recomputing it cheap.
     """
-    from dmlkd import __version__
-    from dmlkd.data.decode import decoder_name
-    from dmlkd.transfer.cache_content import images_digest as digest_images
 
     if not isinstance(collection, ImageCollection):
         raise TypeError(f"the cache key needs the ImageCollection itself (its contents), got {type(collection)}")
@@ -135,7 +141,7 @@ def cache_key(
     spec: CacheSpec, teacher_digest: str, collection: ImageCollection, images_digest: str | None = None
 ) -> str:
     """Hex SHA-256 over the canonical JSON of the key parts (spec content, teacher, image contents, versions)."""
-    return _sha256_json(key_parts(spec, teacher_digest, collection, images_digest))
+    return sha256_json(key_parts(spec, teacher_digest, collection, images_digest))
 
 
 def cache_path(folder: str | Path, key: str) -> Path:
@@ -158,11 +164,10 @@ def teacher_digest(source: str | Path | nn.Module) -> str:
             digest.update(data.view(torch.uint8).numpy())
         config = getattr(source, "config", None)
         config = asdict(config) if is_dataclass(config) else None
-        return _sha256_json({"kind": "state", "weights": digest.hexdigest(), "model": config})
-    from dmlkd.checkpoints.io import MODEL_FILE, read_checkpoint_config, resolve_checkpoint_dir
+        return sha256_json({"kind": "state", "weights": digest.hexdigest(), "model": config})
 
     record = read_checkpoint_config(resolve_checkpoint_dir(source))
-    return _sha256_json({"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]})
+    return sha256_json({"kind": "checkpoint", "weights": record["files"][MODEL_FILE], "model": record["model"]})
 
 
-_digest_of = teacher_digest  # build_cache's ``teacher_digest`` argument shadows the function
+digest_of = teacher_digest  # build_cache's ``teacher_digest`` argument shadows the function

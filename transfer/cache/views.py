@@ -15,7 +15,7 @@ from dmlkd.data.transforms import eval_view, render_views, replay_view_params
 from dmlkd.engine.distributed import gather_uneven, rank, shard_batches, world_size
 from dmlkd.errors import DataError
 from dmlkd.numerics import autocast_disabled
-from dmlkd.transfer.cache_spec import CacheSpec
+from dmlkd.transfer.cache.spec import CacheSpec
 
 
 class CacheViewDataset(Dataset):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dmlkd.engine.loop import FitResult
+from dmlkd.evaluation import format_table
 
 _BOOKKEEPING = ("epoch", "step", "eval_seconds")
 
 
 def metrics_table(results: dict[str, float], metric: str) -> str:
     """The primary metrics' table, plus one table per secondary metric (keys ``"<metric>/recall@K"``)."""
-    from dmlkd.evaluation import format_table
 
     primary = {k: v for k, v in results.items() if "/" not in k and k not in _BOOKKEEPING}
     lines = [f"[{metric}]", format_table(primary)]

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmlkd.checkpoints.folder import save_checkpoint, sha256_file, write_folder_atomically
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
+from dmlkd.checkpoints.selection import selection_note
+from dmlkd.config import to_dict
 from dmlkd.errors import ConfigError, DmlkdError, choices
+from dmlkd.models.inputs import DEFAULT_IMAGE_SIZE, recorded_image_size, recorded_resize_ratio
+from dmlkd.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +134,6 @@ def compare_outputs(eager: list[Tensor], exported: list[Tensor], threshold: floa
 
 
 def _write_safetensors(model: nn.Module, folder: Path, context: dict[str, Any]) -> dict[str, Any]:
-    from dmlkd.checkpoints import save_checkpoint
 
     record = context["record"]
     provenance = {**(record.get("provenance") or {}), "export": context["provenance"]}
@@ -206,8 +211,6 @@ def _exported_runner(export_format: str, folder: Path) -> tuple[Runner | None, s
     """Load the written artefact back; returns ``(runner, runtime)`` or ``(None, why parity is skipped)``."""
     path = folder / ARTEFACTS[export_format]
     if export_format == "safetensors":
-        from dmlkd.checkpoints import load_checkpoint
-
         loaded, _record = load_checkpoint(folder)
         return (lambda images: loaded(images).embedding), "dmlkd.load"
     if export_format == "torch.export":
@@ -237,7 +240,6 @@ def _check_parity(
 
 
 def _versions(export_format: str) -> dict[str, str]:
-    from dmlkd import __version__
 
     versions = {"dmlkd": __version__, "torch": torch.__version__}
     if export_format == "onnx":
@@ -257,8 +259,6 @@ def _export_record(
     normalize: bool,
     source_info: dict[str, Any],
 ) -> dict[str, Any]:
-    from dmlkd.checkpoints.io import sha256_file
-    from dmlkd.config import to_dict
 
     artefact = ARTEFACTS[export_format]
     prep = dataclasses.asdict(model.config.resolved_preprocessing())
@@ -313,9 +313,6 @@ def export_model(
         overwrite: replace an existing ``out`` (only once the new export has passed its parity check).
         threshold: minimum row cosine between eager and exported outputs.
     """
-    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir, write_folder_atomically
-    from dmlkd.checkpoints.io import selection_note
-    from dmlkd.student.embed import DEFAULT_IMAGE_SIZE, recorded_image_size, recorded_resize_ratio
 
     check_format(export_format)
     if image_size is not None and image_size < 1:

@@ -15,7 +15,7 @@ and, with ``with_pooled``, ``pooled`` ``(N, K, P)`` fp16. It costs ``N*K*D*2`` b
 memory while building, and the same on the device while training: SOP train with K=8, D=512 is
 59,551 x 8 x 512 x 2 B ≈ 488 MB. The file metadata holds every part of the key (content spec including the
 precision the teacher ran at, teacher digest over weights *and* model config, a digest of the images'
-identifiers *and contents* (``cache_content``), dmlkd/torch/Pillow versions), the key and a SHA-256 of the
+identifiers *and contents* (``content``), dmlkd/torch/Pillow versions), the key and a SHA-256 of the
 tensor bytes; a file whose parts, key, shapes or bytes do not check out is rebuilt (the differing part is
 logged), never used.
 
@@ -24,8 +24,9 @@ A build is resumable: rows are computed in chunks of images, each chunk written 
 again with the same key computes only the missing chunks. The finished file is written atomically and the
 chunk folder removed.
 
-Parts: ``cache_spec`` (the spec and the key), ``cache_views`` (running the teacher on the views, sharded over
-processes), ``cache_file`` (the checked, atomic file); this module holds the cache, building and loading it.
+Parts: ``spec`` (the spec and the key), ``content`` (image content digests), ``views`` (running the teacher on
+the views, sharded over processes), ``storage`` (the checked, atomic file); this module holds the cache, building
+and loading it; ``admin`` lists and ages caches on disk.
 """
 
 from __future__ import annotations
@@ -54,21 +55,21 @@ from dmlkd.engine.distributed import (
 )
 from dmlkd.errors import ConfigError, DataError
 from dmlkd.models.outputs import ModelOutput
-from dmlkd.transfer.cache_content import images_digest as digest_images
-from dmlkd.transfer.cache_file import (
-    _READ_ERRORS,
+from dmlkd.transfer.cache.content import images_digest as digest_images
+from dmlkd.transfer.cache.spec import CacheSpec, cache_key, cache_path, digest_of, key_parts, teacher_digest
+from dmlkd.transfer.cache.storage import (
     FORMAT_NAME,
-    _content_digest,
-    _differences,
-    _read_checked,
-    _read_chunk,
-    _sha256_json,
-    _write_atomically,
-    _write_chunk,
+    READ_ERRORS,
     check_writable_folder,
+    content_digest,
+    differing_parts,
+    read_checked,
+    read_chunk,
+    sha256_json,
+    write_atomically,
+    write_chunk,
 )
-from dmlkd.transfer.cache_spec import CacheSpec, _digest_of, cache_key, cache_path, key_parts, teacher_digest
-from dmlkd.transfer.cache_views import run_teacher
+from dmlkd.transfer.cache.views import run_teacher
 
 __all__ = [
     "CacheSpec",
@@ -135,7 +136,7 @@ class TeacherCache:
             raise ConfigError(f"the teacher cache holds {self.num_images} images, the dataset {len(dataset)}")
         identifiers = getattr(getattr(dataset, "collection", None), "identifiers", None)
         recorded = self.metadata.get("identifiers_sha256")
-        if identifiers is not None and recorded and _sha256_json([str(name) for name in identifiers]) != recorded:
+        if identifiers is not None and recorded and sha256_json([str(name) for name in identifiers]) != recorded:
             raise ConfigError("the training dataset's images are not the images the teacher cache was built on")
         if self.spec.mode == "clean":
             return
@@ -264,9 +265,9 @@ def build_cache(
             interrupted build with the same key are reused.
     """
     path = Path(path)
-    digest = teacher_digest if teacher_digest is not None else _digest_of(teacher)
+    digest = teacher_digest if teacher_digest is not None else digest_of(teacher)
     parts = key_parts(spec, digest, collection, images_digest, index_folder=path.parent)
-    expected = _sha256_json(parts)
+    expected = sha256_json(parts)
     if key is not None and key != expected:
         raise ConfigError(f"cache key {key[:16]}... does not match the spec, teacher and images ({expected[:16]}...)")
     count = len(collection)
@@ -282,14 +283,14 @@ def build_cache(
         **parts,
         "format": FORMAT_NAME,
         "key": expected,
-        "content_sha256": _content_digest(tensors),
-        "identifiers_sha256": _sha256_json([str(name) for name in collection.identifiers]),
+        "content_sha256": content_digest(tensors),
+        "identifiers_sha256": sha256_json([str(name) for name in collection.identifiers]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher_config": json.dumps(asdict(config) if is_dataclass(config) else None, sort_keys=True),
     }
     metadata = broadcast_object(metadata)
     if is_main():  # the processes built it together; one writes it
-        _write_atomically(path, tensors, metadata)
+        write_atomically(path, tensors, metadata)
         shutil.rmtree(_partial_folder(path), ignore_errors=True)
         logger.info("wrote teacher cache %s (%s images x %d views)", path, count, spec.num_sets)
     barrier()
@@ -325,7 +326,7 @@ def _run_in_chunks(
     ranges = [(start, min(start + size, count)) for start in range(0, count, size)]
     names = ("embeddings", "pooled") if spec.with_pooled else ("embeddings",)
     folder = _partial_folder(path)
-    found = [_read_chunk(folder, start, stop, key, names, sets) for start, stop in ranges]
+    found = [read_chunk(folder, start, stop, key, names, sets) for start, stop in ranges]
     missing = any_true(*(rows is None for rows in found)) if ranges else ()
     reused = sum(not flag for flag in missing)
     if reused:
@@ -341,7 +342,7 @@ def _run_in_chunks(
             rows = run_teacher(teacher, collection, spec, device, batch_size, num_workers, bar, start, stop)
             if is_main():
                 try:
-                    _write_chunk(folder, start, stop, rows, key)
+                    write_chunk(folder, start, stop, rows, key)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         folder.rmdir()  # only if empty: finished chunks stay for the next try
@@ -357,8 +358,8 @@ def _log_other_caches(folder: Path, parts: Mapping[str, str], path: Path) -> Non
             continue
         try:
             with safe_open(str(other), framework="pt") as file:
-                differences = _differences(file.metadata() or {}, parts)
-        except _READ_ERRORS:
+                differences = differing_parts(file.metadata() or {}, parts)
+        except READ_ERRORS:
             continue
         logger.info("not using teacher cache %s: %s", other, "; ".join(differences) or "other key")
 
@@ -383,13 +384,13 @@ def load_or_build_cache(
     """
     images = digest_images(collection, folder)
     parts = key_parts(spec, teacher_digest, collection, images)
-    key = _sha256_json(parts)
+    key = sha256_json(parts)
     path = cache_path(folder, key)
     found = path.is_file()
     if found:
         try:
-            tensors, metadata = _read_checked(path, parts, spec)
-        except _READ_ERRORS as error:
+            tensors, metadata = read_checked(path, parts, spec)
+        except READ_ERRORS as error:
             logger.warning("teacher cache %s is not usable (%s); rebuilding it", path, error)
             found = False
     (rebuild,) = any_true(not found)  # with several processes: all use the file, or all build together
@@ -433,7 +434,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         if metadata.get("format") != FORMAT_NAME or "embeddings" not in shapes:
             raise ValueError("no dmlkd teacher cache metadata")
         spec, teacher = json.loads(metadata["spec"]), json.loads(metadata.get("teacher_config", "null"))
-    except (*_READ_ERRORS, json.JSONDecodeError) as error:
+    except (*READ_ERRORS, json.JSONDecodeError) as error:
         raise DataError(f"{str(path)!r} is not a readable dmlkd teacher cache ({error})") from None
     pooled = shapes.get("pooled")
     return {

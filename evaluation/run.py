@@ -8,8 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.config import EvalCommandConfig, EvalConfig
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
+from dmlkd.checkpoints.selection import selection_note, selection_of
+from dmlkd.config import EvalCommandConfig, EvalConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits, ImageCollection
+from dmlkd.data.catalog import build_splits
+from dmlkd.data.loading import make_eval_loader
+from dmlkd.data.training import train_image_size
+from dmlkd.data.transforms import EvalDataset, collate_eval
+from dmlkd.devices import resolve_device
 from dmlkd.engine.distributed import (
     call_on_main,
     gather_uneven,
@@ -20,24 +27,13 @@ from dmlkd.engine.distributed import (
     shard_batches,
     world_size,
 )
-from dmlkd.errors import ConfigError
+from dmlkd.evaluation.extract import extract_embeddings, order_by_index
+from dmlkd.evaluation.metrics import evaluate_embeddings
+from dmlkd.models.inputs import DEFAULT_RESIZE_RATIO, input_record, recorded_image_size, recorded_resize_ratio
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable explicit device is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
-    return device
 
 
 def eval_image_size(config: EvalConfig, splits: DatasetSplits) -> int:
@@ -49,6 +45,13 @@ def eval_resize_ratio(config: EvalConfig, splits: DatasetSplits) -> float:
     if config.resize_ratio is not None:
         return float(config.resize_ratio)
     return float(splits.defaults.get("eval_resize_ratio", 256 / 224))
+
+
+def run_input_record(train: TrainConfig, evaluation: EvalConfig, splits: DatasetSplits) -> dict[str, Any]:
+    """``input_record`` of a training run: its resolved eval view (``EvalConfig`` and the dataset's defaults,
+    as the run's own evaluation uses them) and training crop size (``TrainConfig``)."""
+    resize_ratio = splits.defaults.get("eval_resize_ratio", DEFAULT_RESIZE_RATIO)
+    return input_record(eval_image_size(evaluation, splits), resize_ratio, train_image_size(train, splits))
 
 
 def embed_collection(
@@ -69,8 +72,6 @@ def embed_collection(
     """
     if distributed and world_size() > 1:
         return _embed_distributed(model, collection, config, image_size, resize_ratio, device, progress)
-    from dmlkd.data.loading import make_eval_loader
-    from dmlkd.evaluation import extract_embeddings
 
     loader = make_eval_loader(
         collection,
@@ -94,9 +95,6 @@ def _embed_distributed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    from dmlkd.data.transforms import EvalDataset, collate_eval
-    from dmlkd.evaluation.extract import order_by_index
 
     batches = shard_batches(len(collection), config.batch_size, rank(), world_size())
     loader = DataLoader(
@@ -172,7 +170,6 @@ def _metrics(
     config: EvalConfig,
     ks: tuple[int, ...],
 ) -> dict[str, float]:
-    from dmlkd.evaluation import evaluate_embeddings
 
     results = evaluate_embeddings(
         query,
@@ -207,9 +204,6 @@ def run_eval_command(config: EvalCommandConfig) -> dict[str, Any]:
     ``selected`` (``last``/``best`` for a run's checkpoint, else None), ``checkpoint_note`` (which checkpoint
     and why, e.g. ``last/ (final step)``), the ``epoch``/``step`` it was saved at, ``metric`` and ``dataset``.
     """
-    from dmlkd.checkpoints import load_checkpoint, resolve_checkpoint_dir
-    from dmlkd.checkpoints.selection import selection_note, selection_of
-    from dmlkd.data.catalog import build_splits
 
     device = init_processes(config.device).device if launched() else resolve_device(config.device)
     directory = resolve_checkpoint_dir(config.checkpoint)
@@ -234,8 +228,6 @@ def _recorded_eval_view(evaluation: EvalConfig, record: dict[str, Any]) -> tuple
     """``dmlkd eval`` evaluates at the checkpoint's recorded eval view unless ``--image-size`` says otherwise
     (with a warning when it differs); without a record, the dataset's defaults as before."""
     import dataclasses
-
-    from dmlkd.student.embed import recorded_image_size, recorded_resize_ratio
 
     recorded = recorded_image_size(record)
     if evaluation.image_size is None and recorded is not None:

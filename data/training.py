@@ -8,6 +8,10 @@ from typing import Any
 
 from dmlkd.config import STANDARD_AUGMENTATION, TrainConfig
 from dmlkd.data.base import DatasetSplits
+from dmlkd.data.loading import make_train_loader
+from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from dmlkd.data.transforms import TrainDataset
+from dmlkd.devices import resolve_device
 from dmlkd.errors import DataError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -62,7 +66,6 @@ def _num_classes(labels: Any) -> int:
 
 def _pin_memory(train: TrainConfig) -> bool:
     """Pinned host batches (asynchronous copies) whenever the run trains on CUDA."""
-    from dmlkd.engine.evaluate import resolve_device
 
     return resolve_device(train.device).type == "cuda"
 
@@ -76,9 +79,6 @@ def build_train_data(
     contiguous ``batch_size / world_size`` slice of every global batch (``dmlkd.data.samplers``), so equal
     global batches give the same sampled images and augmentations for any number of processes.
     """
-    from dmlkd.data.loading import make_train_loader
-    from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
-    from dmlkd.data.transforms import TrainDataset
 
     collection = splits.train
     views = augmentation(train, splits)

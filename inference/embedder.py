@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
+from dmlkd.checkpoints.selection import selection_note
+from dmlkd.data.transforms import eval_view
+from dmlkd.devices import resolve_device
 from dmlkd.errors import CheckpointError, DataError
+from dmlkd.models.inputs import open_image, recorded_image_size, recorded_resize_ratio
 
 EXPORT_FILE = "export.json"
 
@@ -137,10 +142,6 @@ def _from_export(ref: str, folder: Path, record: dict[str, Any], device: str) ->
 
 
 def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
-    from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.checkpoints.io import selection_note
-    from dmlkd.engine.evaluate import resolve_device
-    from dmlkd.student.embed import recorded_image_size, recorded_resize_ratio
 
     model, record = load_checkpoint(folder, device=resolve_device(device))
     model.eval()
@@ -168,7 +169,6 @@ def _from_checkpoint(ref: str, folder: Path, device: str) -> Embedder:
 
 def load_embedder(ref: str | os.PathLike, device: str = "auto") -> Embedder:
     """The embedder of a checkpoint/run folder, an ``hf://`` reference or an export folder."""
-    from dmlkd.checkpoints import resolve_checkpoint_dir
 
     path = Path(ref)
     record = _read_export(path) if path.is_dir() else None
@@ -192,8 +192,6 @@ def embed_files(
         ``(embeddings (N, D), kept paths, skipped (path, reason))``. Without ``skip_bad`` the first unreadable
         file is a ``DataError`` naming it; with it such files are left out.
     """
-    from dmlkd.data.transforms import eval_view
-    from dmlkd.student.embed import open_image
 
     rows, kept, skipped = [], [], []
     for start in range(0, len(paths), batch_size):

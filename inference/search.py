@@ -22,14 +22,10 @@ from typing import Any
 from torch import Tensor
 
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.student.embed import (
-    DEFAULT_RESIZE_RATIO,
-    EMBEDDINGS_FORMAT,
-    checked_image_size,
-    expand_image_paths,
-    read_embeddings,
-)
-from dmlkd.student.embedder import Embedder, embed_files, load_embedder
+from dmlkd.evaluation.knn import knn
+from dmlkd.inference.embed import EMBEDDINGS_FORMAT, checked_image_size, expand_image_paths, read_embeddings
+from dmlkd.inference.embedder import Embedder, embed_files, load_embedder
+from dmlkd.models.inputs import DEFAULT_RESIZE_RATIO
 
 
 @dataclass
@@ -131,7 +127,6 @@ def _neighbours(
     backend: str,
     include_self: bool,
 ) -> list[list[tuple[int, float]]]:
-    from dmlkd.evaluation.knn import knn
 
     size = gallery.embeddings.shape[0]
     if k < 1:
