@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from dmlkd.lazy import submodule
+from dmlkd.registry import TEACHER_LOSSES
 
 __all__ = [
     "ArcMarginLoss",
@@ -35,7 +36,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from dmlkd.registry import TEACHER_LOSSES
-
         return next(TEACHER_LOSSES.get(n) for n in TEACHER_LOSSES.names() if TEACHER_LOSSES.get(n).__name__ == name)
     return submodule(__name__, name)  # e.g. dmlkd.teacher.<module> without importing it first

@@ -73,6 +73,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dmlkd.devices",
         ),
     ),
+    ("numerics (torch helpers both stages share)", ("dmlkd.numerics",)),
     ("data", ("dmlkd.data",)),
     ("models", ("dmlkd.models",)),
     ("process group", ("dmlkd.engine.distributed",)),
@@ -90,7 +91,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # imports at the top of the module.
 LAZY_IMPORTS = {
     ("dmlkd", "dmlkd.checkpoints.io"): "root facade: `import dmlkd` stays torch-free",
-    ("dmlkd.teacher", "dmlkd.teacher.losses"): "package facade: `import dmlkd.teacher` stays torch-free",
     ("dmlkd.transfer", "dmlkd.transfer.base"): "package facade: `import dmlkd.transfer` stays torch-free",
     ("dmlkd.engine.rundir", "dmlkd.engine.state"): "torch-free run folders; --resume checks the saved state",
     (

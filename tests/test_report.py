@@ -321,7 +321,7 @@ def test_paper_tables_shape_and_typos():
 def _brute_force_top_k(model_dir: Path, splits: DatasetSplits, queries: list[int], k: int) -> list[list[int]]:
     """The oracle: embed the test split, rank every other test image by cosine similarity (ties: lower index)."""
     from dmlkd.checkpoints import load_checkpoint
-    from dmlkd.engine.evaluate import embed_collection, eval_image_size, eval_resize_ratio
+    from dmlkd.evaluation.run import embed_collection, eval_image_size, eval_resize_ratio
 
     model, _ = load_checkpoint(model_dir)
     size, ratio = eval_image_size(EVAL, splits), eval_resize_ratio(EVAL, splits)

@@ -77,7 +77,7 @@ def test_eval(run: Path, suffix: str, which: str, note: str) -> None:
 
 @pytest.mark.parametrize("suffix, which, note", [("", "last", LAST), ("best", "best", BEST)])
 def test_embed(run: Path, images: Path, tmp_path: Path, suffix: str, which: str, note: str) -> None:
-    from dmlkd.student.embed import read_embeddings
+    from dmlkd.inference.embed import read_embeddings
 
     out = tmp_path / "e.safetensors"
     ref = str(run / suffix) if suffix else str(run)
