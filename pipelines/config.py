@@ -33,13 +33,21 @@ from dmlkd.transfer.config import TransferConfig
 from dmlkd.transfer.config import start_tree as transfer_start_tree
 
 _SECTIONS = ("teacher", "transfer", "data")
+# Until pipeline.json format 3 the config called the teacher and the student "src" and "dst" (the CLI flags' names); a
+# saved pipeline.json or a --config file with those keys is read with today's names.
+_LEGACY_KEYS = {"src": "teacher_source", "dst": "student_spec"}
+
+
+def current_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    return {_LEGACY_KEYS.get(key, key): value for key, value in tree.items()}
 
 
 @dataclasses.dataclass
 class PipelineConfig:
-    """A scenario run: teacher SRC, student spec DST, the transfer methods and the typed stage configs.
+    """A scenario run: the teacher (``--src``), the student spec (``--dst``), the transfer methods and the typed
+    stage configs.
 
-    ``teacher`` says how the teacher is trained when SRC is a model spec (None when SRC is a checkpoint, run
+    ``teacher`` says how the teacher is trained when ``teacher_source`` is a model spec (None when it is a checkpoint, run
     folder or ``hf://`` reference). ``transfer`` is the students' config; student ``m`` trains
     ``transfer.with_method(m, …)`` against the resolved teacher. ``data`` is the dataset of both stages (their
     own ``data`` sections are set from it). ``teacher_check_tolerance`` is how far (absolute Recall@1) a
@@ -47,8 +55,8 @@ class PipelineConfig:
     """
 
     scenario: str
-    src: str
-    dst: str
+    teacher_source: str  # --src: a model spec to train, a checkpoint or run folder, hf://… or timm/…
+    student_spec: str  # --dst: the student's model spec
     methods: list[str] = dataclasses.field(default_factory=lambda: ["relaxed_contrastive"])
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
@@ -81,12 +89,12 @@ class PipelineConfig:
     def progress(self) -> bool:
         return self.transfer.train.progress
 
-    def src_is_spec(self) -> bool:
-        return src_is_spec(self.src)
+    def teacher_is_spec(self) -> bool:
+        return teacher_is_spec(self.teacher_source)
 
 
-def src_is_spec(src: str) -> bool:
-    """Whether SRC names a model to train (or find in the zoo), not a checkpoint, run folder, Hub repository or
+def teacher_is_spec(src: str) -> bool:
+    """Whether ``--src`` names a model to train (or find in the zoo), not a checkpoint, run folder, Hub repository or
     published timm model (``timm/NAME[.TAG][@REV]``, used as is: stage 1 is skipped)."""
     return not (src.startswith(("hf://", "timm/")) or Path(src).expanduser().exists())
 
@@ -137,7 +145,7 @@ def build_pipeline_config(
     """The pipeline config of a command line (see the module docstring); returns it and notes on values
     resolved on the user's behalf. Precedence, lowest first: scenario and recipes, the ``--config`` file,
     the flags, ``--set``."""
-    file_tree = dict(file_tree or {})
+    file_tree = current_keys(file_tree or {})
     unknown = sorted(set(file_tree) - {f.name for f in dataclasses.fields(PipelineConfig)})
     if unknown:
         raise ConfigError(
@@ -150,15 +158,15 @@ def build_pipeline_config(
     )
     data_config = from_dict(DataConfig, data_tree)
     dataset = data_config.name
-    src = src or file_tree.get("src") or default_src(name, dataset)
-    dst = dst or file_tree.get("dst") or SCENARIOS[name].student
+    src = src or file_tree.get("teacher_source") or default_src(name, dataset)
+    dst = dst or file_tree.get("student_spec") or SCENARIOS[name].student
     methods = methods or file_tree.get("methods") or ["relaxed_contrastive"]
     common = [
         f"data={json.dumps(to_dict(data_config))}",
     ]
     notes: list[str] = []
     teacher: TeacherConfig | None = None
-    if src_is_spec(src):
+    if teacher_is_spec(src):
         spec = parse_spec(src)
         items = [
             f"model.arch={json.dumps(spec.arch)}",
@@ -190,8 +198,8 @@ def build_pipeline_config(
         rest["export_format"] = export_format
     config = PipelineConfig(
         scenario=name,
-        src=src,
-        dst=dst,
+        teacher_source=src,
+        student_spec=dst,
         methods=list(methods),
         data=data_config,
         teacher=teacher,

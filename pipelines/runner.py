@@ -92,7 +92,7 @@ def _header(text: str) -> None:
 def resolve_teacher(config: PipelineConfig, state: PipelineState) -> Path:
     """The checkpoint folder for SRC: a local folder, an ``hf://`` reference, a zoo entry or a new teacher."""
 
-    src = config.src
+    src = config.teacher_source
 
     if is_timm_ref(src):  # a published timm model, used as is (no head): stage 1 is skipped
         return call_on_main(_save_hub_teacher, src, state.out / "teacher")
@@ -172,7 +172,7 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
     for method in config.methods:
         run_dir = state.out / "students" / method
         if not state.done(f"student:{method}"):
-            _header(f"student {config.methods.index(method) + 1}/{len(config.methods)}: {config.dst} with {method}")
+            _header(f"student {config.methods.index(method) + 1}/{len(config.methods)}: {config.student_spec} with {method}")
             result = _train_stage(run_dir, run_transfer, student_config(config, teacher_dir, method), state)
             state.finish(
                 f"student:{method}",
@@ -249,7 +249,7 @@ def run_pipeline(
     try:
         with sigterm_as_interrupt():
             if regenerate_report:
-                state.record["stages"].pop("report", None)
+                state.record["steps"].pop("report", None)
             teacher_dir = resolve_teacher(config, state)
             check_teacher(config, teacher_dir, state)
             run_dirs = train_students(config, teacher_dir, state)
@@ -266,7 +266,7 @@ def validate_pipeline(config: PipelineConfig) -> None:
 
     DATASETS.get(config.data.name)
 
-    if is_timm_ref(config.src):
-        check_model_ref(config.src)  # malformed, unknown or weights not reachable: one line, before training
+    if is_timm_ref(config.teacher_source):
+        check_model_ref(config.teacher_source)  # malformed, unknown or weights not reachable: one line, before training
     for method in config.methods:
         student_config(config, "teacher", method)

@@ -1,7 +1,7 @@
 """``pipeline.json`` and the pipeline folder's lifecycle (torch-free).
 
 The pipeline folder is locked for the whole run (``RunLock``). It records the pipeline's config and which
-stages have finished; rerunning the same command skips finished stages and resumes an interrupted one, and
+steps have finished; rerunning the same command skips finished steps and resumes an interrupted one, and
 a finished pipeline rerun says "nothing to do" (``finished_results``). A different command is refused
 unless ``--overwrite``, which moves the old pipeline aside (``.previous-*``) and deletes it only when the new
 run has saved its first state or checkpoint; a new run that ends before that brings the old one back.
@@ -18,6 +18,7 @@ from typing import Any
 from dmlkd.config import from_dict, to_dict
 from dmlkd.engine.rundir import PREVIOUS_PREFIX, RunLock, move_aside, restore_previous
 from dmlkd.errors import ConfigError
+from dmlkd.pipelines.config import current_keys
 from dmlkd.version import __version__
 
 STATE_FILE = "pipeline.json"
@@ -34,7 +35,7 @@ PIPELINE_CONTENT = frozenset(
         "retrieval_grid.png",
     }
 )
-FINAL_STAGE = "report"
+FINAL_STEP = "report"  # pipeline.json before format 3 called the steps "stages"; such a folder is read as today
 
 
 def _read_state(out: Path) -> dict[str, Any] | None:
@@ -45,7 +46,9 @@ def _read_state(out: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{str(path)!r} is corrupt (not JSON); use another --out or --overwrite") from None
-    if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+    if isinstance(record, dict) and "steps" not in record and "stages" in record:
+        record["steps"] = record.pop("stages")
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), dict):
         raise ConfigError(f"{str(path)!r} is not a dmlkd pipeline record; use another --out or --overwrite")
     return record
 
@@ -56,7 +59,7 @@ def _saved_config(record: dict[str, Any], config: Any) -> dict[str, Any]:
     A folder written by an older dmlkd compares equal to the same command today; a tree this version
     cannot read (a newer dmlkd's fields) is compared as it is, so it differs.
     """
-    saved = record.get("config", {})
+    saved = current_keys(record.get("config", {}))
     try:
         return to_dict(from_dict(type(config), saved))
     except (ConfigError, TypeError, ValueError):
@@ -66,7 +69,7 @@ def _saved_config(record: dict[str, Any], config: Any) -> dict[str, Any]:
 def finished_results(out: Path, config: Any) -> dict[str, Any] | None:
     """The results of a finished pipeline in ``out`` run with exactly ``config``, else None."""
     record = _read_state(out)
-    if record is None or _saved_config(record, config) != to_dict(config) or FINAL_STAGE not in record["stages"]:
+    if record is None or _saved_config(record, config) != to_dict(config) or FINAL_STEP not in record["steps"]:
         return None
     try:
         return json.loads((Path(out) / "results.json").read_text())
@@ -86,7 +89,7 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
 
 
 class PipelineState:
-    """``pipeline.json``: the pipeline's config and which stages have finished; holds the folder's lock."""
+    """``pipeline.json``: the pipeline's config and which steps have finished; holds the folder's lock."""
 
     def __init__(self, out: Path, record: dict[str, Any], lock: RunLock | None, previous: Path | None) -> None:
         self.out = out
@@ -122,7 +125,7 @@ class PipelineState:
                         "rerun the same command to resume it, or pass --overwrite to replace it"
                     )
                 previous = move_aside(out, PIPELINE_CONTENT)
-            record = {"format": 2, "dmlkd_version": __version__, "config": wanted, "stages": {}}
+            record = {"format": 3, "dmlkd_version": __version__, "config": wanted, "steps": {}}
             state = cls(out, record, lock, previous)
             state.save()
             return state
@@ -158,11 +161,11 @@ class PipelineState:
             if self.lock is not None:
                 self.lock.release()
 
-    def done(self, stage: str) -> dict[str, Any] | None:
-        return self.record["stages"].get(stage)
+    def done(self, step: str) -> dict[str, Any] | None:
+        return self.record["steps"].get(step)
 
-    def finish(self, stage: str, **info: Any) -> None:
-        self.record["stages"][stage] = {"status": "done", **info}
+    def finish(self, step: str, **info: Any) -> None:
+        self.record["steps"][step] = {"status": "done", **info}
         self.save()
 
 

@@ -101,13 +101,13 @@ def test_student_weights_and_metrics_match_one_process(runs: dict[str, tuple[Pat
     assert _recalls(multi_results) == pytest.approx(_recalls(single_results), abs=1e-6)
 
 
-def test_stages_and_report_are_written_once(runs: dict[str, tuple[Path, str]]) -> None:
+def test_steps_and_report_are_written_once(runs: dict[str, tuple[Path, str]]) -> None:
     single, multi = runs["single"][0], runs["torchrun"][0]
-    single_stages = json.loads((single / "pipeline.json").read_text())["stages"]
-    multi_stages = json.loads((multi / "pipeline.json").read_text())["stages"]
+    single_steps = json.loads((single / "pipeline.json").read_text())["steps"]
+    multi_steps = json.loads((multi / "pipeline.json").read_text())["steps"]
     assert (
-        set(multi_stages)
-        == set(single_stages)
+        set(multi_steps)
+        == set(single_steps)
         == {
             "teacher",
             "teacher_check",
@@ -116,7 +116,7 @@ def test_stages_and_report_are_written_once(runs: dict[str, tuple[Path, str]]) -
             "report",
         }
     )
-    assert multi_stages["student:relaxed_contrastive"]["teacher_mode"] == "cached"
+    assert multi_steps["student:relaxed_contrastive"]["teacher_mode"] == "cached"
     assert runs["torchrun"][1].count("report: ") == 1  # one summary, from the main process
     leftovers = [p.name for p in multi.rglob(".*") if "tmp" in p.name or ".old-" in p.name]
     assert leftovers == []

@@ -70,8 +70,8 @@ def compress_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_compress_end_to_end(compress_run: Path) -> None:
-    stages = json.loads((compress_run / "pipeline.json").read_text())["stages"]
-    assert set(stages) == {
+    steps = json.loads((compress_run / "pipeline.json").read_text())["steps"]
+    assert set(steps) == {
         "teacher",
         "teacher_check",
         "student:relaxed_contrastive",
@@ -92,7 +92,7 @@ def test_compress_end_to_end(compress_run: Path) -> None:
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
 
 
-def test_same_command_skips_finished_stages(compress_run: Path, tmp_path: Path) -> None:
+def test_same_command_skips_finished_steps(compress_run: Path, tmp_path: Path) -> None:
     weights = compress_run / "teacher" / "last" / "model.safetensors"
     student = compress_run / "students" / "relaxed_contrastive" / "last" / "model.safetensors"
     before = (weights.stat().st_mtime_ns, student.stat().st_mtime_ns)
@@ -130,7 +130,7 @@ def test_different_command_is_refused(compress_run: Path) -> None:
     assert (compress_run / "pipeline.json").read_text() == before
 
 
-def test_resume_after_interruption_between_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_between_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dmlkd.pipelines import runner
 
     def interrupted(*_args: object, **_kwargs: object) -> None:
@@ -151,14 +151,14 @@ def test_resume_after_interruption_between_stages(tmp_path: Path, monkeypatch: p
         patch.setattr(runner, "train_students", interrupted)
         code, _, err = invoke(*args)
     assert code == 128 + 15 and "stopped at step" in err
-    stages = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
-    assert set(stages) == {"teacher", "teacher_check"}
+    steps = json.loads((tmp_path / "run" / "pipeline.json").read_text())["steps"]
+    assert set(steps) == {"teacher", "teacher_check"}
     teacher_weights = tmp_path / "run" / "teacher" / "last" / "model.safetensors"
     mtime = teacher_weights.stat().st_mtime_ns
     code, _, err = invoke(*args)
     assert code == 0, err
     assert teacher_weights.stat().st_mtime_ns == mtime  # the teacher was not trained again
-    assert "report" in json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
+    assert "report" in json.loads((tmp_path / "run" / "pipeline.json").read_text())["steps"]
 
 
 def test_self_transfer_and_dim_reduction_from_a_teacher_folder(compress_run: Path, tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def test_a_pipeline_folder_of_an_older_version_is_the_same_run(tmp_path: Path) -
     state.lock.release()
     record = json.loads((out / STATE_FILE).read_text())
     del record["config"]["teacher"]["model"]["zero_init_residual"]  # as written before the field existed
-    record["stages"]["report"] = {"finished": True}
+    record["steps"]["report"] = {"finished": True}
     (out / STATE_FILE).write_text(json.dumps(record))
     (out / "results.json").write_text(json.dumps({"summary": "kept"}))
     assert finished_results(out, config) == {"summary": "kept"}
@@ -288,3 +288,38 @@ def test_a_pipeline_folder_of_an_older_version_is_the_same_run(tmp_path: Path) -
     )
     with pytest.raises(ConfigError, match="different options"):
         PipelineState.open(out, changed, overwrite=False)
+
+
+def test_a_format_2_pipeline_record_is_read_with_todays_names(tmp_path: Path) -> None:
+    """pipeline.json format 2 called the steps "stages" and the teacher and student "src" and "dst": a
+    folder written then is the same run today, and a --config file with the old keys still works."""
+    from dmlkd.config import to_dict
+    from dmlkd.pipelines.config import build_pipeline_config
+    from dmlkd.pipelines.state import STATE_FILE, PipelineState, finished_results
+
+    config, _ = build_pipeline_config(
+        "compress", src=None, dst=None, methods=None, data={}, teacher_items=[], transfer_items=[]
+    )
+    old_config = to_dict(config)
+    old_config["src"] = old_config.pop("teacher_source")
+    old_config["dst"] = old_config.pop("student_spec")
+    out = tmp_path / "pipeline"
+    out.mkdir()
+    record = {"format": 2, "config": old_config, "stages": {"teacher": {"status": "done"}, "report": {}}}
+    (out / STATE_FILE).write_text(json.dumps(record))
+    (out / "results.json").write_text(json.dumps({"summary": "kept"}))
+    assert finished_results(out, config) == {"summary": "kept"}
+    again = PipelineState.open(out, config, overwrite=False)
+    again.lock.release()
+    assert again.done("teacher") == {"status": "done"}
+    from_file, _ = build_pipeline_config(
+        "compress",
+        src=None,
+        dst=None,
+        methods=None,
+        data={},
+        teacher_items=[],
+        transfer_items=[],
+        file_tree={"src": "resnet18-64", "dst": "resnet18-32"},
+    )
+    assert (from_file.teacher_source, from_file.student_spec) == ("resnet18-64", "resnet18-32")

@@ -410,9 +410,9 @@ def test_the_pipeline_trains_every_embedding_method(tmp_path: Path) -> None:
     args += ["--set", "teacher.eval.nmi=false", "--set", "transfer.eval.nmi=false"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    stages = json.loads((tmp_path / "p" / "pipeline.json").read_text())["stages"]
+    steps = json.loads((tmp_path / "p" / "pipeline.json").read_text())["steps"]
     for method in ("relaxed_contrastive", "rkd", "pkt", "darkrank"):
-        assert stages[f"student:{method}"]["status"] == "done"
+        assert steps[f"student:{method}"]["status"] == "done"
         saved = json.loads((tmp_path / "p" / "students" / method / "run_config.json").read_text())
         assert saved["method"]["name"] == method
     rkd = json.loads((tmp_path / "p" / "students" / "rkd" / "run_config.json").read_text())

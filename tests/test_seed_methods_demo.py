@@ -152,8 +152,8 @@ def test_teacher_folder_serves_as_pipeline_source(tmp_path: Path, tiny_glyph_arg
         f"transfer.teacher.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
         "--no-progress",
     )
-    stages = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert "teacher_check" in stages and "teacher" not in stages  # SRC was a folder: checked, not trained
+    steps = json.loads((out / "pipeline.json").read_text())["steps"]
+    assert "teacher_check" in steps and "teacher" not in steps  # SRC was a folder: checked, not trained
     assert (out / "results.json").exists() and (out / "report.md").exists()
     student = dmlkd.load(str(out / "students" / "relaxed_contrastive"))
     assert student.embedding_dim == 8
