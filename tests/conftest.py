@@ -93,13 +93,9 @@ def _session_shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-# The tiny teacher several modules train the same way: resnet18-16, 2 steps of 4 classes x 4 images on a 16-class
-# glyph subset, no NMI, no evaluation at start.
-TINY_TEACHER_ARGS = [
-    "--max-steps",
-    "2",
-    "--model",
-    "resnet18-16",
+# The tiny glyph runs several modules make: a 16-class glyph subset, 4 classes x 4 images per step, no NMI, no
+# evaluation at start (test modules import these lists: ``from tests.conftest import TINY_GLYPH_DATA``).
+TINY_GLYPH_DATA = [
     "--dataset",
     "glyphs",
     "--set",
@@ -114,6 +110,8 @@ TINY_TEACHER_ARGS = [
     "--set",
     "train.eval_at_start=false",
 ]
+TINY_GLYPH_ARGS = ["--model", "resnet18-16", *TINY_GLYPH_DATA]  # a teacher run on them
+TINY_TEACHER_ARGS = ["--max-steps", "2", *TINY_GLYPH_ARGS]  # the session's tiny teacher: 2 steps
 
 
 @pytest.fixture(scope="session")
@@ -150,24 +148,8 @@ def _module_folders_removed(request: pytest.FixtureRequest, tmp_path_factory: py
 
 @pytest.fixture
 def tiny_glyph_args() -> list[str]:
-    """CLI options for a fast teacher run on a 16-class glyph subset."""
-    return [
-        "--dataset",
-        "glyphs",
-        "--set",
-        "data.options.max_classes=16",
-        "--model",
-        "resnet18-16",
-        "--batch-size",
-        "16",
-        "--ipc",
-        "4",
-        "--no-progress",
-        "--set",
-        "eval.nmi=false",
-        "--set",
-        "train.eval_at_start=false",
-    ]
+    """CLI options for a fast teacher run on a 16-class glyph subset (``TINY_GLYPH_ARGS``, a fresh list)."""
+    return list(TINY_GLYPH_ARGS)
 
 
 def repo_root() -> Path:

@@ -22,24 +22,11 @@ from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
 from dmlkd.transfer.cache.teacher_cache import describe_cache, teacher_digest
+from tests.conftest import TINY_GLYPH_DATA
 
 STUDENT = "resnet18-8"
-# Tiny runs: a 16-class glyph subset, 4 classes x 4 images x 2 views per step, 2 steps, no NMI.
-TINY = [
-    "--dataset",
-    "glyphs",
-    "--set",
-    "data.options.max_classes=16",
-    "--batch-size",
-    "16",
-    "--ipc",
-    "4",
-    "--no-progress",
-    "--set",
-    "eval.nmi=false",
-    "--set",
-    "train.eval_at_start=false",
-]
+# Tiny runs: the shared 16-class glyph subset (4 classes x 4 images x 2 views per step), 2 steps, no NMI.
+TINY = TINY_GLYPH_DATA
 # Keeps CRD's negatives per row small; every other method runs with its defaults.
 METHOD_OPTIONS = {"crd": ["--set", "method.kwargs.nce_k=64"]}
 
