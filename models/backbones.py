@@ -86,7 +86,7 @@ class ResNetBackbone(Backbone):
 class GoogLeNetBackbone(Backbone):
     """torchvision GoogLeNet without aux heads and classifier; taps ``inception3b``, ``4e``, ``5b``.
 
-    The taps (480, 832, 1024 channels at strides 8, 16, 32) mirror BN-Inception's 3c/4e/5b stages. As in the
+    The taps (480, 832, 1024 channels at strides 8, 16, 32) mirror BN-Inception's 3c/4e/5b blocks. As in the
     reference (PA), ``transform_input`` is off; feed the ImageNet normalisation the config names.
     """
 
@@ -103,13 +103,13 @@ class GoogLeNetBackbone(Backbone):
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
-        stage3 = self.inception3b(self.inception3a(x))
-        x = self.maxpool3(stage3)
+        tap3 = self.inception3b(self.inception3a(x))
+        x = self.maxpool3(tap3)
         for name in ("inception4a", "inception4b", "inception4c", "inception4d", "inception4e"):
             x = getattr(self, name)(x)
-        stage4 = x
-        stage5 = self.inception5b(self.inception5a(self.maxpool4(stage4)))
-        return [stage3, stage4, stage5]
+        tap4 = x
+        tap5 = self.inception5b(self.inception5a(self.maxpool4(tap4)))
+        return [tap3, tap4, tap5]
 
 
 def finish_backbone(backbone: Backbone, pretrained: bool | str, url: str, bn_momentum: float | None) -> Backbone:

@@ -18,7 +18,7 @@ def _input_convention(arch: str) -> str:
 
 
 def describe_architectures() -> list[dict[str, Any]]:
-    """One row per architecture: tapped stage channels, pooled dimension and input convention."""
+    """One row per architecture: tapped feature-map channels, pooled dimension and input convention."""
     rows = []
     for arch in BACKBONES.names():
         with torch.device("meta"):  # no memory, no weight download: only the shapes are needed

@@ -3,7 +3,7 @@
 A ``TimmBackbone`` wraps ``timm.create_model(NAME, num_classes=0)``. Its pooled feature is the model's own
 head pooling without the classifier (``forward_head(forward_features(x), pre_logits=True)``: the CLS token
 for ViTs whose convention it is, average pooling (+ ``conv_head`` for MobileNetV3) for CNNs); the dmlkd
-embedding head sits on top of it (or nothing, for ``DIM`` 0). Stage maps for FitNet / attention transfer come
+embedding head sits on top of it (or nothing, for ``DIM`` 0). Feature maps for FitNet / attention transfer come
 from ``forward_intermediates``: for CNNs the last map at each stride 4, 8, 16, 32 that the model's
 ``feature_info`` lists; ViT-like models give token maps (every block at the patch stride), which the feature
 methods refuse with a one-line error (see ``dmlkd.transfer.taps.check_tap_fit``).

@@ -121,11 +121,12 @@ def default_src(name: str, dataset: str) -> str:
     return SCENARIOS[name].teacher
 
 
-def _image_size_items(arch: str, dataset: str) -> list[str]:
-    """Small demo images are upscaled for backbones that cannot run on them (BN-Inception at 32 px)."""
-    minimum = MIN_IMAGE_SIZE.get(arch)
-    if minimum and dataset == "glyphs":
-        return [f"train.image_size={minimum}", f"eval.image_size={minimum}"]
+def _image_size_items(arch: str, dataset: str, at_least: int | None = None) -> list[str]:
+    """Small demo images are upscaled for backbones that cannot run on them (BN-Inception at 32 px), and the
+    students' views to ``at_least``: the size the pipeline trains the teacher at, which sees the same views."""
+    sizes = [size for size in (MIN_IMAGE_SIZE.get(arch) if dataset == "glyphs" else None, at_least) if size]
+    if sizes:
+        return [f"train.image_size={max(sizes)}", f"eval.image_size={max(sizes)}"]
     return []
 
 
@@ -184,7 +185,7 @@ def build_pipeline_config(
         f"student.arch={json.dumps(spec.arch)}",
         f"student.embedding_dim={spec.dim}",
         *common,
-        *_image_size_items(spec.arch, dataset),
+        *_image_size_items(spec.arch, dataset, teacher.train.image_size if teacher is not None else None),
     ]
     given = given_tree(file_tree.get("transfer") or {}, [*items, *transfer_items, *sections["transfer"]])
     tree = merge(transfer_start_tree(None, dataset), given)

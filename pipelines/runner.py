@@ -1,7 +1,7 @@
 """Run a scenario end to end: teacher (pull or train) -> teacher check -> students -> export -> report.
 
-Every stage records its completion in ``<out>/pipeline.json``; rerunning the same command skips finished
-stages and resumes an interrupted training run from its saved state. A different command on an existing
+Every step records its completion in ``<out>/pipeline.json``; rerunning the same command skips finished
+steps and resumes an interrupted training run from its saved state. A different command on an existing
 folder is refused unless ``overwrite`` is set.
 
 Under a launcher (``torchrun``, ``accelerate launch``) every process runs the pipeline: the training stages
@@ -83,7 +83,7 @@ def _train_stage(run_dir: Path, run: Callable[..., Any], config: Any, state: Pip
 
 
 def _header(text: str) -> None:
-    """A stage header on stdout (main process): what the pipeline is doing now, also under nohup."""
+    """A step header on stdout (main process): what the pipeline is doing now, also under nohup."""
 
     if is_main():
         progress_logger().info("== pipeline: %s", text)

@@ -323,3 +323,24 @@ def test_a_format_2_pipeline_record_is_read_with_todays_names(tmp_path: Path) ->
         file_tree={"src": "resnet18-64", "dst": "resnet18-32"},
     )
     assert (from_file.teacher_source, from_file.student_spec) == ("resnet18-64", "resnet18-32")
+
+
+def test_students_see_views_at_the_size_the_teacher_trains_at() -> None:
+    """A teacher the pipeline trains at 64 px (BN-Inception on the 32 px demo) is not run on 32 px views: the
+    students train and evaluate at its size unless told otherwise."""
+    from dmlkd.pipelines.config import build_pipeline_config
+
+    def sizes(*transfer_items: str) -> tuple:
+        config, _ = build_pipeline_config(
+            "compress",
+            src="bn_inception-512",
+            dst="resnet18-128",
+            methods=None,
+            data={},
+            teacher_items=[],
+            transfer_items=list(transfer_items),
+        )
+        return config.teacher.train.image_size, config.transfer.train.image_size, config.transfer.eval.image_size
+
+    assert sizes() == (64, 64, 64)
+    assert sizes("train.image_size=96", "eval.image_size=96") == (64, 96, 96)  # the command line still wins
