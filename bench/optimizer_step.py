@@ -57,7 +57,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = create_model(args.model)
-    print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), {device}, {args.threads} thread(s)")
+    count = sum(p.numel() for p in model.parameters())
+    print(f"{args.model} ({count:,} parameters), {device}, {args.threads} thread(s)")
     print("| optimiser | loop ms/step | fused ms/step | loop / fused | max |param difference| |")
     print("|---|---:|---:|---:|---:|")
     for name, config in (

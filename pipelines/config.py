@@ -47,8 +47,8 @@ class PipelineConfig:
     """A scenario run: the teacher (``--src``), the student spec (``--dst``), the transfer methods and the typed
     stage configs.
 
-    ``teacher`` says how the teacher is trained when ``teacher_source`` is a model spec (None when it is a checkpoint, run
-    folder or ``hf://`` reference). ``transfer`` is the students' config; student ``m`` trains
+    ``teacher`` says how the teacher is trained when ``teacher_source`` is a model spec (None when it is a
+    checkpoint, run folder or ``hf://`` reference). ``transfer`` is the students' config; student ``m`` trains
     ``transfer.with_method(m, …)`` against the resolved teacher. ``data`` is the dataset of both stages (their
     own ``data`` sections are set from it). ``teacher_check_tolerance`` is how far (absolute Recall@1) a
     re-evaluated teacher may fall below the metrics recorded with it before the pipeline stops.
