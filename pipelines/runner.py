@@ -172,7 +172,8 @@ def train_students(config: PipelineConfig, teacher_dir: Path, state: PipelineSta
     for method in config.methods:
         run_dir = state.out / "students" / method
         if not state.done(f"student:{method}"):
-            _header(f"student {config.methods.index(method) + 1}/{len(config.methods)}: {config.student_spec} with {method}")
+            position = f"{config.methods.index(method) + 1}/{len(config.methods)}"
+            _header(f"student {position}: {config.student_spec} with {method}")
             result = _train_stage(run_dir, run_transfer, student_config(config, teacher_dir, method), state)
             state.finish(
                 f"student:{method}",
