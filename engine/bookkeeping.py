@@ -119,6 +119,7 @@ class FitBookkeeping:
 def evaluate_and_save(
     run: FitBookkeeping, progress: Progress, device: torch.device, train: TrainConfig, primary: str
 ) -> dict[str, float]:
+    """Evaluate at the current step, write ``last/`` and, when the step is the best so far, ``best/``."""
     epoch_label = progress.epoch if progress.batch_in_epoch == 0 else progress.epoch + 1
     step = progress.global_step
     metrics = run.evaluate(device, epoch_label, step, train.progress)  # the same everywhere
@@ -157,9 +158,9 @@ def recorded_result(run_dir: Path, seconds: float = 0.0) -> FitResult:
 
 
 def fit_result(run: FitBookkeeping, progress: Progress, last: dict[str, float], seconds: float) -> FitResult:
+    """The result of the ``fit`` call that just ended, from its progress and the metrics it recorded."""
     best_entry = next((h for h in run.history if h["epoch"] == progress.best_epoch and h["epoch"] > 0), None)
-    strip = ("epoch", "step", "eval_seconds")
-    best = {k: v for k, v in (best_entry or {}).items() if k not in strip}
+    best = {k: v for k, v in (best_entry or {}).items() if k not in ENTRY_KEYS}
     return FitResult(
         last=last,
         best=best,
