@@ -15,7 +15,7 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-from dmlkd.config import convert_options, option_parameters
+from dmlkd.config.convert import convert_options, option_parameters
 from dmlkd.errors import ConfigError, choices
 
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dmlkd.jsondata as jsondata
-from dmlkd.config import from_dict, to_dict
+from dmlkd.config.convert import from_dict, to_dict
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.models import ModelConfig
 from dmlkd.version import __version__

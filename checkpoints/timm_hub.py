@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from dmlkd.checkpoints.folder import CONFIG_FILE, save_checkpoint
-from dmlkd.config import to_dict
+from dmlkd.config.convert import to_dict
 from dmlkd.errors import CheckpointError, ModelSpecError
 from dmlkd.models.embedding import build_model
 from dmlkd.models.spec import ModelConfig, parse_timm_spec

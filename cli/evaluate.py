@@ -47,7 +47,8 @@ def eval_command(
     \b
     Example: dmlkd eval runs/glyphs-teacher --dataset glyphs
     """
-    from dmlkd.config import EvalCommandConfig, load_config
+    from dmlkd.config.overrides import load_config
+    from dmlkd.config.sections import EvalCommandConfig
 
     if ref and checkpoint and ref != checkpoint:
         raise click.UsageError(f"give the checkpoint once: REF {ref!r} and --checkpoint {checkpoint!r} differ")

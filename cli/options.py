@@ -249,7 +249,8 @@ def shared_flag_names() -> list[str]:
 
 def print_resolved(config: Any, stage: str) -> None:
     """``--print-config``: validate like a run would (data read, defaults resolved) and print YAML."""
-    from dmlkd.config import dump_config, to_dict
+    from dmlkd.config.convert import to_dict
+    from dmlkd.config.files import dump_config
 
     if stage == "teacher":
         from dmlkd.teacher.trainer import prepare_teacher
@@ -281,7 +282,7 @@ def run_stage_command(
         raise click.UsageError("Missing option '--out' (the run folder).")
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    from dmlkd.engine.rundir import check_not_in_use
+    from dmlkd.engine.run_lock import check_not_in_use
 
     check_not_in_use(out)  # a busy folder is refused before the training code (torch, torchvision) loads
     from dmlkd.engine.summary import summary_table

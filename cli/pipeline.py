@@ -81,7 +81,8 @@ def _make_command(name: str) -> click.Command:
         overrides: tuple[str, ...],
         **params: Any,
     ) -> None:
-        from dmlkd.config import dump_config, read_config_file, to_dict
+        from dmlkd.config.convert import to_dict
+        from dmlkd.config.files import dump_config, read_config_file
         from dmlkd.pipelines.config import build_pipeline_config
 
         teacher_items, transfer_items = pipeline_items(params)

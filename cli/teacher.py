@@ -75,7 +75,7 @@ def train_command(
     Example: dmlkd teacher train --model resnet50-512 --loss proxy_anchor --dataset cub --data-root data
     --out runs/cub-r50
     """
-    from dmlkd.config import read_config_file
+    from dmlkd.config.files import read_config_file
     from dmlkd.models.spec import parse_spec
     from dmlkd.teacher.config import resolve_teacher_config
 

@@ -62,7 +62,7 @@ def resolve_command_config(
     params: dict[str, Any], method: str | None, config_file: str | None, overrides: tuple[str, ...]
 ) -> Any:
     """The ``TransferConfig`` of a command line, what it gave explicitly, and notes on resolved values."""
-    from dmlkd.config import read_config_file
+    from dmlkd.config.files import read_config_file
     from dmlkd.models.spec import parse_spec
     from dmlkd.transfer.config import resolve_transfer_config
 

@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from dmlkd.config import DataConfig
+from dmlkd.config.sections import DataConfig
 from dmlkd.data import glyphs as _glyphs  # noqa: F401  (registers "glyphs")
 from dmlkd.data import readers as _readers  # noqa: F401  (registers cub, cars, sop, inshop, folder, csv)
 from dmlkd.data.base import DatasetSplits

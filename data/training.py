@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dmlkd.config import STANDARD_AUGMENTATION, TrainConfig
+from dmlkd.config.resolve import STANDARD_AUGMENTATION
+from dmlkd.config.sections import TrainConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.data.loading import make_train_loader
 from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from dmlkd.config import OptimConfig
+from dmlkd.config.sections import OptimConfig
 
 ParamGroup = tuple[str, list[nn.Parameter], float]  # (name, parameters, learning-rate multiplier)
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dmlkd.config import from_dict, to_dict
-from dmlkd.engine.rundir import RunFolder, check_can_open, drop_state, is_complete, sigterm_as_interrupt
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.engine.run_record import drop_state, is_complete
+from dmlkd.engine.rundir import RunFolder, check_can_open, sigterm_as_interrupt
 from dmlkd.errors import ConfigError
 
 T = TypeVar("T")

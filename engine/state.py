@@ -23,7 +23,7 @@ from torch import nn
 
 import dmlkd.jsondata as jsondata
 from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
-from dmlkd.config import from_dict
+from dmlkd.config.convert import from_dict
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.teacher.config import TeacherConfig
 from dmlkd.transfer.config import TransferConfig

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dmlkd.engine.loop import FitResult
+from dmlkd.engine.stage import FitResult
 from dmlkd.evaluation import format_table
 
 _BOOKKEEPING = ("epoch", "step", "eval_seconds")

@@ -10,7 +10,7 @@ from torch import nn
 
 from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
 from dmlkd.checkpoints.selection import selection_note, selection_of
-from dmlkd.config import EvalCommandConfig, EvalConfig, TrainConfig
+from dmlkd.config.sections import EvalCommandConfig, EvalConfig, TrainConfig
 from dmlkd.data.base import DatasetSplits, ImageCollection
 from dmlkd.data.catalog import build_splits
 from dmlkd.data.loading import make_eval_loader

@@ -14,16 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dmlkd.config import (
-    DataConfig,
-    apply_overrides,
-    from_dict,
-    given_tree,
-    has_key,
-    merge,
-    resolve_from_scratch,
-    to_dict,
-)
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.config.overrides import apply_overrides, given_tree
+from dmlkd.config.resolve import resolve_from_scratch
+from dmlkd.config.sections import DataConfig
+from dmlkd.config.trees import has_key, merge
 from dmlkd.errors import ConfigError
 from dmlkd.models.spec import parse_spec
 from dmlkd.pipelines.scenarios import DEMO_TEACHER, MIN_IMAGE_SIZE, SCENARIOS, scenario

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from dmlkd.config import EvalConfig
+from dmlkd.config.sections import EvalConfig
 from dmlkd.data.base import DatasetSplits
 
 if TYPE_CHECKING:  # torch is not needed to print a finished pipeline's summary

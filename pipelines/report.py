@@ -27,7 +27,7 @@ from torch import nn
 from dmlkd.checkpoints.folder import read_checkpoint_config
 from dmlkd.checkpoints.io import load_checkpoint
 from dmlkd.checkpoints.selection import selection_note
-from dmlkd.config import EvalConfig
+from dmlkd.config.sections import EvalConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.evaluation import evaluate_embeddings

@@ -21,11 +21,14 @@ from dmlkd.checkpoints.folder import is_timm_ref, read_checkpoint_config, save_c
 from dmlkd.checkpoints.io import check_model_ref, load_checkpoint, resolve_checkpoint_dir
 from dmlkd.checkpoints.timm_hub import load_hub_model
 from dmlkd.checkpoints.zoo import find_teacher
-from dmlkd.config import EvalConfig, from_dict, to_dict
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.config.sections import EvalConfig
 from dmlkd.data.catalog import build_splits
 from dmlkd.devices import resolve_device
 from dmlkd.engine.distributed import call_on_main, init_processes, is_main, launched
-from dmlkd.engine.rundir import RUNTIME_KEYS, failed_without_progress, read_run, sigterm_as_interrupt
+from dmlkd.engine.run_layout import failed_without_progress
+from dmlkd.engine.run_record import read_run
+from dmlkd.engine.rundir import RUNTIME_KEYS, sigterm_as_interrupt
 from dmlkd.engine.tracking import progress_logger
 from dmlkd.errors import DmlkdError
 from dmlkd.evaluation.run import evaluate_model

@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dmlkd.config import from_dict, to_dict
-from dmlkd.engine.rundir import PREVIOUS_PREFIX, RunLock, move_aside, restore_previous
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.engine.run_layout import PREVIOUS_PREFIX, move_aside, restore_previous
+from dmlkd.engine.run_lock import RunLock
 from dmlkd.errors import ConfigError
 from dmlkd.pipelines.config import current_keys
 from dmlkd.version import __version__

@@ -5,16 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dmlkd.config import (
-    DataConfig,
-    EvalConfig,
-    OptimConfig,
-    TrainConfig,
-    from_dict,
-    given_tree,
-    merge,
-    resolve_from_scratch,
-)
+from dmlkd.config.convert import from_dict
+from dmlkd.config.overrides import given_tree
+from dmlkd.config.resolve import resolve_from_scratch
+from dmlkd.config.sections import DataConfig, EvalConfig, OptimConfig, TrainConfig
+from dmlkd.config.trees import merge
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.spec import ModelConfig
 

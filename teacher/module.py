@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmlkd.config import to_dict
+from dmlkd.config.convert import to_dict
 from dmlkd.data.batch import Batch
 from dmlkd.engine.distributed import gather_view_major
 from dmlkd.registry import TEACHER_LOSSES

@@ -7,19 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from dmlkd.checkpoints.folder import load_state_strict, read_checkpoint_config
 from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
-from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.config.resolve import resolve_dataset_defaults
 from dmlkd.data.base import DatasetSplits
 from dmlkd.data.catalog import build_splits
 from dmlkd.data.training import build_train_data
-from dmlkd.engine.distributed import init_processes, is_main, world_size_of_launch
-from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
-from dmlkd.engine.rundir import failure_recorded, mark_status
+from dmlkd.engine.bookkeeping import recorded_result
+from dmlkd.engine.distributed import init_processes, world_size_of_launch
+from dmlkd.engine.loop import fit
+from dmlkd.engine.stage import FitResult, Stage
 from dmlkd.engine.stage_run import run_stage
+from dmlkd.engine.stage_train import mark_finished, stage_training
 from dmlkd.errors import ConfigError
 from dmlkd.evaluation.run import run_input_record
 from dmlkd.models import build_model
@@ -119,15 +121,15 @@ def train_teacher(
     on_saved: Any = None,
 ) -> TeacherResult:
     """Train a teacher as configured into a prepared run folder (``run_teacher`` does the whole sequence)."""
-    with failure_recorded(run_dir, is_main):
-        return _train_teacher(config, run_dir, resume, prepared, on_saved)
+    with stage_training(run_dir, config.train.seed):
+        stage = _teacher_stage(config, prepared)
+        result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
+        mark_finished(run_dir, result)
+        return TeacherResult(run_dir, result)
 
 
-def _train_teacher(
-    config: TeacherConfig, run_dir: Path, resume: bool, prepared: PreparedTeacher | None, on_saved: Any
-) -> TeacherResult:
-
-    torch.manual_seed(config.train.seed)
+def _teacher_stage(config: TeacherConfig, prepared: PreparedTeacher | None) -> Stage:
+    """The model, loss and data of a teacher run, as the ``Stage`` the shared loop trains."""
     if prepared is not None:
         splits, bad = prepared.splits, prepared.bad
     else:
@@ -148,7 +150,7 @@ def _train_teacher(
         module = TeacherModule(model, criterion, config.loss.name, views=config.train.views)
         groups = param_groups(module, config)
         loader_factory = epoch_aware(data.loader_factory, criterion, config.train.epochs)
-    stage = Stage(
+    return Stage(
         module=module,
         model=model,
         head=model.embedding,
@@ -163,10 +165,6 @@ def _train_teacher(
             "provenance": {**_provenance(config, splits, bad), "init": config.init, "init_digest": init_digest},
         },
     )
-    result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
-    if is_main():
-        mark_status(run_dir, "finished", global_step=result.global_step, train_seconds=round(result.seconds, 1))
-    return TeacherResult(run_dir, result)
 
 
 def check_init(config: TeacherConfig) -> None:

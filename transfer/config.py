@@ -7,17 +7,11 @@ import typing
 from collections.abc import Collection
 from typing import Any
 
-from dmlkd.config import (
-    DataConfig,
-    EvalConfig,
-    OptimConfig,
-    TrainConfig,
-    from_dict,
-    given_tree,
-    has_key,
-    merge,
-    resolve_from_scratch,
-)
+from dmlkd.config.convert import from_dict
+from dmlkd.config.overrides import given_tree
+from dmlkd.config.resolve import resolve_from_scratch
+from dmlkd.config.sections import DataConfig, EvalConfig, OptimConfig, TrainConfig
+from dmlkd.config.trees import has_key, merge
 from dmlkd.errors import ConfigError, choices
 from dmlkd.models.spec import ModelConfig
 

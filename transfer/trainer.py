@@ -1,4 +1,8 @@
-"""Stage 2: train a student to reproduce a frozen teacher's embedding space, on the shared training loop."""
+"""Stage 2: train a student to reproduce a frozen teacher's embedding space, on the shared training loop.
+
+The teacher's side (mode, online model or cache) is ``dmlkd.transfer.teacher_source``; this module builds the
+student, the method and the trainable module, and runs the stage.
+"""
 
 from __future__ import annotations
 
@@ -10,82 +14,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkd.checkpoints.folder import is_timm_ref, read_checkpoint_config
-from dmlkd.checkpoints.io import check_model_ref, load_checkpoint, resolve_checkpoint_dir
-from dmlkd.config import from_dict, resolve_dataset_defaults, to_dict
+from dmlkd.checkpoints.folder import read_checkpoint_config
+from dmlkd.checkpoints.io import check_model_ref, resolve_checkpoint_dir
+from dmlkd.config.convert import from_dict, to_dict
+from dmlkd.config.resolve import resolve_dataset_defaults
 from dmlkd.data.base import DatasetSplits
 from dmlkd.data.batch import Batch
 from dmlkd.data.catalog import build_splits
-from dmlkd.data.training import augmentation, build_train_data
+from dmlkd.data.training import build_train_data
 from dmlkd.data.transforms import ReplaySpec
-from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, is_main, world_size_of_launch
-from dmlkd.engine.loop import FitResult, Stage, fit, recorded_result
-from dmlkd.engine.rundir import failure_recorded, mark_status, read_run
+from dmlkd.engine.bookkeeping import recorded_result
+from dmlkd.engine.distributed import gather_batch, gather_output, init_processes, world_size_of_launch
+from dmlkd.engine.loop import fit
+from dmlkd.engine.run_record import read_run
+from dmlkd.engine.stage import FitResult, Stage
 from dmlkd.engine.stage_run import run_stage
+from dmlkd.engine.stage_train import mark_finished, stage_training
 from dmlkd.errors import ConfigError
-from dmlkd.evaluation.run import eval_resize_ratio, run_input_record
+from dmlkd.evaluation.run import run_input_record
 from dmlkd.models import build_model
-from dmlkd.models.outputs import ModelOutput
 from dmlkd.models.spec import ModelConfig
-from dmlkd.paths import cache_folder
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
-from dmlkd.transfer.cache.teacher_cache import (
-    CacheSpec,
-    RefreshingCache,
-    cache_path,
-    describe_cache,
-    load_or_build_cache,
-    teacher_digest,
-)
+from dmlkd.transfer.cache.storage import check_writable_folder
+from dmlkd.transfer.cache.teacher_cache import cache_path, describe_cache
 from dmlkd.transfer.config import TransferConfig
+from dmlkd.transfer.teacher_source import (
+    TeacherSource,
+    build_teacher_source,
+    load_teacher,
+    resolve_mode,
+    teacher_cache_folder,
+)
 from dmlkd.transfer.transfer_set import check_transfer_set_options, read_transfer_set, with_transfer_set
 
 log = logging.getLogger(__name__)
-
-
-AUTO_MODE = "online"  # what ``auto`` trains with: see docs/benchmarks.md, "Teacher cache diversity"
-
-
-def resolve_mode(requested: str, method: str, for_cache: bool = False) -> str:
-    """The teacher mode to use; feature-map methods cannot use a cache (the maps must match the view).
-
-    ``auto`` trains ``online`` (the diversity benchmark did not show the K-view cache within 0.5 R@1 of the
-    online teacher); for ``dmlkd cache build`` (``for_cache``) it means ``cached``."""
-    method_cls = TRANSFER_METHODS.get(method)
-    if requested == "auto":
-        return "cached" if for_cache and method_cls.cacheable else AUTO_MODE
-    if requested in ("cached", "clean") and not method_cls.cacheable:
-        raise ConfigError(
-            f"transfer method {method!r} needs the teacher's feature maps of the exact augmented "
-            f"view, which a cache of embeddings cannot hold; use --teacher-mode online"
-        )
-    return requested
-
-
-class TeacherSource:
-    """The frozen teacher's output for a batch: an online forward pass, or a replay from a cache.
-
-    It is deliberately not an ``nn.Module`` attribute of the trainable module: the teacher is never
-    optimised, never saved with the student and never wrapped for DDP.
-    """
-
-    def __init__(
-        self, mode: str, model: nn.Module | None = None, cache: Any = None, with_features: bool = False
-    ) -> None:
-        self.mode = mode
-        self.model = model
-        self.cache = cache
-        self.with_features = with_features
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch, replay_k: torch.Tensor) -> ModelOutput:
-        if self.mode == "online":
-            assert self.model is not None
-            if next(self.model.parameters()).device != batch.images.device:
-                self.model.to(batch.images.device)
-            return self.model(batch.images, with_features=self.with_features)
-        return self.cache.lookup(batch.indices, replay_k)
 
 
 class TransferModule(nn.Module):
@@ -148,94 +111,6 @@ def _training_splits(config: TransferConfig) -> tuple[DatasetSplits, list[tuple[
     return splits, bad
 
 
-def load_teacher(ref: str) -> tuple[nn.Module, dict[str, Any], str]:
-    """The frozen teacher (eval mode, no grad), its checkpoint record and a digest of its weights."""
-
-    if not ref:
-        raise ConfigError("no teacher given; pass --teacher RUN_OR_CHECKPOINT_FOLDER")
-    teacher, record = load_checkpoint(ref)
-    teacher.requires_grad_(False)
-    digest = record["files"]["model.safetensors"]
-    log.info("teacher %s (%s)", ref if is_timm_ref(ref) else resolve_checkpoint_dir(ref), digest[:12])
-    return teacher, record, digest
-
-
-def _cache_folder(config: TransferConfig) -> Path:
-    if config.teacher.cache_dir:
-        return Path(config.teacher.cache_dir).expanduser()
-
-    return Path(cache_folder()) / "teacher-outputs"
-
-
-_TEACHER_AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
-
-
-def cache_spec_for(config: TransferConfig, splits: DatasetSplits, method_cls: Any, mode: str) -> Any:
-    """The cache spec of a run: its views, and the teacher at the training precision (as the online teacher)."""
-
-    train = config.train
-    views = augmentation(train, splits)
-    return CacheSpec(
-        mode=mode,
-        num_sets=config.teacher.cache_views if mode == "cached" else 1,
-        seed=train.seed,
-        image_size=views.image_size,
-        scale=views.scale,
-        ratio=views.ratio,
-        flip_p=views.flip_p,
-        eval_resize_ratio=eval_resize_ratio(config.eval, splits),
-        with_pooled=bool(method_cls.needs_pooled),
-        autocast=_TEACHER_AUTOCAST[train.mixed_precision],
-    )
-
-
-def build_teacher_source(
-    config: TransferConfig,
-    teacher: nn.Module,
-    digest: str,
-    splits: DatasetSplits,
-    method_cls: Any,
-    mode: str,
-    device: torch.device,
-    data: Any = None,
-) -> TeacherSource:
-    """The teacher of a run. With ``data`` (the run's ``TrainData``) its dataset is set to replay the cache's views
-    (or none, online) and the cache is checked against it (on every use, loaded or built)."""
-    if mode == "online":
-        if data is not None:
-            data.dataset.replay = None
-        return TeacherSource("online", model=teacher.to(device), with_features=method_cls.needs_features)
-
-    train = config.train
-    spec = cache_spec_for(config, splits, method_cls, mode)
-    cache_digest = teacher_digest(config.teacher.ref)  # weights *and* model config (preprocessing, l2_norm, ...)
-
-    def load(generation: int) -> Any:
-        cache = load_or_build_cache(
-            teacher.to(device),  # the cache is built on the training device
-            splits.train,
-            spec.for_generation(generation) if generation else spec,
-            _cache_folder(config),
-            teacher_digest=cache_digest,
-            batch_size=config.teacher.cache_batch_size,
-            num_workers=train.num_workers,
-            device=device,
-            progress=train.progress,
-        )
-        return cache.to(device)
-
-    cache = load(0)
-    refresh = config.teacher.cache_refresh_epochs if mode == "cached" else 0
-    if data is not None:
-        if mode == "cached":
-            draws = refresh * int(data.batches_per_epoch) * train.batch_size
-            data.dataset.replay = ReplaySpec(spec.num_sets, spec.seed, refresh_draws=draws)
-        cache.check_dataset(data.dataset)
-    if refresh:
-        cache = RefreshingCache(load, cache)
-    return TeacherSource(mode, cache=cache)
-
-
 @dataclass
 class TransferResult:
     run_dir: Path
@@ -287,26 +162,8 @@ def prepare_transfer(config: TransferConfig) -> PreparedTransfer:
         teacher_info = ModelInfo.from_model(build_model(teacher_config))
     build_method(config, student_info, teacher_info, splits, data.num_classes)  # the method's fit and options
     if mode != "online":
-        _check_cache_folder(_cache_folder(config))
+        check_writable_folder(teacher_cache_folder(config), create=False)  # creates nothing yet
     return PreparedTransfer(config, splits, bad)
-
-
-def _check_cache_folder(folder: Path) -> None:
-    import tempfile
-
-    existing = folder
-    while not existing.exists() and existing != existing.parent:  # nothing is created before it is needed
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ConfigError(
-            f"teacher cache folder {str(folder)!r} is not writable ({error.strerror}); set "
-            "teacher.cache_dir to a writable folder, or DMLKD_CACHE, or use --teacher-mode online"
-        ) from None
 
 
 def run_transfer(
@@ -346,15 +203,16 @@ def train_transfer(
     on_saved: Any = None,
 ) -> TransferResult:
     """Train a student into a prepared run folder (``run_transfer`` does the whole sequence)."""
-    with failure_recorded(run_dir, is_main):
-        return _train_transfer(config, run_dir, resume, prepared, on_saved)
+    with stage_training(run_dir, config.train.seed):
+        stage, mode = _transfer_stage(config, prepared)
+        result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
+        mark_finished(run_dir, result, teacher_mode=mode)
+        return TransferResult(run_dir, result, mode)
 
 
-def _train_transfer(
-    config: TransferConfig, run_dir: Path, resume: bool, prepared: PreparedTransfer | None, on_saved: Any
-) -> TransferResult:
-
-    torch.manual_seed(config.train.seed)
+def _transfer_stage(config: TransferConfig, prepared: PreparedTransfer | None) -> tuple[Stage, str]:
+    """The student, method, teacher and data of a transfer run, as the ``Stage`` the shared loop trains, and
+    the teacher mode it trains with."""
     processes = init_processes(config.train.device)
     method_cls = TRANSFER_METHODS.get(config.method.name)
     mode = resolve_mode(config.teacher.mode, config.method.name)
@@ -394,16 +252,7 @@ def _train_transfer(
             },
         },
     )
-    result = fit(stage, config.optim, config.train, run_dir, resume=resume, on_saved=on_saved)
-    if is_main():
-        mark_status(
-            run_dir,
-            "finished",
-            global_step=result.global_step,
-            teacher_mode=mode,
-            train_seconds=round(result.seconds, 1),
-        )
-    return TransferResult(run_dir, result, mode)
+    return stage, mode
 
 
 def _input_record(config: TransferConfig, splits: DatasetSplits) -> dict[str, Any]:
@@ -428,4 +277,4 @@ def build_cache_for(config: TransferConfig) -> dict[str, Any]:
     splits, _bad = _training_splits(config)
     device = init_processes(config.train.device).device  # under a launcher the processes share the build
     source = build_teacher_source(config, teacher, digest, splits, method_cls, mode, device)
-    return describe_cache(cache_path(_cache_folder(config), source.cache.key))
+    return describe_cache(cache_path(teacher_cache_folder(config), source.cache.key))

@@ -31,11 +31,11 @@ def _countdown(n: int):
 
 
 def install(phase: str, n: int) -> None:
-    from dmlkd.engine import loop, state
+    from dmlkd.engine import bookkeeping, loop, state
 
     hit = _countdown(n)
     if phase == "step":
-        real_step = loop._step
+        real_step = loop.train_step
 
         def step(*args, **kwargs):
             result = real_step(*args, **kwargs)
@@ -43,7 +43,7 @@ def install(phase: str, n: int) -> None:
                 _die()
             return result
 
-        loop._step = step
+        loop.train_step = step
     elif phase == "state-write":
         real_save = state.save_tensor_file
 
@@ -54,23 +54,23 @@ def install(phase: str, n: int) -> None:
 
         state.save_tensor_file = save_tensor_file
     elif phase == "eval":
-        real_evaluate = loop.evaluate_model
+        real_evaluate = bookkeeping.evaluate_model
 
         def evaluate_model(*args, **kwargs):
             if hit():
                 _die()
             return real_evaluate(*args, **kwargs)
 
-        loop.evaluate_model = evaluate_model
+        bookkeeping.evaluate_model = evaluate_model
     elif phase == "before-best":
-        real_write = loop.FitBookkeeping._write
+        real_write = bookkeeping.FitBookkeeping._write
 
         def write(self, name, *args, **kwargs):
             if name == "best" and hit():
                 _die()
             return real_write(self, name, *args, **kwargs)
 
-        loop.FitBookkeeping._write = write
+        bookkeeping.FitBookkeeping._write = write
     else:
         raise SystemExit(f"unknown FAULT phase {phase!r}")
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dmlkd.checkpoints.folder import safetensors_os_error
+from dmlkd.engine.writable import probe_writable
 from dmlkd.errors import ConfigError
 from dmlkd.transfer.cache.spec import CacheSpec, sha256_json
 
@@ -37,12 +38,14 @@ def content_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_writable_folder(folder: Path) -> None:
-    """Refuse a cache folder that cannot be written before hours are spent computing what goes in it."""
+def check_writable_folder(folder: Path, *, create: bool = True) -> None:
+    """Refuse a cache folder that cannot be written before hours are spent computing what goes in it.
+
+    Without ``create`` nothing is made: the nearest existing ancestor must be a writable folder (the checks made
+    before a run starts write nothing).
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        probe_writable(folder, create=create)
     except OSError as error:
         raise ConfigError(
             f"teacher cache folder {str(folder)!r} is not writable ({error.strerror}); set "
