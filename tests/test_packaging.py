@@ -48,7 +48,6 @@ def test_root_python_files_are_package_modules() -> None:
     allowed = {
         "__init__.py",
         "__main__.py",
-        "config.py",
         "devices.py",
         "errors.py",
         "hub_access.py",
