@@ -113,7 +113,7 @@ class ClassifierLoss(nn.Module):
     least float32 with autocast disabled, so fp16/bf16 backbones stay finite) and the loss live here.
     """
 
-    lr_multiplier: float = 1.0  # PD train_elem.py: one optimizer, no per-parameter learning rates
+    lr_multiplier: float = 1.0  # the class weights train at the network's rate (PD train_elem.py: one optimizer)
     weight: nn.Parameter
 
     def __init__(self, num_classes: int, embedding_dim: int) -> None:
