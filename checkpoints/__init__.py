@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmlkd.lazy import submodule
+from dmlkd.lazy import lazy_name
 
 _HOMES = {
     "load_checkpoint": "dmlkd.checkpoints.io",
@@ -37,8 +37,4 @@ __all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        import importlib
-
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    return submodule(__name__, name)  # e.g. dmlkd.checkpoints.<module> without importing it first
+    return lazy_name(__name__, name, _HOMES)  # also dmlkd.checkpoints.<module> without importing it first

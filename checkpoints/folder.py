@@ -15,7 +15,6 @@ them. No pickle is involved anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import dmlkd.jsondata as jsondata
 from dmlkd.config.convert import from_dict, to_dict
 from dmlkd.errors import CheckpointError, ConfigError
 from dmlkd.models import ModelConfig
+from dmlkd.paths import sha256_file
 from dmlkd.version import __version__
 
 FORMAT_NAME = "dmlkd-checkpoint"
@@ -51,14 +51,6 @@ _ALLOWED_TOP_KEYS = {
     "metrics",
     "provenance",
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -259,6 +251,17 @@ def _refuse_link(directory: Path, name: str) -> Path:
     return path
 
 
+def _check_file_digest(directory: Path, name: str, path: Path, expected: str) -> None:
+    """Refuse a listed checkpoint file that is missing or whose SHA-256 is not the one ``config.json`` records."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
+    if sha256_file(path) != expected:
+        raise CheckpointError(
+            f"{str(path)!r} does not match the digest in {CONFIG_FILE} (truncated or modified file); "
+            "re-download or re-export the checkpoint"
+        )
+
+
 def verify_files(directory: str | Path, record: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
     """Check every file ``config.json`` lists: present, a regular file (no link out of the folder), digest.
 
@@ -270,13 +273,7 @@ def verify_files(directory: str | Path, record: Mapping[str, Any], skip: tuple[s
         path = _refuse_link(directory, name)
         if name in skip:
             continue
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
-        if sha256_file(path) != expected:
-            raise CheckpointError(
-                f"{str(path)!r} does not match the digest in {CONFIG_FILE} (truncated or modified file); "
-                "re-download or re-export the checkpoint"
-            )
+        _check_file_digest(directory, name, path, expected)
 
 
 def read_model_config(record: Mapping[str, Any], directory: Path) -> Any:
@@ -297,13 +294,7 @@ def read_tensors(directory: str | Path, file_name: str, record: Mapping[str, Any
     if expected is None:
         raise CheckpointError(f"checkpoint {str(directory)!r} has no file {file_name!r}")
     path = _refuse_link(directory, file_name)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {file_name} is missing")
-    if sha256_file(path) != expected:
-        raise CheckpointError(
-            f"{str(path)!r} does not match the digest in {CONFIG_FILE} (truncated or modified file); "
-            "re-download or re-export the checkpoint"
-        )
+    _check_file_digest(directory, file_name, path, expected)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:

@@ -35,20 +35,15 @@ def cache_group() -> None:
 
 
 @cache_group.command("build")
-@click.option(
-    "--method",
-    default=None,
-    help="The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive.",
+@transfer_options(
+    "The method the cache is for (decides whether pooled features are stored); default relaxed_contrastive."
 )
-@transfer_options
-def cache_build_command(
-    method: str | None, config_file: str | None, print_config: bool, overrides: tuple[str, ...], **params: Any
-) -> None:
+def cache_build_command(config_file: str | None, print_config: bool, overrides: tuple[str, ...], **params: Any) -> None:
     """Build (or verify) the teacher cache a `transfer train` with the same options would use.
 
     Example: dmlkd cache build --teacher runs/cub-r50 --dataset cub --data-root data --cache-views 8
     """
-    config, _given, _notes = resolve_command_config(params, method, config_file, overrides)
+    config, _given, _notes = resolve_command_config(params, config_file, overrides)
     if print_config:
         print_resolved(config, "transfer")
         return

@@ -163,42 +163,47 @@ def apply_options(function: Any, options: Sequence[Callable[[Any], Any]]) -> Any
     return function
 
 
-def run_folder_options(function: Any) -> Any:
-    """``--out``, ``--resume`` and ``--overwrite`` of a stage command (the run folder, ``engine/rundir.py``)."""
-    return apply_options(
-        function,
-        [
-            click.option("--out", default=None, help="Run folder to create (or resume); needed unless --print-config."),
-            click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step."),
-            click.option(
-                "--overwrite",
-                is_flag=True,
-                help="Replace a run already in --out (it is kept until the new run saved its first state).",
-            ),
-        ],
-    )
+def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator that adds ``options`` (click options or other groups) in the order given."""
+
+    def decorate(function: Any) -> Any:
+        return apply_options(function, options)
+
+    return decorate
 
 
-def run_options(function: Any) -> Any:
-    """Add ``RUN_FLAGS`` plus ``--config`` and ``--print-config`` to a training command."""
-    options = [
-        click.option(
-            "--config",
-            "config_file",
-            default=None,
-            metavar="FILE",
-            type=click.Path(dir_okay=False),
-            help=CONFIG_HELP,
-        ),
-        click.option("--print-config", "print_config", is_flag=True, default=False, help=PRINT_HELP),
-        *(flag.option() for flag in RUN_FLAGS),
-        report_to_option,
-    ]
-    return apply_options(function, options)
+def overrides_option(help_text: str) -> Callable[[Any], Any]:
+    """``--set KEY=VALUE`` (repeatable, into ``overrides``), with the command's own example in ``help_text``."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help_text)
 
 
-def pipeline_teacher_options(function: Any) -> Any:
-    return apply_options(function, [flag.option() for flag in PIPELINE_TEACHER_FLAGS])
+# ``--out``, ``--resume`` and ``--overwrite`` of a stage command (the run folder, ``engine/rundir.py``).
+run_folder_options = option_group(
+    click.option("--out", default=None, help="Run folder to create (or resume); needed unless --print-config."),
+    click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved step."),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace a run already in --out (it is kept until the new run saved its first state).",
+    ),
+)
+
+# ``RUN_FLAGS`` plus ``--config`` and ``--print-config``, the options of every training command.
+run_options = option_group(
+    click.option(
+        "--config",
+        "config_file",
+        default=None,
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help=CONFIG_HELP,
+    ),
+    click.option("--print-config", "print_config", is_flag=True, default=False, help=PRINT_HELP),
+    *(flag.option() for flag in RUN_FLAGS),
+    report_to_option,
+)
+
+pipeline_teacher_options = option_group(*(flag.option() for flag in PIPELINE_TEACHER_FLAGS))
 
 
 def items(values: dict[str, Any]) -> list[str]:
@@ -263,18 +268,13 @@ def print_resolved(config: Any, stage: str) -> None:
     click.echo(dump_config(to_dict(config)), nl=False)
 
 
-def run_stage_command(
-    stage: str,
-    config: Any,
-    given: dict[str, Any],
-    notes: list[str],
-    *,
-    out: str | None,
-    resume: bool,
-    overwrite: bool,
-    print_config: bool,
-) -> None:
-    """The common end of ``teacher train`` and ``transfer train``: print the config, or train and summarise."""
+def run_stage_command(stage: str, config: Any, given: dict[str, Any], notes: list[str], params: dict[str, Any]) -> None:
+    """The common end of ``teacher train`` and ``transfer train``: print the config, or train and summarise.
+
+    ``params`` holds the command's ``--print-config`` and run-folder options (``run_options`` and
+    ``run_folder_options``), which both commands pass on untouched.
+    """
+    out, print_config = params["out"], params["print_config"]
     if print_config:
         print_resolved(config, stage)
         return
@@ -291,15 +291,14 @@ def run_stage_command(
         from dmlkd.teacher.trainer import run_teacher as run
     else:
         from dmlkd.transfer.trainer import run_transfer as run
-    result = run(config, out, resume=resume, overwrite=overwrite, given=given)
+    result = run(config, out, resume=params["resume"], overwrite=params["overwrite"], given=given)
     if stage == "transfer":
         click.echo(f"teacher mode: {result.teacher_mode}")
     click.echo(summary_table(result.fit, config.eval.metric))
     click.echo(f"run folder: {result.run_dir}")
 
 
-def set_option(function: Any) -> Any:
-    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function)
+set_option = overrides_option(SET_HELP)
 
 
 def shortcut_overrides(shortcuts: dict[str, Any], overrides: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from dmlkd.cli.app import main
-from dmlkd.cli.options import items, run_folder_options, run_options, run_stage_command, stage_items
+from dmlkd.cli.options import items, overrides_option, run_folder_options, run_options, run_stage_command, stage_items
 
 SET_HELP = "Override any config field, e.g. --set optim.lr_decay_step=5 (repeatable; applied last)."
 
@@ -53,20 +53,16 @@ def teacher_group() -> None:
 @click.option("--init", "init_ref", default=None, help="Start the network from this checkpoint or run folder.")
 @run_folder_options
 @run_options
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@overrides_option(SET_HELP)
 def train_command(
     model_spec: str | None,
     loss: str | None,
     dataset: str | None,
     data_root: str | None,
-    out: str | None,
     recipe: str | None,
     ipc: int | None,
     init_ref: str | None,
-    resume: bool,
-    overwrite: bool,
     config_file: str | None,
-    print_config: bool,
     overrides: tuple[str, ...],
     **params: Any,
 ) -> None:
@@ -105,6 +101,4 @@ def train_command(
     from dmlkd.registry import TEACHER_LOSSES
 
     TEACHER_LOSSES.get(config.loss.name)  # a misspelt loss fails before the data is read
-    run_stage_command(
-        "teacher", config, given, notes, out=out, resume=resume, overwrite=overwrite, print_config=print_config
-    )
+    run_stage_command("teacher", config, given, notes, params)

@@ -7,10 +7,12 @@ still seeded deterministically (numpy, ``random``) for any third-party code that
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dmlkd.data.base import ImageCollection
 from dmlkd.data.transforms import EvalDataset, TrainDataset, collate_eval, collate_views
@@ -29,23 +31,30 @@ def _check_workers(num_workers: int) -> None:
         raise ConfigError(f"num_workers={num_workers} is invalid; expected an integer >= 0")
 
 
+def _loader(
+    dataset: Dataset, collate: Callable, num_workers: int, pin_memory: bool, seed: int, **batching: Any
+) -> DataLoader:
+    """A ``DataLoader`` with seeded workers kept alive between epochs; ``batching`` says how rows are batched."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        **batching,
+    )
+
+
 def make_train_loader(
     dataset: TrainDataset, sampler: Sampler, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """A loader yielding ``(Batch, replay_k)`` per sampler batch (see ``collate_views``), view-major."""
     _check_workers(num_workers)
-    generator = torch.Generator()
-    generator.manual_seed(dataset.seed)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_views,
-        pin_memory=pin_memory,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )
+    return _loader(dataset, collate_views, num_workers, pin_memory, dataset.seed, batch_sampler=sampler)
 
 
 def make_eval_loader(
@@ -60,17 +69,5 @@ def make_eval_loader(
     _check_workers(num_workers)
     if batch_size < 1:
         raise ConfigError(f"eval batch_size={batch_size} is invalid; expected a positive integer")
-    generator = torch.Generator()
-    generator.manual_seed(0)
-    return DataLoader(
-        EvalDataset(collection, image_size, resize_ratio),
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        collate_fn=collate_eval,
-        pin_memory=pin_memory,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )
+    dataset = EvalDataset(collection, image_size, resize_ratio)
+    return _loader(dataset, collate_eval, num_workers, pin_memory, 0, batch_size=batch_size, shuffle=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dmlkd.config.resolve import STANDARD_AUGMENTATION
@@ -82,17 +82,9 @@ def build_train_data(
     """
 
     collection = splits.train
-    views = augmentation(train, splits)
-    dataset = TrainDataset(
-        collection,
-        views.image_size,
-        views=train.views,
-        seed=train.seed,
-        scale=views.scale,
-        ratio=views.ratio,
-        flip_p=views.flip_p,
-        replay=replay,
-    )
+    # The dataset takes the resolved augmentation (image size, crop scale and ratio, flip) field by field.
+    augment = asdict(augmentation(train, splits))
+    dataset = TrainDataset(collection, views=train.views, seed=train.seed, replay=replay, **augment)
     dataset.data_path = train.data_path  # "reduced" (uint8, reduced-size JPEG decode) or "baseline"
     if train.ipc is not None:
         sampler = ClassBalancedBatchSampler(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -223,17 +224,14 @@ def eval_view(image: Image.Image, size: int, resize_ratio: float | None = 256 / 
 
 
 def replay_view_params(
-    replay: ReplaySpec,
-    index: int,
-    k: int,
-    width: int,
-    height: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
+    replay: ReplaySpec, index: int, k: int, width: int, height: int, *crop: Any, **named_crop: Any
 ) -> ViewParams:
-    """The ``k``-th stored parameter set of image ``index`` (of size ``width`` x ``height``)."""
-    return sample_view_params(view_generator(replay.seed, index, k), width, height, scale, ratio, flip_p)
+    """The ``k``-th stored parameter set of image ``index`` (of size ``width`` x ``height``).
+
+    The crop options after the size (``scale``, ``ratio``, ``flip_p``, by position or by name) go to
+    ``sample_view_params`` unchanged, so the two functions share one set of defaults.
+    """
+    return sample_view_params(view_generator(replay.seed, index, k), width, height, *crop, **named_crop)
 
 
 def replay_keys(keys: Sequence[tuple[int, int]], views: int, seed: int, replay: ReplaySpec) -> list[tuple[int, int]]:
@@ -257,39 +255,34 @@ def _check_scale_ratio(scale: tuple[float, float], ratio: tuple[float, float], f
 DATA_PATHS = ("reduced", "baseline")
 
 
+@dataclass(eq=False)  # compared by identity, as a Dataset
 class TrainDataset(Dataset):
     """Training views of a collection, keyed by the ``(index, draw)`` pairs a batch sampler yields.
 
     ``__getitem__((index, draw))`` returns ``(views (V, 3, S, S), label, index, replay_k (V,))``;
     ``replay_k`` holds the replayed parameter set of each view, or -1 when ``replay`` is None. Views are uint8
     (``data_path = "reduced"``, the default) or float in [0, 1] (``"baseline"``); see the module docstring.
+    The fields are the settings; they are checked when the dataset is made.
     """
 
-    data_path = "reduced"
+    collection: ImageCollection
+    image_size: int
+    views: int = 1
+    seed: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    replay: ReplaySpec | None = None
+    data_path: ClassVar[str] = "reduced"  # the class default; a dataset may set its own
 
-    def __init__(
-        self,
-        collection: ImageCollection,
-        image_size: int,
-        views: int = 1,
-        seed: int = 0,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        replay: ReplaySpec | None = None,
-    ) -> None:
-        if image_size < 1 or views < 1 or seed < 0:
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.views < 1 or self.seed < 0:
             raise ConfigError(
-                f"invalid image_size={image_size}, views={views} or seed={seed}; need image_size >= 1, "
-                "views >= 1 and seed >= 0"
+                f"invalid image_size={self.image_size}, views={self.views} or seed={self.seed}; need "
+                "image_size >= 1, views >= 1 and seed >= 0"
             )
-        _check_scale_ratio(scale, ratio, flip_p)
-        self.collection = collection
-        self.image_size = image_size
-        self.views = views
-        self.seed = seed
-        self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
-        self.replay = replay
+        _check_scale_ratio(self.scale, self.ratio, self.flip_p)
+        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)  # lists from a config file become tuples
 
     def __len__(self) -> int:
         return len(self.collection)

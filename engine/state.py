@@ -191,6 +191,15 @@ def _bad(path: Path, key: str, problem: str) -> CheckpointError:
     )
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value of a state or config file; an unreadable file or bad JSON is one ``CheckpointError``."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
+    return jsondata.loads(text, repr(str(path)), CheckpointError)
+
+
 def read_state_record(directory: Path) -> dict[str, Any]:
     """``progress.json`` of a state folder, validated as data, and the tensors file checked against it.
 
@@ -200,11 +209,7 @@ def read_state_record(directory: Path) -> dict[str, Any]:
     """
     directory = Path(directory)
     path = directory / PROGRESS
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
-    record = jsondata.loads(text, repr(str(path)), CheckpointError)
+    record = _read_json(path)
     if not isinstance(record, dict):
         raise _bad(path, "the top level", f"is {type(record).__name__}, expected an object")
     for key, kind in _RECORD_KEYS.items():
@@ -274,11 +279,7 @@ def check_resumable(run_dir: Path, stage: str) -> None:
         return  # a run of another stage: prepare_run_dir says so
     if not path.is_file():
         raise CheckpointError(f"--resume: {str(path)!r} is missing; the run cannot be resumed (use --overwrite)")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
-    tree = jsondata.loads(text, repr(str(path)), CheckpointError)
+    tree = _read_json(path)
     if not isinstance(tree, dict):
         raise CheckpointError(f"{str(path)!r} holds {type(tree).__name__}, expected a JSON object (the run's config)")
     config_class = _stage_config(stage)

@@ -71,7 +71,8 @@ def embed_collection(
     dropped), so every process returns the single-process result.
     """
     if distributed and world_size() > 1:
-        return _embed_distributed(model, collection, config, image_size, resize_ratio, device, progress)
+        dataset = EvalDataset(collection, image_size, resize_ratio)
+        return _embed_distributed(model, dataset, config, device, progress)
 
     loader = make_eval_loader(
         collection,
@@ -85,20 +86,14 @@ def embed_collection(
 
 @torch.no_grad()
 def _embed_distributed(
-    model: nn.Module,
-    collection: ImageCollection,
-    config: EvalConfig,
-    image_size: int,
-    resize_ratio: float | None,
-    device: torch.device,
-    progress: bool,
+    model: nn.Module, dataset: EvalDataset, config: EvalConfig, device: torch.device, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    batches = shard_batches(len(collection), config.batch_size, rank(), world_size())
+    batches = shard_batches(len(dataset), config.batch_size, rank(), world_size())
     loader = DataLoader(
-        EvalDataset(collection, image_size, resize_ratio),
+        dataset,
         batch_sampler=batches,
         num_workers=config.num_workers,
         collate_fn=collate_eval,
@@ -122,7 +117,7 @@ def _embed_distributed(
     all_labels = torch.cat(gather_uneven(local_labels))
     values = torch.cat(gather_uneven(flat))
     embeddings = values.reshape(all_indices.numel(), -1)
-    return order_by_index(embeddings, all_labels, all_indices, len(collection), duplicates="drop")
+    return order_by_index(embeddings, all_labels, all_indices, len(dataset), duplicates="drop")
 
 
 def evaluate_model(

@@ -11,10 +11,9 @@ The names below are loaded on first use so that importing ``dmlkd.inference`` do
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from dmlkd.lazy import submodule
+from dmlkd.lazy import lazy_name
 
 __all__ = ["embed_images", "embed_paths", "export_model", "read_embeddings"]
 
@@ -27,6 +26,4 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    return submodule(__name__, name)  # e.g. dmlkd.inference.<module> without importing it first
+    return lazy_name(__name__, name, _HOMES)  # also dmlkd.inference.<module> without importing it first

@@ -6,9 +6,9 @@ the torch-free config modules) loads on its own, and the torch-backed names belo
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from dmlkd.lazy import lazy_name
 from dmlkd.models.spec import ModelConfig, ModelSpec, Preprocessing, parse_spec
 
 _LAZY = {
@@ -35,9 +35,5 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        importlib.import_module("dmlkd.models.registered")  # every built-in backbone registered first
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dmlkd.models' has no attribute {name!r}")
+    # Every built-in backbone is registered before a torch-backed name is handed out.
+    return lazy_name(__name__, name, _LAZY, first="dmlkd.models.registered")

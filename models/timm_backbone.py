@@ -17,7 +17,6 @@ crop fraction) comes from the pretrained config and is recorded in the model con
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -30,6 +29,7 @@ from dmlkd.errors import CheckpointError, ConfigError, ModelSpecError, choices
 from dmlkd.hub_access import HubRef, download_error, one_line
 from dmlkd.models.backbones import Backbone
 from dmlkd.models.spec import TIMM_PREFIX, Preprocessing, split_timm_arch
+from dmlkd.paths import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -182,14 +182,6 @@ def download_weights(repo_id: str, revision: str | None) -> Path:
         raise translated from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_safetensors(path: Path, source: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -291,11 +283,11 @@ class TimmBackbone(Backbone):
                 "repo_id": repo_id,
                 "revision": revision,
                 "commit": _snapshot_commit(path),
-                "sha256": _sha256(path),
+                "sha256": sha256_file(path),
             }
             return _read_safetensors(path, f"pretrained weights of {self.arch}")
         path = Path(pretrained)
-        self.weights = {"file": str(path), "sha256": _sha256(path) if path.is_file() else None}
+        self.weights = {"file": str(path), "sha256": sha256_file(path) if path.is_file() else None}
         return _read_safetensors(path, "weights file")
 
     def _select_taps(self) -> None:

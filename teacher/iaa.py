@@ -25,13 +25,16 @@ uses the corrected variance (theirs computes the correction for large datasets o
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dmlkd.errors import ConfigError
+from dmlkd.teacher.config import IAAConfig
 
 _PHASES = ((0.4, 1.0), (0.6, 0.9), (0.8, 0.75), (math.inf, 0.6))
 
@@ -47,6 +50,17 @@ def _minmax(values: Tensor) -> Tensor:
     return (values - values.min()) / span if span > 0 else torch.zeros_like(values)
 
 
+def _check_settings(settings: IAAConfig) -> None:
+    """Refuse negative counts and scales, and a momentum or gamma outside [0, 1], in one line."""
+    lowest = min(settings.intra_lambda, settings.aug_num, settings.start_epoch, settings.beta, settings.neighbors)
+    if lowest < 0 or not 0 <= settings.momentum <= 1 or not 0 <= settings.gamma <= 1:
+        raise ConfigError(
+            "IAA options out of range: need intra_lambda, aug_num, start_epoch, beta, neighbors >= 0 and "
+            f"momentum, gamma in [0, 1]; got {settings.intra_lambda}, {settings.aug_num}, {settings.start_epoch}, "
+            f"{settings.beta}, {settings.neighbors}, {settings.momentum}, {settings.gamma}"
+        )
+
+
 class IntraClassAugmentation(nn.Module):
     """Wraps ``base`` (``forward(embeddings, labels) -> scalar``) with IAA synthetic samples.
 
@@ -54,36 +68,20 @@ class IntraClassAugmentation(nn.Module):
     neighbour-corrected variances and the lambda schedule. All statistics are buffers, saved with the loss.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        num_classes: int,
-        embedding_dim: int,
-        intra_lambda: float = 0.8,
-        aug_num: int = 3,
-        start_epoch: int = 30,
-        momentum: float = 0.2,
-        beta: float = 0.1,
-        gamma: float = 0.1,
-        neighbors: int = 25,
-        count_limit: int = 40,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, base: nn.Module, num_classes: int, embedding_dim: int, seed: int = 0, **options: Any) -> None:
+        """``options`` are the fields of ``IAAConfig`` (``intra_lambda``, ``aug_num``, ...); its defaults apply.
+
+        The defaults live in the config dataclass only, so a run configured without IAA options and a module
+        built without them agree; an unknown option raises ``TypeError`` as an unknown keyword would.
+        """
         super().__init__()
-        if (
-            min(intra_lambda, aug_num, start_epoch, beta, neighbors) < 0
-            or not 0 <= momentum <= 1
-            or not (0 <= gamma <= 1)
-        ):
-            raise ConfigError(
-                "IAA options out of range: need intra_lambda, aug_num, start_epoch, beta, neighbors >= 0 and "
-                f"momentum, gamma in [0, 1]; got {intra_lambda}, {aug_num}, {start_epoch}, {beta}, {neighbors}, "
-                f"{momentum}, {gamma}"
-            )
+        settings = dataclasses.replace(IAAConfig(), **options)
+        _check_settings(settings)
         self.base = base
-        self.intra_lambda, self.aug_num, self.start_epoch = float(intra_lambda), int(aug_num), int(start_epoch)
-        self.momentum, self.beta, self.gamma = float(momentum), float(beta), float(gamma)
-        self.neighbors, self.count_limit, self.seed = int(neighbors), int(count_limit), int(seed)
+        self.intra_lambda, self.aug_num = float(settings.intra_lambda), int(settings.aug_num)
+        self.start_epoch, self.momentum = int(settings.start_epoch), float(settings.momentum)
+        self.beta, self.gamma = float(settings.beta), float(settings.gamma)
+        self.neighbors, self.count_limit, self.seed = int(settings.neighbors), int(settings.count_limit), int(seed)
         self.lr_multiplier = getattr(base, "lr_multiplier", 1.0)
         self.register_buffer("class_mean", torch.zeros(num_classes, embedding_dim))
         self.register_buffer("class_var", torch.zeros(num_classes, embedding_dim))

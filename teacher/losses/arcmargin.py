@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
+from dmlkd.numerics import check_real, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import check_batch, check_class_count
+from dmlkd.teacher.losses.base import ClassifierLoss
 
 SINE_EPS = 1e-6  # sinθ = sqrt(1 − cos²θ + 1e-6), as in the PaddlePaddle reference
 
@@ -35,7 +35,7 @@ def target_logit(cosine: torch.Tensor, margin: float, easy_margin: bool) -> torc
 
 
 @TEACHER_LOSSES.register("arcmargin")
-class ArcMarginLoss(nn.Module):
+class ArcMarginLoss(ClassifierLoss):
     """ArcMargin classification loss with learnable class weights (C, D).
 
     Logits are ``s·[onehot·φ + (1 − onehot)·cosθ]`` where cosθ is the cosine between the L2-normalised
@@ -50,8 +50,6 @@ class ArcMarginLoss(nn.Module):
         easy_margin: apply the margin only where cosθ > 0.
     """
 
-    lr_multiplier: float = 1.0  # PD train_elem.py: one optimizer, no per-parameter learning rates
-
     def __init__(
         self,
         num_classes: int,
@@ -60,10 +58,7 @@ class ArcMarginLoss(nn.Module):
         margin: float = 0.15,
         easy_margin: bool = False,
     ) -> None:
-        super().__init__()
-        check_class_count(num_classes, embedding_dim)
-        self.num_classes = num_classes
-        self.embedding_dim = embedding_dim
+        super().__init__(num_classes, embedding_dim)
         self.scale = check_real("arcmargin scale", scale, 0.0)
         self.margin = check_real("arcmargin margin", margin, 0.0, math.pi, closed=True)
         self.easy_margin = easy_margin
@@ -80,23 +75,9 @@ class ArcMarginLoss(nn.Module):
             f"margin={self.margin}, easy_margin={self.easy_margin}"
         )
 
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the (N, C) scaled logits with the margin applied to each sample's target class."""
-        dtype = compute_dtype(embeddings, self.weight)
-        with autocast_disabled(embeddings.device):
-            cosine = l2_normalize(embeddings.to(dtype)) @ l2_normalize(self.weight.to(dtype)).T
-            target = F.one_hot(labels.long(), self.num_classes).bool()
-            adjusted = torch.where(target, target_logit(cosine, self.margin, self.easy_margin), cosine)
-            return self.scale * adjusted
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch.
-
-        Args:
-            embeddings: (N, D) raw embeddings; gradients flow into them and ``weight``.
-            labels: (N,) integer class indices in ``0..C-1``.
-        """
-        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
-        logits = self.logits(embeddings, labels)
-        with autocast_disabled(embeddings.device):
-            return F.cross_entropy(logits, labels.long())
+    def class_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The (N, C) scaled logits with the margin applied to each sample's target class."""
+        cosine = l2_normalize(embeddings) @ l2_normalize(self.weight.to(embeddings.dtype)).T
+        target = F.one_hot(labels.long(), self.num_classes).bool()
+        adjusted = torch.where(target, target_logit(cosine, self.margin, self.easy_margin), cosine)
+        return self.scale * adjusted

@@ -6,10 +6,11 @@ import math
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmlkd.errors import ConfigError, DataError
-from dmlkd.numerics import check_count, check_real
+from dmlkd.numerics import autocast_disabled, check_count, check_real, compute_dtype, l2_normalize
 
 
 def check_class_count(num_classes: int, embedding_dim: int) -> None:
@@ -105,6 +106,48 @@ def masked_logsumexp(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torc
     return torch.where(has_any, log_sum, torch.zeros_like(log_sum))
 
 
+class ClassifierLoss(nn.Module):
+    """Softmax cross-entropy on the (N, C) logits of learnable class weights ``weight`` (C, D).
+
+    A subclass creates ``weight`` and implements ``class_logits``; the constructor checks, the precision (at
+    least float32 with autocast disabled, so fp16/bf16 backbones stay finite) and the loss live here.
+    """
+
+    lr_multiplier: float = 1.0  # the class weights train at the network's rate (PD train_elem.py: one optimizer)
+    weight: nn.Parameter
+
+    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+        super().__init__()
+        check_class_count(num_classes, embedding_dim)
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}"
+
+    def class_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The (N, C) logits of ``embeddings``, already in the compute dtype of the embeddings and weights."""
+        raise NotImplementedError
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the (N, C) logits of a batch (``labels`` place a margin on the targets where a loss has one)."""
+        dtype = compute_dtype(embeddings, self.weight)
+        with autocast_disabled(embeddings.device):
+            return self.class_logits(embeddings.to(dtype), labels)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the scalar loss of a batch.
+
+        Args:
+            embeddings: (N, D) raw embeddings; gradients flow into them and the class weights.
+            labels: (N,) integer class indices in ``0..C-1``.
+        """
+        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
+        logits = self.logits(embeddings, labels)
+        with autocast_disabled(embeddings.device):
+            return F.cross_entropy(logits, labels.long())
+
+
 class PairLoss(nn.Module):
     """Shared constructor checks and batch validation of the parameter-free pair losses."""
 
@@ -123,8 +166,36 @@ class PairLoss(nn.Module):
         return check_pair_batch(labels, self.name)
 
 
-class MarginPairLoss(PairLoss):
-    """A pair loss whose one option is a margin m >= 0 (triplet, quadruplet; PaddlePaddle default 0.1)."""
+class NormalizedPairLoss(PairLoss):
+    """A pair loss on the L2-normalised embeddings, computed in at least float32 with autocast disabled.
+
+    A subclass implements ``unit_loss``; the batch checks, the precision and the normalisation live here.
+    """
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the scalar loss of a batch.
+
+        Args:
+            embeddings: (N, D) raw embeddings (normalised here); gradients flow into them.
+            labels: (N,) integer class indices.
+        """
+        self.validated(embeddings, labels)
+        with autocast_disabled(embeddings.device):
+            return self.unit_loss(l2_normalize(embeddings.to(compute_dtype(embeddings))), labels)
+
+    def unit_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of the (N, D) L2-normalised embeddings ``unit`` and their (N,) labels."""
+        raise NotImplementedError
+
+
+class MarginPairLoss(NormalizedPairLoss):
+    """A pair loss whose one option is a margin m >= 0 (triplet, quadruplet; PaddlePaddle default 0.1).
+
+    Args:
+        num_classes: number of training classes (>= 2; only used to check labels).
+        embedding_dim: embedding width D.
+        margin: m (PaddlePaddle default 0.1).
+    """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1) -> None:
         super().__init__(num_classes, embedding_dim)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
+from dmlkd.numerics import check_real
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import PairLoss, euclidean_distances, pair_masks
+from dmlkd.teacher.losses.base import NormalizedPairLoss, euclidean_distances, pair_masks
 
 
 def mean_of_nonzero(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def mean_of_nonzero(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @TEACHER_LOSSES.register("contrastive")
-class ContrastiveLoss(PairLoss):
+class ContrastiveLoss(NormalizedPairLoss):
     """Contrastive loss on Euclidean distances d of L2-normalised embeddings.
 
     ``L = mean_{nonzero} relu(d_ij − m_pos) over positive pairs + mean_{nonzero} relu(m_neg − d_ik) over
@@ -44,12 +44,10 @@ class ContrastiveLoss(PairLoss):
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch; pairs at distance 0 pass no gradient."""
-        self.validated(embeddings, labels)
-        with autocast_disabled(embeddings.device):
-            dist = euclidean_distances(l2_normalize(embeddings.to(compute_dtype(embeddings))))
-            positive, negative = pair_masks(labels)
-            pos_part = mean_of_nonzero(F.relu(dist - self.pos_margin), positive)
-            neg_part = mean_of_nonzero(F.relu(self.neg_margin - dist), negative)
-            return pos_part + neg_part
+    def unit_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the normalised batch; pairs at distance 0 pass no gradient."""
+        dist = euclidean_distances(unit)
+        positive, negative = pair_masks(labels)
+        pos_part = mean_of_nonzero(F.relu(dist - self.pos_margin), positive)
+        neg_part = mean_of_nonzero(F.relu(self.neg_margin - dist), negative)
+        return pos_part + neg_part

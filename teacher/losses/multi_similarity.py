@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize, masked_softplus_logsumexp
+from dmlkd.numerics import check_real, masked_softplus_logsumexp
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import PairLoss, pair_masks
+from dmlkd.teacher.losses.base import NormalizedPairLoss, pair_masks
 
 
 def multi_similarity_mining(
@@ -32,7 +32,7 @@ def multi_similarity_mining(
 
 
 @TEACHER_LOSSES.register("multi_similarity")
-class MultiSimilarityLoss(PairLoss):
+class MultiSimilarityLoss(NormalizedPairLoss):
     """Multi-Similarity loss on the cosine similarities S of L2-normalised embeddings, with its miner.
 
     ``L = mean_i [ 1/α log(1 + Σ_{j∈P_i} e^{−α(S_ij − λ)}) + 1/β log(1 + Σ_{k∈N_i} e^{β(S_ik − λ)}) ]``
@@ -70,19 +70,10 @@ class MultiSimilarityLoss(PairLoss):
             f"scale_neg={self.scale_neg}, threshold={self.threshold}"
         )
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch.
-
-        Args:
-            embeddings: (N, D) raw embeddings (normalised here); gradients flow into them.
-            labels: (N,) integer class indices.
-        """
-        self.validated(embeddings, labels)
-        with autocast_disabled(embeddings.device):
-            x = l2_normalize(embeddings.to(compute_dtype(embeddings)))
-            similarity = x @ x.T
-            hard_positive, hard_negative = multi_similarity_mining(similarity, *pair_masks(labels), self.epsilon)
-            shifted = similarity - self.threshold
-            pos_terms = masked_softplus_logsumexp(-self.scale_pos * shifted, hard_positive, dim=1) / self.scale_pos
-            neg_terms = masked_softplus_logsumexp(self.scale_neg * shifted, hard_negative, dim=1) / self.scale_neg
-            return (pos_terms + neg_terms).mean()
+    def unit_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        similarity = unit @ unit.T
+        hard_positive, hard_negative = multi_similarity_mining(similarity, *pair_masks(labels), self.epsilon)
+        shifted = similarity - self.threshold
+        pos_terms = masked_softplus_logsumexp(-self.scale_pos * shifted, hard_positive, dim=1) / self.scale_pos
+        neg_terms = masked_softplus_logsumexp(self.scale_neg * shifted, hard_negative, dim=1) / self.scale_neg
+        return (pos_terms + neg_terms).mean()

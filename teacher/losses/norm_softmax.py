@@ -6,16 +6,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dmlkd.numerics import autocast_disabled, check_real, compute_dtype, l2_normalize
+from dmlkd.numerics import check_real, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
-from dmlkd.teacher.losses.base import check_batch, check_class_count
+from dmlkd.teacher.losses.base import ClassifierLoss
 
 
 @TEACHER_LOSSES.register("norm_softmax")
-class NormSoftmaxLoss(nn.Module):
+class NormSoftmaxLoss(ClassifierLoss):
     """Normalised softmax: cross-entropy on ``cos(x, w_c) / temperature``.
 
     Both the embeddings and the class weights are L2-normalised at every forward pass, so only the weight
@@ -27,13 +26,8 @@ class NormSoftmaxLoss(nn.Module):
         temperature: σ > 0 (default 0.05, as PML's ``NormalizedSoftmaxLoss``).
     """
 
-    lr_multiplier: float = 1.0
-
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05) -> None:
-        super().__init__()
-        check_class_count(num_classes, embedding_dim)
-        self.num_classes = num_classes
-        self.embedding_dim = embedding_dim
+        super().__init__(num_classes, embedding_dim)
         self.temperature = check_real("norm_softmax temperature", temperature, 0.0)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         self.reset_parameters()
@@ -45,21 +39,7 @@ class NormSoftmaxLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, temperature={self.temperature}"
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Return the (N, C) logits ``cos / temperature``, in at least float32 with autocast disabled."""
-        dtype = compute_dtype(embeddings, self.weight)
-        with autocast_disabled(embeddings.device):
-            cosine = l2_normalize(embeddings.to(dtype)) @ l2_normalize(self.weight.to(dtype)).T
-            return cosine / self.temperature
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch.
-
-        Args:
-            embeddings: (N, D) raw embeddings; gradients flow into them and ``weight``.
-            labels: (N,) integer class indices in ``0..C-1``.
-        """
-        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
-        logits = self.logits(embeddings)
-        with autocast_disabled(embeddings.device):
-            return F.cross_entropy(logits, labels.long())
+    def class_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The (N, C) logits ``cos / temperature``; ``labels`` are not used."""
+        cosine = l2_normalize(embeddings) @ l2_normalize(self.weight.to(embeddings.dtype)).T
+        return cosine / self.temperature

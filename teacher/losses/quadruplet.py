@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import autocast_disabled, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
 from dmlkd.teacher.losses.base import MarginPairLoss, pair_masks, squared_distances
 
@@ -20,22 +19,15 @@ class QuadrupletLoss(MarginPairLoss):
     """Batch-global hardest pair loss: ``relu(max positive d − min negative d + m)``.
 
     d is the squared Euclidean distance between L2-normalised embeddings; the maximum runs over every positive
-    pair of the batch and the minimum over every negative pair (PaddlePaddle's ``QuadrupletLoss``).
-
-    Args:
-        num_classes: number of training classes (>= 2; only used to check labels).
-        embedding_dim: embedding width D.
-        margin: m (PaddlePaddle default 0.1).
+    pair of the batch and the minimum over every negative pair (PaddlePaddle's ``QuadrupletLoss``); gradients
+    reach only the rows of the two extreme pairs. Options: ``MarginPairLoss``.
     """
 
     name = "quadruplet"
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss; gradients reach only the rows of the two extreme pairs."""
-        self.validated(embeddings, labels)
-        with autocast_disabled(embeddings.device):
-            dist = squared_distances(l2_normalize(embeddings.to(compute_dtype(embeddings))))
-            positive, negative = pair_masks(labels)
-            hardest_positive = dist.masked_fill(~positive, -math.inf).amax()
-            hardest_negative = dist.masked_fill(~negative, math.inf).amin()
-            return F.relu(hardest_positive - hardest_negative + self.margin)
+    def unit_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = squared_distances(unit)
+        positive, negative = pair_masks(labels)
+        hardest_positive = dist.masked_fill(~positive, -math.inf).amax()
+        hardest_negative = dist.masked_fill(~negative, math.inf).amin()
+        return F.relu(hardest_positive - hardest_negative + self.margin)

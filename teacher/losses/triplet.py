@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlkd.numerics import autocast_disabled, compute_dtype, l2_normalize
 from dmlkd.registry import TEACHER_LOSSES
 from dmlkd.teacher.losses.base import MarginPairLoss, pair_masks, squared_distances
 
@@ -24,28 +23,15 @@ class TripletLoss(MarginPairLoss):
     included (as PaddlePaddle averages its triplets). On a batch that is one PaddlePaddle triplet (rows a, p,
     n) this is exactly PaddlePaddle's ``relu(d_ap + m − d_an)``. PaddlePaddle's reader draws triplets with a
     uniformly random class for (a, p) and a uniformly random other class for n; on a P x K batch the triplets
-    above have the same distribution, so the expected loss matches PaddlePaddle's.
-
-    Args:
-        num_classes: number of training classes (>= 2; only used to check labels).
-        embedding_dim: embedding width D.
-        margin: m (PaddlePaddle default 0.1).
+    above have the same distribution, so the expected loss matches PaddlePaddle's. Options: ``MarginPairLoss``.
     """
 
     name = "triplet"
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar loss of a batch.
-
-        Args:
-            embeddings: (N, D) raw embeddings (normalised here); gradients flow into them.
-            labels: (N,) integer class indices.
-        """
-        self.validated(embeddings, labels)
-        with autocast_disabled(embeddings.device):
-            dist = squared_distances(l2_normalize(embeddings.to(compute_dtype(embeddings))))
-            positive, negative = pair_masks(labels)
-            anchor, other = torch.triu(positive, diagonal=1).nonzero(as_tuple=True)  # (M,) pairs, anchor < other
-            terms = F.relu(dist[anchor, other][:, None] + self.margin - dist[anchor])  # (M, N) over negatives
-            valid = negative[anchor]
-            return (terms * valid).sum() / valid.sum()
+    def unit_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = squared_distances(unit)
+        positive, negative = pair_masks(labels)
+        anchor, other = torch.triu(positive, diagonal=1).nonzero(as_tuple=True)  # (M,) pairs, anchor < other
+        terms = F.relu(dist[anchor, other][:, None] + self.margin - dist[anchor])  # (M, N) over negatives
+        valid = negative[anchor]
+        return (terms * valid).sum() / valid.sum()

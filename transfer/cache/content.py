@@ -28,24 +28,21 @@ import numpy as np
 
 from dmlkd.data.base import ArrayImageCollection, FileImageCollection, ImageCollection, Subset
 from dmlkd.errors import DataError
+from dmlkd.paths import sha256_file
 
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
-_CHUNK = 1 << 20
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """``sha256_file`` of an image, its read errors told as the ``DataError`` of a broken dataset."""
     try:
-        with open(path, "rb") as file:
-            while block := file.read(_CHUNK):
-                digest.update(block)
+        return sha256_file(path)
     except FileNotFoundError:
         raise DataError(f"image file {str(path)!r} does not exist") from None
     except OSError as error:
         raise DataError(f"cannot read image {str(path)!r}: {error}") from None
-    return digest.hexdigest()
 
 
 def _stat_record(path: Path) -> list[int]:
