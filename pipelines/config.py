@@ -31,6 +31,7 @@ _SECTIONS = ("teacher", "transfer", "data")
 # Until pipeline.json format 3 the config called the teacher and the student "src" and "dst" (the CLI flags' names); a
 # saved pipeline.json or a --config file with those keys is read with today's names.
 _LEGACY_KEYS = {"src": "teacher_source", "dst": "student_spec"}
+CONFIG_FLAGS = {"teacher_source": "--src", "student_spec": "--dst"}  # the flags that set these fields
 
 
 def current_keys(tree: dict[str, Any]) -> dict[str, Any]:

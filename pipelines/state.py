@@ -19,7 +19,7 @@ from dmlkd.config.convert import from_dict, to_dict
 from dmlkd.engine.run_layout import PREVIOUS_PREFIX, move_aside, restore_previous
 from dmlkd.engine.run_lock import RunLock
 from dmlkd.errors import ConfigError
-from dmlkd.pipelines.config import current_keys
+from dmlkd.pipelines.config import CONFIG_FLAGS, current_keys
 from dmlkd.version import __version__
 
 STATE_FILE = "pipeline.json"
@@ -85,7 +85,8 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
             if found:
                 return found
         elif old.get(key) != new.get(key):
-            return f"{prefix}{key}: {json.dumps(old.get(key))} before, {json.dumps(new.get(key))} now"
+            name = f"{prefix}{key}" + (f" ({CONFIG_FLAGS[key]})" if not prefix and key in CONFIG_FLAGS else "")
+            return f"{name}: {json.dumps(old.get(key))} before, {json.dumps(new.get(key))} now"
     return ""
 
 

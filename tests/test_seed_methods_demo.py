@@ -32,6 +32,9 @@ DEMO = [
     "--set",
     "eval.nmi=false",
 ]
+# Fine-tune epochs: N-pairs moves slowest at lr 1e-4; after 3 epochs its R@1 was within 2 of 640 test images of
+# the pretrain's (either side, by float rounding: the fused optimiser flipped it), after 5 it is 18 above.
+EPOCHS = {"quadruplet": 3, "eml": 3, "npairs": 5}
 MARGIN = 0.05  # Recall@1 gain over the untrained network that a run must reach
 RAW = ["--set", "model.l2_norm=false"]  # PaddlePaddle's losses normalise (or not) by themselves
 
@@ -103,7 +106,9 @@ def test_paddle_fine_tune_beats_the_untrained_network(
     pretrain, untrained = arcmargin_pretrain
     pretrained = _history(pretrain)[-1]["recall@1"]
     shape = {"batch": 40, "ipc": 2} if loss == "npairs" else {}  # N-pairs: 20 classes x 2 images
-    history = _train(tmp_path / "run", "--loss", loss, "--init", str(pretrain), "--lr", "1e-4", *RAW, epochs=3, **shape)
+    history = _train(
+        tmp_path / "run", "--loss", loss, "--init", str(pretrain), "--lr", "1e-4", *RAW, epochs=EPOCHS[loss], **shape
+    )
     assert history[-1]["recall@1"] > untrained + MARGIN, history
     assert history[-1]["recall@1"] > pretrained, (pretrained, history)
 
