@@ -114,13 +114,8 @@ def build_steps(config: TransferConfig, splits) -> list[Step]:
     from dmlkd.engine.optim import build_optimizer
     from dmlkd.models import build_model
     from dmlkd.registry import TRANSFER_METHODS
-    from dmlkd.transfer.trainer import (
-        TransferModule,
-        build_method,
-        build_teacher_source,
-        load_teacher,
-        param_groups,
-    )
+    from dmlkd.transfer.teacher_source import build_teacher_source, load_teacher
+    from dmlkd.transfer.trainer import TransferModule, build_method, param_groups
 
     torch.manual_seed(0)
     teacher, _record, digest = load_teacher(config.teacher.ref)

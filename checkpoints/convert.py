@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmlkd.checkpoints.folder import save_checkpoint, sha256_file
+from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.errors import CheckpointError, ConfigError, choices
 from dmlkd.models import ModelConfig, build_model, convert_reference_state_dict
 from dmlkd.models.pretrained import check_state_dict
+from dmlkd.paths import sha256_file
 from dmlkd.registry import DATASETS
 
 logger = logging.getLogger(__name__)

@@ -19,12 +19,10 @@ import torch
 from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.config.sections import TrainConfig
 from dmlkd.engine import distributed as dist_utils
-from dmlkd.engine.stage import FitResult, Stage
+from dmlkd.engine.stage import ENTRY_KEYS, FitResult, Stage
 from dmlkd.engine.state import Progress
 from dmlkd.engine.tracking import Watcher
 from dmlkd.evaluation.run import evaluate_model
-
-ENTRY_KEYS = ("epoch", "step", "eval_seconds")  # bookkeeping fields of a metrics.jsonl row
 
 
 class FitBookkeeping:

@@ -87,7 +87,7 @@ def fit(
     if getattr(train, "sync_bn", False):  # TrainConfig.sync_bn: BN statistics over the global batch
         dist_utils.convert_sync_batchnorm(stage.module, device)
     use_channels_last(stage.module, train.mixed_precision, device)
-    optimizer = build_optimizer(stage.param_groups, optim)
+    optimizer = build_optimizer(stage.param_groups, optim, device)
     scheduler = build_scheduler(optimizer, optim, train.epochs)
     progress = Progress()
     state_dir = run_dir / "state"

@@ -12,20 +12,23 @@ from dmlkd.config.sections import OptimConfig
 ParamGroup = tuple[str, list[nn.Parameter], float]  # (name, parameters, learning-rate multiplier)
 
 
-def build_optimizer(groups: Iterable[ParamGroup], config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: Iterable[ParamGroup], config: OptimConfig, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
     """AdamW (or SGD/Adam) over named parameter groups, each at ``lr * multiplier``.
 
     Weight decay applies to every group, BN and biases included, as in the reference (seed-spec §5.1). The
-    update runs as one fused kernel where torch has one for every parameter's device (CPU and CUDA): the
-    same update to float rounding (6e-8 after 10 AdamW steps on a ResNet-18), 4.8x faster than the
-    per-parameter loop for AdamW on one CPU thread and 1.8x for SGD (bench/optimizer_step.py).
+    update runs as one fused kernel when the parameters train on a device torch has one for (CPU, CUDA;
+    ``device``, the training device, or where the parameters are now): the same update to float rounding
+    (6e-8 after 20 AdamW steps on a ResNet-18), 3.4x faster than the per-parameter loop for AdamW on one CPU
+    thread and 3.3x for SGD (bench/optimizer_step.py, docs/benchmarks.md).
     """
     param_groups = [
         {"params": params, "lr": config.lr * mult, "name": name, "lr_mult": mult}
         for name, params, mult in groups
         if params
     ]
-    fused = {"fused": True} if _fusable(param_groups) else {}
+    fused = {"fused": True} if _fusable(param_groups, device) else {}
     if config.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "adam":
@@ -40,12 +43,15 @@ def build_optimizer(groups: Iterable[ParamGroup], config: OptimConfig) -> torch.
     )
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused Adam, AdamW and SGD kernels run
+FUSED_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4, setup.cfg's floor) has fused Adam, AdamW and SGD kernels
 
 
-def _fusable(param_groups: list[dict]) -> bool:
+def _fusable(param_groups: list[dict], device: torch.device | str | None) -> bool:
     params = [p for group in param_groups for p in group["params"]]
-    return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    if not params or not all(p.is_floating_point() for p in params):
+        return False
+    types = {torch.device(device).type} if device is not None else {p.device.type for p in params}
+    return types <= set(FUSED_DEVICES)
 
 
 def build_scheduler(

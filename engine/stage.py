@@ -18,6 +18,8 @@ from dmlkd.config.sections import EvalConfig
 from dmlkd.data.base import DatasetSplits
 from dmlkd.engine.optim import ParamGroup
 
+ENTRY_KEYS = ("epoch", "step", "eval_seconds")  # bookkeeping fields of a metrics.jsonl row
+
 
 @dataclass
 class Stage:

@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import dmlkd.jsondata as jsondata
-from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, sha256_file, write_folder_atomically
+from dmlkd.checkpoints.folder import load_state_strict, save_tensor_file, write_folder_atomically
 from dmlkd.config.convert import from_dict
 from dmlkd.errors import CheckpointError, ConfigError
+from dmlkd.paths import sha256_file
 from dmlkd.teacher.config import TeacherConfig
 from dmlkd.transfer.config import TransferConfig
 

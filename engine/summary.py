@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dmlkd.engine.stage import FitResult
+from dmlkd.engine.stage import ENTRY_KEYS, FitResult
 from dmlkd.evaluation import format_table
-
-_BOOKKEEPING = ("epoch", "step", "eval_seconds")
 
 
 def metrics_table(results: dict[str, float], metric: str) -> str:
     """The primary metrics' table, plus one table per secondary metric (keys ``"<metric>/recall@K"``)."""
 
-    primary = {k: v for k, v in results.items() if "/" not in k and k not in _BOOKKEEPING}
+    primary = {k: v for k, v in results.items() if "/" not in k and k not in ENTRY_KEYS}
     lines = [f"[{metric}]", format_table(primary)]
     for prefix in sorted({k.split("/", 1)[0] for k in results if "/" in k}):
         extra = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(prefix + "/")}

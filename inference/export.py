@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmlkd.checkpoints.folder import save_checkpoint, sha256_file, write_folder_atomically
+from dmlkd.checkpoints.folder import save_checkpoint, write_folder_atomically
 from dmlkd.checkpoints.io import load_checkpoint, resolve_checkpoint_dir
 from dmlkd.checkpoints.selection import selection_note
 from dmlkd.config.convert import to_dict
 from dmlkd.errors import ConfigError, DmlkdError, choices
 from dmlkd.models.inputs import DEFAULT_IMAGE_SIZE, recorded_image_size, recorded_resize_ratio
+from dmlkd.paths import sha256_file
 from dmlkd.version import __version__
 
 logger = logging.getLogger(__name__)

@@ -117,13 +117,22 @@ def default_src(name: str, dataset: str) -> str:
     return SCENARIOS[name].teacher
 
 
-def _image_size_items(arch: str, dataset: str, at_least: int | None = None) -> list[str]:
-    """Small demo images are upscaled for backbones that cannot run on them (BN-Inception at 32 px), and the
-    students' views to ``at_least``: the size the pipeline trains the teacher at, which sees the same views."""
-    sizes = [size for size in (MIN_IMAGE_SIZE.get(arch) if dataset == "glyphs" else None, at_least) if size]
-    if sizes:
-        return [f"train.image_size={max(sizes)}", f"eval.image_size={max(sizes)}"]
+def _image_size_items(arch: str, dataset: str) -> list[str]:
+    """Small demo images are upscaled for backbones that cannot run on them (BN-Inception at 32 px)."""
+    minimum = MIN_IMAGE_SIZE.get(arch)
+    if minimum and dataset == "glyphs":
+        return [f"train.image_size={minimum}", f"eval.image_size={minimum}"]
     return []
+
+
+def _at_teacher_size(tree: dict[str, Any], teacher: TeacherConfig | None) -> dict[str, Any]:
+    """The students' start tree with their views at the size the pipeline trains the teacher at, which sees
+    the same views (a 64 px teacher is not run on 32 px demo views), where the two differ. It sits below the
+    ``--config`` file, the flags and ``--set``; evaluation follows the training size unless one is given."""
+    size = teacher.train.image_size if teacher is not None else None
+    if size is None or tree.get("train", {}).get("image_size") == size:
+        return tree
+    return merge(tree, {"train": {"image_size": size}})
 
 
 def build_pipeline_config(
@@ -181,10 +190,10 @@ def build_pipeline_config(
         f"student.arch={json.dumps(spec.arch)}",
         f"student.embedding_dim={spec.dim}",
         *common,
-        *_image_size_items(spec.arch, dataset, teacher.train.image_size if teacher is not None else None),
+        *_image_size_items(spec.arch, dataset),
     ]
     given = given_tree(file_tree.get("transfer") or {}, [*items, *transfer_items, *sections["transfer"]])
-    tree = merge(transfer_start_tree(None, dataset), given)
+    tree = merge(_at_teacher_size(transfer_start_tree(None, dataset), teacher), given)
     if tree.get("transfer_set") and not has_key(given, "train.ipc"):
         tree.setdefault("train", {})["ipc"] = None  # unlabeled images: random batches, as transfer train does
     tree, student_notes = resolve_from_scratch(tree, given, "student")

@@ -118,7 +118,7 @@ class PipelineState:
             if record is not None:
                 saved = _saved_config(record, config)
                 if saved == wanted and not overwrite:
-                    record["config"] = wanted
+                    record.update(format=3, config=wanted)  # an older record is rewritten in today's format
                     return cls(out, record, lock, None)
                 if not overwrite:
                     difference = _first_difference(saved, wanted)

@@ -10,7 +10,8 @@ from dmlkd.evaluation import knn
 from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
-from dmlkd.transfer.trainer import TeacherSource, TransferModule
+from dmlkd.transfer.teacher_source import TeacherSource
+from dmlkd.transfer.trainer import TransferModule
 
 NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]

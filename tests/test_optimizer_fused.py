@@ -46,3 +46,10 @@ def test_fused_state_round_trips() -> None:
     again.load_state_dict(optimizer.state_dict())
     assert all(group["fused"] for group in again.param_groups)
     assert [group["lr"] for group in again.param_groups] == [1e-2, 1e-1]
+
+
+def test_the_training_device_decides() -> None:
+    """Built before the model moves (the loop prepares it afterwards): the training device decides."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert build_optimizer([("all", params, 1.0)], CONFIGS["adamw"], "cpu").param_groups[0]["fused"]
+    assert not build_optimizer([("all", params, 1.0)], CONFIGS["adamw"], "mps").param_groups[0]["fused"]

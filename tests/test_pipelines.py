@@ -312,6 +312,8 @@ def test_a_format_2_pipeline_record_is_read_with_todays_names(tmp_path: Path) ->
     again = PipelineState.open(out, config, overwrite=False)
     again.lock.release()
     assert again.done("teacher") == {"status": "done"}
+    again.save()
+    assert json.loads((out / STATE_FILE).read_text())["format"] == 3
     from_file, _ = build_pipeline_config(
         "compress",
         src=None,
@@ -327,20 +329,25 @@ def test_a_format_2_pipeline_record_is_read_with_todays_names(tmp_path: Path) ->
 
 def test_students_see_views_at_the_size_the_teacher_trains_at() -> None:
     """A teacher the pipeline trains at 64 px (BN-Inception on the 32 px demo) is not run on 32 px views: the
-    students train and evaluate at its size unless told otherwise."""
+    students train at its size (and evaluate at their training size) unless the file, a flag or --set says
+    otherwise; where the sizes agree (the public datasets' 224) nothing is added to the saved config."""
     from dmlkd.pipelines.config import build_pipeline_config
 
-    def sizes(*transfer_items: str) -> tuple:
+    def sizes(src: str, transfer_items: tuple[str, ...] = (), file_tree: dict | None = None, **data: str) -> tuple:
         config, _ = build_pipeline_config(
             "compress",
-            src="bn_inception-512",
+            src=src,
             dst="resnet18-128",
             methods=None,
-            data={},
+            data=data,
             teacher_items=[],
             transfer_items=list(transfer_items),
+            file_tree=file_tree,
         )
         return config.teacher.train.image_size, config.transfer.train.image_size, config.transfer.eval.image_size
 
-    assert sizes() == (64, 64, 64)
-    assert sizes("train.image_size=96", "eval.image_size=96") == (64, 96, 96)  # the command line still wins
+    assert sizes("bn_inception-512") == (64, 64, None)
+    assert sizes("bn_inception-512", ("train.image_size=96",)) == (64, 96, None)  # the command line still wins
+    assert sizes("bn_inception-512", file_tree={"transfer": {"train": {"image_size": 80}}}) == (64, 80, None)
+    assert sizes("resnet34-512") == (None, None, None)  # the demo teacher trains at the data's own size
+    assert sizes("resnet50-512", name="cub")[1:] == (224, None)  # the students' recipe size, not a new field

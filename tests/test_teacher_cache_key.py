@@ -26,16 +26,16 @@ from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.cache import content as cache_content
 from dmlkd.transfer.cache import teacher_cache as cache_module
+from dmlkd.transfer.cache.lookup import RefreshingCache
 from dmlkd.transfer.cache.teacher_cache import (
     CacheSpec,
-    RefreshingCache,
     build_cache,
     describe_cache,
     load_or_build_cache,
 )
 from dmlkd.transfer.cache.teacher_cache import teacher_digest as digest_of
 from dmlkd.transfer.config import TransferConfig, start_tree
-from dmlkd.transfer.trainer import build_teacher_source
+from dmlkd.transfer.teacher_source import build_teacher_source
 
 SPEC = CacheSpec(mode="cached", num_sets=2, seed=3, image_size=16, scale=(0.3, 1.0))
 GLYPHS = ["data.name=glyphs", "data.options.max_classes=16"]
