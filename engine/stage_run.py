@@ -48,7 +48,9 @@ def run_in_folder(
             "--overwrite replaces it; pass one of them"
         )
     if not resume:  # a folder that cannot take the run is named before the (slower) validation
-        check_can_open(out, stage, resume=False, overwrite=overwrite, given={})
+        # Decided by the main process where the process group already exists (a pipeline's later stages): a
+        # process that gets here after the main one has opened the folder would see its own run and refuse.
+        call_on_main(check_can_open, out, stage, resume=False, overwrite=overwrite, given={})
     tree = None if resume else prepare_new()  # every check that needs no training, before any write
     if launched():
         init_processes(device)

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from dmlkd.checkpoints.folder import save_checkpoint
 from dmlkd.cli import main as cli_main
 from dmlkd.models import create_model
+from tests import prestarted
 
 SMALL_FILE = 64 * 1024  # files up to this size are also compared by sha256
 WORKERS = 3
@@ -742,7 +743,7 @@ def _run_case(name: str, case: Case, world: Path, paths: dict[str, Path], hub_ur
     if case.in_this_process:
         returncode, stderr = _invoke(command[3:])
     else:
-        result = subprocess.run(
+        result = prestarted.run(
             command, env=_environment(world, case, hub_url), capture_output=True, text=True, timeout=TIMEOUT
         )
         returncode, stderr = result.returncode, result.stderr
@@ -840,14 +841,14 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- a foreign cache
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
+def _start(args: list[str]) -> prestarted.Process:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
+    return prestarted.popen(
         [sys.executable, "-m", "dmlkd", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
+def _finish(process: prestarted.Process) -> tuple[str, str]:
     stdout, stderr = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, stderr
     return stdout, stderr
@@ -861,7 +862,7 @@ def test_foreign_teacher_cache_is_rebuilt_not_used(tmp_path: Path) -> None:
         teachers[name] = save_checkpoint(tmp_path / f"teacher-{name}", create_model("googlenet-8"))
     options = ["--student", "resnet18-8", *GLYPHS, "--cache-views", "2", "--batch-size", "16", "--ipc", "4"]
 
-    def cache_build(teacher: str, folder: Path) -> subprocess.Popen[str]:
+    def cache_build(teacher: str, folder: Path) -> prestarted.Process:
         return _start(
             ["cache", "build", "--teacher", str(teachers[teacher]), *options, "--set", f"teacher.cache_dir={folder}"]
         )

@@ -37,6 +37,7 @@ from dmlkd.models import build_model, create_model
 from dmlkd.teacher.config import TeacherConfig
 from dmlkd.teacher.module import TeacherModule, build_criterion
 from dmlkd.teacher.trainer import param_groups
+from tests import prestarted
 
 STEPS = 6
 TINY = [
@@ -93,7 +94,7 @@ def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     root = tmp_path_factory.mktemp("reference")
     runs = (root / "first", root / "second")
     processes = [
-        subprocess.Popen(_cli(*CRASH_RUN, "--out", str(run)), env=ENV, stderr=subprocess.PIPE, text=True)
+        prestarted.popen(_cli(*CRASH_RUN, "--out", str(run)), env=ENV, stderr=subprocess.PIPE, text=True)
         for run in runs
     ]
     for process in processes:
@@ -120,7 +121,7 @@ def _saved_step(run: Path) -> int:
         return -1
 
 
-def _wait_for(condition: Any, process: subprocess.Popen[str], what: str, may_end: bool = False) -> None:
+def _wait_for(condition: Any, process: prestarted.Process, what: str, may_end: bool = False) -> None:
     deadline = time.monotonic() + DEADLINE
     while not condition():
         if may_end and process.poll() is not None:
@@ -130,7 +131,7 @@ def _wait_for(condition: Any, process: subprocess.Popen[str], what: str, may_end
         time.sleep(0.002)
 
 
-def _kill(process: subprocess.Popen[str]) -> None:
+def _kill(process: prestarted.Process) -> None:
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
 
@@ -157,9 +158,9 @@ def _check_loadable(run: Path, at_most: int) -> int:
     return progress.global_step
 
 
-def _start(run: Path, resume: bool) -> subprocess.Popen[str]:
+def _start(run: Path, resume: bool) -> prestarted.Process:
     args = [*CRASH_RUN, "--out", str(run), *(["--resume"] if resume else [])]
-    return subprocess.Popen(_cli(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return prestarted.popen(_cli(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_during_writes_and_at_random_then_resume_is_bit_identical(
@@ -379,7 +380,7 @@ def test_pickle_in_a_checkpoint_folder_is_rejected_without_unpickling(tmp_path: 
     # `dmlkd convert` reads reference .pth files with weights_only=True: the call to open() is refused.
     (tmp_path / "reference.pth").write_bytes(pickle.dumps({"model_state_dict": _Booby(marker)}, protocol=2))
     args = ["convert", str(tmp_path / "reference.pth"), "--model", "resnet50-512", "--dataset", "cub"]
-    result = subprocess.run(
+    result = prestarted.run(
         _cli(*args, "--out", str(tmp_path / "converted")), env=ENV, capture_output=True, text=True, timeout=DEADLINE
     )
     lines = result.stderr.strip().splitlines()

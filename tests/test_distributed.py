@@ -234,3 +234,36 @@ def test_run_folder_is_written_once_by_the_main_process(runs: dict[str, Path]) -
         assert json.loads((multi / "run.json").read_text())["status"] == "finished"
         assert json.loads((multi / "state" / "progress.json").read_text())["progress"]["global_step"] == 3
         assert (multi / "last" / "model.safetensors").is_file()
+
+
+def test_a_later_process_does_not_refuse_the_folder_its_main_process_has_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline's stages start with the process group up: the main process can lock the stage's folder and
+    write its ``run.json`` before a slower process reaches the folder check. That process must take the main
+    process's decision, not refuse the run it sees (seen: rank 1 exited with "already holds a transfer run
+    (running)" and the torchrun pipeline failed under load)."""
+    from dmlkd.engine import distributed
+    from dmlkd.engine.rundir import RunFolder
+    from dmlkd.engine.stage_run import run_in_folder
+
+    out, tree = tmp_path / "run", {"train": {"epochs": 1}}
+    opened_by_main = RunFolder.open(out, "transfer", tree, resume=False, overwrite=False)
+    sent_by_main = [(None, None), (tree, None)]  # the folder check passed; the opened folder's config
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, src=0: sent_by_main.pop(0))
+    try:
+        seen = run_in_folder(
+            out,
+            "transfer",
+            resume=False,
+            overwrite=False,
+            given={},
+            device="cpu",
+            prepare_new=lambda: tree,
+            body=lambda config_tree, run_dir, saved: (config_tree, run_dir),
+        )
+    finally:
+        opened_by_main.close("finished")
+    assert seen == (tree, out) and sent_by_main == []

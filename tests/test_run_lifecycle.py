@@ -23,6 +23,7 @@ import yaml
 from click.testing import CliRunner
 
 from dmlkd.cli import main
+from tests import prestarted
 
 FAULT_RUN = Path(__file__).parent / "dist_scripts" / "fault_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,7 +54,7 @@ RUN = ["teacher", "train", *TINY, "--max-steps", "6", "--save-every", "3", "--ev
 
 def _dmlkd(*args: str, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**ENV, **({"FAULT": fault} if fault else {})}
-    return subprocess.run(
+    return prestarted.run(
         [sys.executable, str(FAULT_RUN), *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
@@ -129,7 +130,7 @@ def test_ten_kills_at_random_moments_then_resume_equals_an_uninterrupted_run(
     args = [*RUN, "--out", str(fresh)]
     resume = False
     while kills < 10:
-        process = subprocess.Popen(
+        process = prestarted.popen(
             [sys.executable, str(FAULT_RUN), *args, *(["--resume"] if resume else [])],
             env=ENV,
             stdout=subprocess.DEVNULL,
@@ -233,13 +234,13 @@ def test_a_successful_overwrite_replaces_the_run(reference: Path, tmp_path: Path
 # --------------------------------------------------------------------------- one process per folder
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _start(args: list[str]) -> prestarted.Process:
+    return prestarted.popen(
         [sys.executable, str(FAULT_RUN), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def _wait_for_lock(run_dir: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
+def _wait_for_lock(run_dir: Path, process: prestarted.Process, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lock = run_dir / ".lock"

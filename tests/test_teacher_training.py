@@ -23,6 +23,7 @@ from dmlkd.teacher.config import TeacherConfig, start_tree
 from dmlkd.teacher.losses.proxy_anchor import ProxyAnchorLoss
 from dmlkd.teacher.module import TeacherModule
 from dmlkd.teacher.trainer import param_groups
+from tests import prestarted
 
 
 def _flags(model: torch.nn.Module) -> tuple[set[bool], set[bool], set[bool]]:
@@ -160,10 +161,10 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
-    subprocess.run(_cli(*common, "--out", str(reference)), check=True, env=env, capture_output=True)
+    prestarted.run(_cli(*common, "--out", str(reference)), check=True, env=env, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
+    process = prestarted.popen(
         _cli(*common, "--out", str(interrupted)),
         env=env,
         stdout=subprocess.PIPE,
@@ -183,7 +184,7 @@ def test_sigint_then_resume_is_bit_identical(tmp_path: Path, tiny_glyph_args: li
     stopped_at = json.loads(progress.read_text())["progress"]["global_step"]
     assert 3 <= stopped_at < 10
 
-    resumed = subprocess.run(
+    resumed = prestarted.run(
         _cli(*common, "--out", str(interrupted), "--resume"), env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr

@@ -22,6 +22,7 @@ from dmlkd.models import create_model
 from dmlkd.registry import TRANSFER_METHODS
 from dmlkd.transfer.base import ModelInfo, TransferContext
 from dmlkd.transfer.cache.teacher_cache import describe_cache, teacher_digest
+from tests import prestarted
 from tests.conftest import TINY_GLYPH_DATA
 
 STUDENT = "resnet18-8"
@@ -257,7 +258,7 @@ def test_sigint_then_resume_is_bit_identical_with_cached_teacher(
     assert _record(reference)["provenance"]["teacher_mode"] == "cached"
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = prestarted.popen(command(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress = interrupted / "state" / "progress.json"
     _wait_for_step(progress, 3)
     process.send_signal(signal.SIGINT)
