@@ -114,18 +114,65 @@ TINY_GLYPH_ARGS = ["--model", "resnet18-16", *TINY_GLYPH_DATA]  # a teacher run 
 TINY_TEACHER_ARGS = ["--max-steps", "2", *TINY_GLYPH_ARGS]  # the session's tiny teacher: 2 steps
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher_run(_session_shared_folder: Path) -> Path:
-    """A finished ``dmlkd teacher train`` run (``TINY_TEACHER_ARGS``) trained once per session (per xdist
-    worker) and shared read-only: a test that changes it must work on a ``shutil.copytree`` copy."""
+# The demo teacher: norm-softmax ResNet-18-32 trained 50 steps (5 epochs) on a 40-class glyph subset, the
+# untrained network evaluated first. A test that checks it learns and the transfer-set tests share one run.
+DEMO_TEACHER_ARGS = [
+    "--dataset",
+    "glyphs",
+    "--set",
+    "data.options.max_classes=40",
+    "--model",
+    "resnet18-32",
+    "--loss",
+    "norm_softmax",
+    "--batch-size",
+    "64",
+    "--ipc",
+    "4",
+    "--epochs",
+    "5",
+    "--no-progress",
+    "--set",
+    "eval.nmi=false",
+    "--set",
+    "train.eval_every=5",
+]
+
+
+def _shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Path:
+    """A finished ``dmlkd teacher train ARGS`` run, trained once per test run and shared read-only by every
+    xdist worker: the first worker to ask trains it under a file lock, the others wait for it. A test that
+    changes it must work on a ``shutil.copytree`` copy."""
+    import fcntl
+
     from click.testing import CliRunner
 
     from dmlkd.cli import main
 
-    out = _session_shared_folder / "tiny-teacher" / "run"
-    result = CliRunner().invoke(main, ["teacher", "train", "--out", str(out), *TINY_TEACHER_ARGS])
-    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    folder = _session_root(tmp_path_factory) / "shared-runs"
+    folder.mkdir(exist_ok=True)
+    out = folder / name
+    with open(folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        record = out / "run.json"
+        if record.is_file() and json.loads(record.read_text()).get("status") == "finished":
+            return out
+        shutil.rmtree(out, ignore_errors=True)  # a run a failed worker left
+        result = CliRunner().invoke(main, ["teacher", "train", "--out", str(out), *args])
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny teacher (``TINY_TEACHER_ARGS``), shared by every worker (see ``_shared_run``)."""
+    return _shared_run(tmp_path_factory, "tiny-teacher", TINY_TEACHER_ARGS)
+
+
+@pytest.fixture(scope="session")
+def demo_teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo teacher (``DEMO_TEACHER_ARGS``), shared by every worker (see ``_shared_run``)."""
+    return _shared_run(tmp_path_factory, "demo-teacher", DEMO_TEACHER_ARGS)
 
 
 @pytest.fixture(scope="module", autouse=True)

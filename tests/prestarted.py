@@ -243,7 +243,7 @@ def _output_fd(choice: Any, default_fd: int, opened: list[IO[bytes]]) -> tuple[i
     if choice == subprocess.PIPE:
         capture = tempfile.TemporaryFile()
         return capture.fileno(), capture
-    raise ValueError(f"unsupported stdout/stderr choice {choice!r}: None, DEVNULL or PIPE")
+    raise ValueError(f"unsupported stdout/stderr choice {choice!r}: None, DEVNULL, PIPE (or STDOUT for stderr)")
 
 
 def popen(
@@ -264,7 +264,10 @@ def popen(
     opened: list[IO[bytes]] = []
     stdin_fd, _ = _output_fd(subprocess.DEVNULL, 0, opened)
     stdout_fd, stdout_file = _output_fd(stdout, 1, opened)
-    stderr_fd, stderr_file = _output_fd(stderr, 2, opened)
+    if stderr == subprocess.STDOUT:
+        stderr_fd, stderr_file = stdout_fd, None
+    else:
+        stderr_fd, stderr_file = _output_fd(stderr, 2, opened)
     environment = dict(os.environ if env is None else env)
     request = {
         "argv": _target(command),

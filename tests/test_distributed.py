@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from dmlkd.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dmlkd.engine.distributed import shard_batches, view_major
 from dmlkd.transfer import functional
+from tests import prestarted
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "equivalence.py"
 ATOL = RTOL = 1e-5  # gloo's all-reduce sums the two halves' gradients in another order than one process
@@ -66,7 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
     }  # fmt: skip
     processes = {
-        name: subprocess.Popen(
+        name: prestarted.popen(
             [*command, str(root / name), teacher, *extra],
             env=environment,
             stdout=subprocess.PIPE,

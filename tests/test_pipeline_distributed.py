@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests import prestarted
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def _pipeline(out: Path, launcher: list[str], scenario: str = "compress", src: s
     args = ["pipeline", scenario, "--src", src, "--dst", "resnet18-8", "--out", str(out / "run")]
     args += [*COMPARABLE, "--set", f"transfer.teacher.cache_dir={json.dumps(str(out / 'cache'))}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
+    result = prestarted.run(
         [*launcher, "-m", "dmlkd", *args], env=env, capture_output=True, text=True, timeout=900, check=False
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

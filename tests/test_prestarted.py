@@ -94,6 +94,14 @@ def test_signals_reach_the_process(script: Path, number: int, expected: int) -> 
     assert (b"interrupted" in stderr) == (number == signal.SIGINT)
 
 
+def test_stderr_into_stdout(script: Path) -> None:
+    command = [sys.executable, str(script), "ok"]
+    forked = prestarted.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fresh = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert forked.communicate(timeout=60) == fresh.communicate(timeout=60)
+    assert forked.returncode == fresh.returncode == 0
+
+
 def test_timeout_kills_the_process(script: Path) -> None:
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):

@@ -75,18 +75,12 @@ def test_only_label_free_methods_and_random_batches() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher_and_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
-    """A norm-softmax teacher trained 50 steps on a 40-class glyph subset, and that subset's train images."""
+def teacher_and_set(tmp_path_factory: pytest.TempPathFactory, demo_teacher_run: Path) -> tuple[Path, Path, int]:
+    """The session's demo teacher (norm-softmax, 50 steps on a 40-class glyph subset; tests/conftest.py) and
+    that subset's train images as an unlabeled folder."""
     root = tmp_path_factory.mktemp("transfer-set")
-    teacher = root / "teacher"
-    code, _, stderr = _invoke(
-        "teacher", "train", "--out", str(teacher), "--dataset", "glyphs", "--set", "data.options.max_classes=40",
-        "--model", "resnet18-32", "--loss", "norm_softmax", "--batch-size", "64", "--ipc", "4", "--epochs", "5",
-        "--no-progress", "--set", "eval.nmi=false", "--set", "train.eval_every=5",
-    )  # fmt: skip
-    assert code == 0, stderr
     images = _write_glyph_set(root / "unlabeled", 40)
-    return teacher, root / "unlabeled", images
+    return demo_teacher_run, root / "unlabeled", images
 
 
 def _transfer_args(teacher: Path, images: Path, out: Path, *extra: str) -> list[str]:
