@@ -392,3 +392,33 @@ def test_report_headline_is_last_and_best_on_test_is_a_marked_secondary_column(c
     teacher = results["entries"][0]
     assert Path(teacher["evaluated_checkpoint"]) == runs["teacher"] / "last"
     assert teacher["evaluated_note"] == "last/ (final step)"
+
+
+def test_retrieval_grid_png_frames_each_image_in_the_colour_its_label_calls_for(tmp_path: Path) -> None:
+    """Pixels of the written PNG: every image scaled to the thumbnail size inside a frame that is blue for the
+    query, green for a neighbour of the query's class and red otherwise (solid images, one colour per index)."""
+    from dmlkd.pipelines import plots
+
+    def solid(index: int) -> Image.Image:  # 32 x 24 (not square): scaled up to 160 x 120
+        return Image.new("RGB", (32, 24), (10 * index, 200 - 10 * index, 77))
+
+    rows = [plots.GridRow(1, 0, [2, 3, 4], [0, 5, 0]), plots.GridRow(5, 7, [6, 1], [8, 7])]
+    path = plots.plot_retrieval_grid(rows, solid, solid, tmp_path / "grid.png", title="teacher")
+    with Image.open(path) as image:
+        picture = np.asarray(image.convert("RGB"))
+    assert picture.shape[:2] == (plots.TITLE_BAND + 2 * plots.CELL_HEIGHT, 4 * plots.CELL_WIDTH)
+    rgb = {name: Image.new("RGB", (1, 1), color).getpixel((0, 0)) for name, color in
+           (("query", plots.QUERY_COLOR), ("right", plots.CORRECT_COLOR), ("wrong", plots.WRONG_COLOR))}  # fmt: skip
+    expected = [[(1, "query"), (2, "right"), (3, "wrong"), (4, "right")], [(5, "query"), (6, "wrong"), (1, "right")]]
+    for r, line in enumerate(expected):
+        for c, (index, frame) in enumerate(line):
+            x, y = plots._cell_origin(r, c, plots.TITLE_BAND)
+            left = x + plots.GAP // 2 + plots.FRAME  # a 160 x 120 picture: centred vertically, 20 px each side
+            upper = y + plots.CAPTION_BAND + plots.FRAME + 20
+            inside = picture[upper : upper + 120, left : left + 160]
+            assert (inside == solid(index).getpixel((0, 0))).all(), (r, c)
+            assert tuple(picture[upper - 2, left + 80]) == rgb[frame] == tuple(picture[upper + 121, left + 80])
+            assert tuple(picture[upper + 60, left - 2]) == rgb[frame] == tuple(picture[upper + 60, left + 161])
+            assert tuple(picture[upper - plots.FRAME - 1, left + 5]) != rgb[frame]  # the frame is 4 px wide
+    blank = plots._cell_origin(1, 3, plots.TITLE_BAND)  # the second row has one neighbour fewer: white
+    assert (picture[blank[1] : blank[1] + plots.CELL_HEIGHT, blank[0] :] == 255).all()
