@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 PRELOADED = ("torch", "torchvision", "torch._dynamo", "numpy", "PIL.Image", "safetensors.torch")
-# Read by the interpreter, the OpenMP runtime or torch when they start: a child of the server would not see a
-# change in them, so a command whose environment changes one gets a fresh interpreter.
+# Read by the interpreter, the OpenMP runtime or torch when they start: a child would not see a change in them
+# made after its server started, so a command with other values than a running server's gets its own server.
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "TORCH", "CUDA", "NVIDIA_")
 FRESH_VARIABLE = "DMLKD_TEST_FRESH_PYTHON"
 _MESSAGE = 1 << 20
@@ -41,7 +41,8 @@ _MESSAGE = 1 << 20
 
 
 def serve(name: str) -> None:
-    """Import ``PRELOADED``, say ``ready`` on stdout, then fork one child per request until stdin closes."""
+    """Import ``PRELOADED``, say ``ready`` on stdout, then fork one child per request until stdin closes; then
+    report the exit of the children still running and return."""
     import importlib
 
     for module in PRELOADED:
@@ -55,10 +56,12 @@ def serve(name: str) -> None:
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     os.write(1, b"ready\n")
     waiting: dict[int, socket.socket] = {}  # child pid -> the connection its exit status goes back on
-    while True:
-        ready, _, _ = select.select([listener, 0, wake_read], [], [])
+    inputs: list[Any] = [listener, 0, wake_read]
+    while inputs != [wake_read] or waiting:
+        ready, _, _ = select.select(inputs, [], [])
         if 0 in ready and not os.read(0, 1):
-            return  # the test process has gone
+            inputs = [wake_read]  # closed (the test process has gone, or closed this server): no new requests
+            continue
         if wake_read in ready:
             os.read(wake_read, 4096)
         if listener in ready:
@@ -84,7 +87,10 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
         if pid == 0:
             return
         connection = waiting.pop(pid)
-        connection.send(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+        try:
+            connection.send(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+        except OSError:  # the test let go of the process without waiting for it
+            pass
         connection.close()
 
 
@@ -132,11 +138,12 @@ class _Server:
             raise RuntimeError(f"the prestarted-process server did not start (exit {self.process.wait()})")
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        """Running and taking requests."""
+        return self.process.poll() is None and not self.process.stdin.closed  # type: ignore[union-attr]
 
     def close(self) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.close()  # the server returns at end of input; its running children go on
+        self.process.stdin.close()  # the server takes no new requests, reports its running children, ends
 
 
 MAX_SERVERS = 2  # per test process; one per set of start-up values, the least recently used one closed

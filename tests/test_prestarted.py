@@ -102,6 +102,17 @@ def test_stderr_into_stdout(script: Path) -> None:
     assert forked.returncode == fresh.returncode == 0
 
 
+def test_a_closed_server_reports_its_running_process_then_ends(script: Path) -> None:
+    process = prestarted.popen([sys.executable, str(script), "wait"], stdout=subprocess.DEVNULL)
+    server = prestarted._server_for(dict(os.environ))
+    server.close()  # as when the test process ends, or a third set of start-up values evicts it
+    time.sleep(0.5)
+    assert process.poll() is None and server.process.poll() is None and not server.alive()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    assert server.process.wait(timeout=30) == 0
+
+
 def test_timeout_kills_the_process(script: Path) -> None:
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
