@@ -62,17 +62,18 @@ _CONFIG_OPTIONS = (
     ),
     click.option("--ipc", type=int, default=None, help="Images per class in a batch (P x K sampling)."),
     click.option("--views", type=int, default=None, help="Augmented views per image (the reference: 2)."),
-    run_options,
-    overrides_option(SET_HELP),
 )
 
 
-def transfer_options(method_help: str) -> Callable[[Any], Any]:
+def transfer_options(method_help: str, *before_run_options: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The options of a command that resolves a ``TransferConfig`` (``transfer train``, ``cache build``).
 
-    ``--method`` comes first, with ``method_help`` saying what the method is for in that command.
+    ``--method`` comes first, with ``method_help`` saying what the method is for in that command; then the
+    transfer options, ``before_run_options`` (``transfer train``: the run folder's, as ``teacher train`` has
+    them), the run options and ``--set``.
     """
-    return option_group(click.option("--method", default=None, help=method_help), *_CONFIG_OPTIONS)
+    method = click.option("--method", default=None, help=method_help)
+    return option_group(method, *_CONFIG_OPTIONS, *before_run_options, run_options, overrides_option(SET_HELP))
 
 
 def resolve_command_config(params: dict[str, Any], config_file: str | None, overrides: tuple[str, ...]) -> Any:
@@ -112,8 +113,9 @@ def transfer_group() -> None:
 
 
 @transfer_group.command("train")
-@transfer_options("relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, fitnet, attention or crd.")
-@run_folder_options
+@transfer_options(
+    "relaxed_contrastive (default), relaxed_ms, rkd, pkt, darkrank, fitnet, attention or crd.", run_folder_options
+)
 def train_command(config_file: str | None, overrides: tuple[str, ...], **params: Any) -> None:
     """Train a student against a frozen teacher; last/ and best/ checkpoints go to --out.
 

@@ -442,6 +442,15 @@ def test_stage_and_pipeline_commands_share_their_run_flags() -> None:
     first = next(iter(helps.values()))
     for label, values in helps.items():
         assert values == first, f"{label}: help text differs from the other training commands"
+    # ... and in the same order in --help: the command's own options first, then --out/--resume/--overwrite,
+    # then the run options.
+    listed = {"--out", "--resume", "--overwrite", *shared_flag_names()}
+    orders = {
+        label: [opt for param in command.params for opt in param.opts if opt in listed]
+        for label, command in commands.items()
+        if label in ("teacher train", "transfer train")
+    }
+    assert orders["transfer train"] == orders["teacher train"], orders
 
 
 def test_from_scratch_backbones_do_not_get_a_recipes_bn_freeze(tmp_path: Path) -> None:
