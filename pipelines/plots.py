@@ -1,4 +1,5 @@
-"""The report's PNG figures, drawn with matplotlib's object API on the Agg canvas (no pyplot, no window).
+"""The report's PNG figures: the curves drawn with matplotlib's object API on the Agg canvas (no pyplot, no
+window), the retrieval grid composed as one picture with Pillow.
 
 The ``plot_*`` functions take plain data (histories, recall curves, neighbour indices), write one PNG and
 return its path, so the figures can be tested without any model; ``write_plots`` draws the report's three
@@ -217,9 +218,8 @@ def retrieval_mosaic(cells: Sequence[Sequence[tuple[Image.Image, str]]], top: in
             width, height = picture.size
             left = x + GAP // 2 + FRAME + (THUMBNAIL - width) // 2
             upper = y + CAPTION_BAND + FRAME + (THUMBNAIL - height) // 2
-            canvas[upper - FRAME : upper + height + FRAME, left - FRAME : left + width + FRAME] = ImageColor.getrgb(
-                color
-            )
+            frame = ImageColor.getrgb(color)
+            canvas[upper - FRAME : upper + height + FRAME, left - FRAME : left + width + FRAME] = frame
             canvas[upper : upper + height, left : left + width] = np.asarray(picture)
     return canvas
 

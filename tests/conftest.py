@@ -90,6 +90,7 @@ def _session_shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``_module_folders_removed`` never deletes it."""
     folder = tmp_path_factory.getbasetemp() / "session-shared"
     folder.mkdir(exist_ok=True)
+    (_session_root(tmp_path_factory) / SHARED_RUNS).mkdir(exist_ok=True)  # for _shared_run, made as early
     return folder
 
 
@@ -139,6 +140,9 @@ DEMO_TEACHER_ARGS = [
 ]
 
 
+SHARED_RUNS = "shared-runs"  # in the folder the workers share (the base temporary folder without xdist)
+
+
 def _shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Path:
     """A finished ``dmlkd teacher train ARGS`` run, trained once per test run and shared read-only by every
     xdist worker: the first worker to ask trains it under a file lock, the others wait for it. A test that
@@ -149,8 +153,7 @@ def _shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[
 
     from dmlkd.cli import main
 
-    folder = _session_root(tmp_path_factory) / "shared-runs"
-    folder.mkdir(exist_ok=True)
+    folder = _session_root(tmp_path_factory) / SHARED_RUNS
     out = folder / name
     with open(folder / f"{name}.lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
