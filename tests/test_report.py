@@ -397,7 +397,7 @@ def test_report_headline_is_last_and_best_on_test_is_a_marked_secondary_column(c
 def test_retrieval_grid_png_frames_each_image_in_the_colour_its_label_calls_for(tmp_path: Path) -> None:
     """Pixels of the written PNG: every image scaled to the thumbnail size inside a frame that is blue for the
     query, green for a neighbour of the query's class and red otherwise (solid images, one colour per index)."""
-    from dmlkd.pipelines import plots
+    from dmlkd.pipelines import grid_image as plots
 
     def solid(index: int) -> Image.Image:  # 32 x 24 (not square): scaled up to 160 x 120
         return Image.new("RGB", (32, 24), (10 * index, 200 - 10 * index, 77))

@@ -18,20 +18,11 @@ from click.testing import CliRunner
 
 import dmlkd
 from dmlkd.cli import main
+from tests.conftest import DEMO_DATA
 
 pytestmark = pytest.mark.slow
 
-DEMO = [
-    "--dataset",
-    "glyphs",
-    "--set",
-    "data.options.max_classes=40",
-    "--model",
-    "resnet18-32",
-    "--no-progress",
-    "--set",
-    "eval.nmi=false",
-]
+DEMO = DEMO_DATA  # tests/conftest.py: ResNet-18-32, 40 glyph classes, no NMI
 # Fine-tune epochs: N-pairs moves slowest at lr 1e-4; after 3 epochs its R@1 was within 2 of 640 test images of
 # the pretrain's (either side, by float rounding: the fused optimiser flipped it), after 5 it is 18 above.
 EPOCHS = {"quadruplet": 3, "eml": 3, "npairs": 5}
