@@ -261,7 +261,7 @@ def popen(
     stdout: Any = None,
     stderr: Any = None,
     text: bool = False,
-) -> ForkedProcess | subprocess.Popen[Any]:
+) -> Process:
     """``subprocess.Popen(command, ...)``, forked from the server where ``prestartable``; stdin is /dev/null."""
     command = [str(part) for part in command]
     if not prestartable(command):
